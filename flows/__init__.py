@@ -1,0 +1,1 @@
+"""Prefect flows: compose tasks top to bottom; no logic (see DESIGN)."""
