@@ -30,7 +30,7 @@ from dpo_core.local.engine import Engine, UserError
 
 log = logging.getLogger("dpo_core.local")
 
-LONG_POLL_SECONDS = 10.0  # the SDK waits up to 45 s per poll
+LONG_POLL_SECONDS = 30.0  # the SDK waits up to 45 s per poll; it logs a warning per empty poll
 MAX_BODY_BYTES = 256 * 1024 * 1024
 KEEP_RESULTS = 4096  # finished results kept for re-polls after a dropped connection
 

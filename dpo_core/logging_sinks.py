@@ -1,0 +1,61 @@
+"""Metric sinks beside metrics.jsonl: the console progress bar and W&B (a no-op when no project is set)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dpo_core.config import TrainConfig
+from dpo_core.settings import Settings
+
+
+class ConsoleProgress:
+    """One progress line per step: step, loss, accuracy."""
+
+    def __init__(self, total: int | None = None):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=True)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self._bar.total is None and metrics.get("progress"):
+            self._bar.total = round((step + 1) / metrics["progress"])
+        self._bar.n = step + 1
+        self._bar.set_postfix(loss=f"{metrics.get('dpo_loss', float('nan')):.4f}",
+                              acc=f"{metrics.get('accuracy', float('nan')):.2f}", refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class WandbSink:
+    """Per-step metrics and the config (never a secret) to a W&B run; works with WANDB_MODE=offline."""
+
+    def __init__(self, config: TrainConfig, settings: Settings, name: str, run_dir: Path):
+        import wandb
+
+        self._run = wandb.init(
+            project=config.wandb_project, entity=settings.wandb_entity, name=name, dir=str(run_dir),
+            mode=settings.wandb_mode, config=config.model_dump(mode="json"), reinit="finish_previous",
+        )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+@contextlib.contextmanager
+def build_sinks(config: TrainConfig, settings: Settings, wandb_name: str | None, run_dir: Path) -> Iterator[list]:
+    sinks: list[Any] = [ConsoleProgress()]
+    if config.wandb_project:
+        sinks.append(WandbSink(config, settings, wandb_name or run_dir.name, run_dir))
+    try:
+        yield sinks
+    finally:
+        for sink in sinks:
+            sink.close()

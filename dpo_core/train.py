@@ -1,0 +1,261 @@
+"""The DPO loop over tinker SDK clients. It is handed a `ServiceClient` (Tinker's or the local server's).
+
+Per step, on a batch of explicit (chosen, rejected) pairs:
+1. reference logprobs come from an on-disk cache keyed by (base model, dataset content hash, renderer,
+   max_length), computed once from the frozen base weights and reused across epochs, resumes and sweeps;
+2. `forward_backward_custom` with the pure DPO loss of `dpo_core.loss`;
+3. `optim_step`, submitted without waiting for step 2's result;
+4. one metrics line; `state` + sampler weights every `save_every` steps and at the end (`final`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import tinker
+import torch
+
+from dpo_core import rendering
+from dpo_core.checkpoints import append_jsonl, read_jsonl
+from dpo_core.config import TrainConfig
+from dpo_core.data import DatasetError, PreferencePair
+from dpo_core.loss import dpo_loss
+
+ADAM_BETAS = (0.9, 0.95)
+ADAM_EPS = 1e-8
+
+
+class MetricsSink(Protocol):
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class RenderedPair:
+    """Tokens and response-only weights of one pair, ready to become two datums (chosen first)."""
+
+    chosen: tinker.Datum
+    rejected: tinker.Datum
+    num_tokens: int
+
+
+def _full_tokens(datum: tinker.Datum) -> list[int]:
+    return datum.model_input.to_ints() + [int(datum.loss_fn_inputs["target_tokens"].to_numpy()[-1])]
+
+
+def render_pairs(pairs: Sequence[PreferencePair], renderer: Any, max_length: int, source: str) -> list[RenderedPair]:
+    """Render prompt+chosen / prompt+rejected with the cookbook's renderer and datum builder (token-sum
+    weights on the response only), truncated to max_length; pairs identical after truncation are refused."""
+    from tinker_cookbook.renderers import TrainOnWhat
+    from tinker_cookbook.supervised.common import datum_from_model_input_weights
+
+    def datum(conversation: list[dict]) -> tinker.Datum:
+        model_input, weights = renderer.build_supervised_example(
+            conversation, train_on_what=TrainOnWhat.LAST_ASSISTANT_MESSAGE)
+        return datum_from_model_input_weights(model_input, weights, max_length, reduction="none")
+
+    rendered = []
+    for pair in pairs:
+        chosen, rejected = datum(pair.chosen_conversation()), datum(pair.rejected_conversation())
+        if _full_tokens(chosen) == _full_tokens(rejected):
+            raise DatasetError(source, f"chosen and rejected become identical after truncation to "
+                               f"max_length={max_length}", row=pair.row, column="chosen",
+                               hint="raise max_length or drop the row")
+        for column, each in (("chosen", chosen), ("rejected", rejected)):
+            if float(each.loss_fn_inputs["weights"].to_numpy().sum()) == 0:
+                raise DatasetError(source, f"the prompt alone fills max_length={max_length}: no {column} token "
+                                   "left to train on", row=pair.row, column="prompt", hint="raise max_length")
+        rendered.append(RenderedPair(chosen, rejected, chosen.model_input.length + rejected.model_input.length))
+    return rendered
+
+
+def _weighted_sum(datum: tinker.Datum, logprobs: Sequence[float] | np.ndarray) -> float:
+    return float(np.dot(np.asarray(logprobs, dtype=np.float64), datum.loss_fn_inputs["weights"].to_numpy()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference logprobs
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_key(base_model: str, dataset_hash: str, renderer_name: str, max_length: int) -> str:
+    raw = json.dumps([base_model, dataset_hash, renderer_name, max_length])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def reference_logprobs(service_client: tinker.ServiceClient, base_model: str, rendered: Sequence[RenderedPair],
+                       cache_file: Path) -> np.ndarray:
+    """`[num_pairs, 2]` summed response logprobs (chosen, rejected) of the frozen base model, cached on disk."""
+    if cache_file.exists():
+        cached = np.load(cache_file)
+        if cached.shape == (len(rendered), 2):
+            return cached
+    sampler = service_client.create_sampling_client(base_model=base_model)
+    if hasattr(sampler, "result"):
+        sampler = sampler.result()
+    datums = [d for pair in rendered for d in (pair.chosen, pair.rejected)]
+    futures = []
+    for datum in datums:
+        # The full sequence is input + last target; compute_logprobs returns [None, lp_1, ..., lp_n-1].
+        futures.append(sampler.compute_logprobs(tinker.ModelInput.from_ints(_full_tokens(datum))))
+    sums = [_weighted_sum(d, [0.0 if v is None else v for v in f.result()[1:]]) for d, f in zip(datums, futures)]
+    values = np.asarray(sums, dtype=np.float64).reshape(len(rendered), 2)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(cache_file, _npy_bytes(values))
+    return values
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    with os.fdopen(handle, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule, registry, metrics files
+# ----------------------------------------------------------------------------------------------
+
+
+def learning_rate_at(config: TrainConfig, step: int, total_steps: int) -> float:
+    progress = step / max(total_steps, 1)
+    if config.lr_schedule == "linear":
+        return config.learning_rate * (1.0 - progress)
+    if config.lr_schedule == "cosine":
+        return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.learning_rate
+
+
+def _rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_sampler_path: str
+    final_state_path: str
+    already_finished: bool = False
+
+
+def train(
+    config: TrainConfig,
+    service_client: tinker.ServiceClient,
+    pairs: Sequence[PreferencePair],
+    *,
+    run_dir: Path,
+    dataset_path: str,
+    dataset_hash: str,
+    reference_dir: Path,
+    metrics_sinks: Sequence[MetricsSink] = (),
+) -> TrainResult:
+    """Train one experiment into `run_dir` (config.json, metrics.jsonl, checkpoints.jsonl); resumes if possible."""
+    metrics_file, checkpoints_file = run_dir / "metrics.jsonl", run_dir / "checkpoints.jsonl"
+    renderer_name = config.renderer_name or rendering.renderer_name_for(config.model_name)
+    renderer = rendering.get_renderer(config.model_name, renderer_name)
+    rendered = render_pairs(pairs, renderer, config.max_length, dataset_path)
+    n_batches = math.ceil(len(rendered) / config.batch_size)
+    total_steps = n_batches * config.num_epochs
+
+    records = [r for r in read_jsonl(checkpoints_file) if r.get("state_path")]
+    last = records[-1] if records else None
+    start_step = int(last["step"]) if last else 0
+    if last and start_step >= total_steps:
+        return TrainResult(run_dir, start_step, last["sampler_path"], last["state_path"], already_finished=True)
+
+    ref_file = reference_dir / f"{reference_key(config.model_name, dataset_hash, renderer_name, config.max_length)}.npy"
+    reference = reference_logprobs(service_client, config.model_name, rendered, ref_file)
+    # The folder appears only once the inputs are known good: a refused dataset leaves nothing behind.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(run_dir, config, dataset_path, dataset_hash, renderer_name)
+
+    if last:
+        # Resume with optimizer state; the reference stays the original base model's (cached above).
+        training_client = service_client.create_training_client_from_state_with_optimizer(last["state_path"])
+        _rewrite_jsonl(metrics_file, [m for m in read_jsonl(metrics_file) if m.get("step", -1) < start_step])
+    else:
+        training_client = service_client.create_lora_training_client(
+            base_model=config.model_name, rank=config.lora_rank, seed=config.seed)
+    if hasattr(training_client, "result"):
+        training_client = training_client.result()
+
+    step = start_step
+    for step in range(start_step, total_steps):
+        epoch, batch = divmod(step, n_batches)
+        order = list(range(len(rendered)))
+        random.Random(config.seed + epoch).shuffle(order)
+        indices = order[batch * config.batch_size:(batch + 1) * config.batch_size]
+        data = [d for i in indices for d in (rendered[i].chosen, rendered[i].rejected)]
+        ref = torch.tensor(reference[indices], dtype=torch.float64)
+
+        def loss_fn(batch_data, logprobs_list, ref=ref):
+            weights = [torch.tensor(d.loss_fn_inputs["weights"].to_numpy(), dtype=torch.float32) for d in batch_data]
+            sums = torch.stack([(lp * w).sum() for lp, w in zip(logprobs_list, weights)])
+            return dpo_loss(sums[0::2], sums[1::2], ref[:, 0].to(sums.dtype), ref[:, 1].to(sums.dtype), config.dpo_beta)
+
+        started = time.time()
+        lr = learning_rate_at(config, step, total_steps)
+        backward = training_client.forward_backward_custom(data, loss_fn)
+        optim = training_client.optim_step(tinker.AdamParams(
+            learning_rate=lr, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], eps=ADAM_EPS))
+        loss_metrics = backward.result().metrics
+        optim.result()
+        metrics = {
+            "step": step, "epoch": epoch,
+            **{k: loss_metrics[k] for k in ("dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
+                                             "logps/chosen", "logps/rejected") if k in loss_metrics},
+            "learning_rate": lr, "num_pairs": len(indices),
+            "num_tokens": sum(rendered[i].num_tokens for i in indices),
+            "progress": (step + 1) / total_steps, "time/step": time.time() - started,
+        }
+        append_jsonl(metrics_file, metrics)
+        for sink in metrics_sinks:
+            sink.log(metrics, step)
+        done = step + 1
+        if done == total_steps or (config.save_every and done % config.save_every == 0):
+            name = "final" if done == total_steps else f"{done:06d}"
+            _save_checkpoint(training_client, checkpoints_file, name, done, n_batches)
+    final = read_jsonl(checkpoints_file)[-1]
+    return TrainResult(run_dir, total_steps, final["sampler_path"], final["state_path"])
+
+
+def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int) -> None:
+    # Unique names per save: a rerun of a half-saved step writes new paths instead of colliding.
+    suffix = f"{name}-{int(time.time() * 1000) % 10**9}"
+    state = training_client.save_state(suffix)
+    sampler = training_client.save_weights_for_sampler(suffix)
+    epoch, batch = divmod(done, n_batches)
+    append_jsonl(checkpoints_file, {
+        "name": name, "epoch": epoch, "batch": batch, "step": done,
+        "state_path": state.result().path, "sampler_path": sampler.result().path,
+    })
+
+
+def _write_config(run_dir: Path, config: TrainConfig, dataset_path: str, dataset_hash: str, renderer: str) -> None:
+    from importlib.metadata import version
+
+    payload = {
+        "train_config": config.model_dump(mode="json"),
+        "dataset_path": dataset_path, "dataset_sha256": dataset_hash, "renderer_name": renderer,
+        "versions": {p: version(p) for p in ("dpo-suite", "tinker", "tinker-cookbook", "torch", "transformers")},
+    }
+    _atomic_write_bytes(run_dir / "config.json", json.dumps(payload, indent=2).encode())

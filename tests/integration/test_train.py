@@ -1,0 +1,158 @@
+"""The DPO loop on the real SDK against the local server (`local/tiny`): files, learning, resume, sweeps."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dpo_core import data
+from dpo_core.checkpoints import final_record, list_experiments, read_jsonl
+from dpo_core.config import TrainConfig
+from dpo_core.loss import dpo_loss
+from dpo_core.sampling import Sampler
+from dpo_core.train import train
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+TINY = "local/tiny"
+METRIC_KEYS = {"step", "epoch", "dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
+               "logps/chosen", "logps/rejected", "learning_rate", "num_pairs", "num_tokens", "progress", "time/step"}
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    path = data.resolve_dataset(1, DATA)
+    pairs, _ = data.validate(path)
+    return path, pairs[:8], data.content_hash(path)
+
+
+def _config(**overrides) -> TrainConfig:
+    values = dict(model_name=TINY, dataset=1, batch_size=4, num_epochs=3, learning_rate=2e-3, dpo_beta=0.5,
+                  max_length=128, lr_schedule="constant")
+    return TrainConfig(**{**values, **overrides})
+
+
+def _train(service_client, dataset, run_dir, reference_dir, config=None, sinks=()):
+    path, pairs, sha = dataset
+    return train(config or _config(), service_client, pairs, run_dir=run_dir, dataset_path=str(path),
+                 dataset_hash=sha, reference_dir=reference_dir, metrics_sinks=sinks)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAt:
+    """A metrics sink that dies at one step, after that step's metrics line is written (like kill -9)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def log(self, metrics, step):
+        if step == self.step:
+            raise Crash(f"simulated crash at step {step}")
+
+
+def test_one_run_writes_the_three_files_and_learns(service_client, dataset, tmp_path):
+    result = _train(service_client, dataset, tmp_path / "run", tmp_path / "ref")
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(6)) and result.steps == 6
+    assert all(set(m) == METRIC_KEYS for m in metrics)
+    assert metrics[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert metrics[-1]["dpo_loss"] < math.log(2) and metrics[-1]["accuracy"] > 0.5 and metrics[-1]["margin"] > 0
+    records = read_jsonl(tmp_path / "run" / "checkpoints.jsonl")
+    assert records[-1]["name"] == "final"
+    assert set(records[-1]) >= {"name", "epoch", "batch", "state_path", "sampler_path"}
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train_config"]["dpo_beta"] == 0.5 and saved["dataset_sha256"] == dataset[2]
+    assert saved["versions"]["tinker"] == "0.38.0"
+    again = _train(service_client, dataset, tmp_path / "run", tmp_path / "ref")
+    assert again.already_finished and len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 6
+    [status] = [s for s in list_experiments(tmp_path) if s.name == "run"]
+    assert status.status == "finished" and status.sampler_path == records[-1]["sampler_path"]
+
+
+def test_crash_and_resume_loses_and_repeats_no_step(service_client, server, dataset, tmp_path):
+    config = _config(save_every=2)
+    reference = _train(service_client, dataset, tmp_path / "clean", tmp_path / "ref", config)
+    requests_before = server.engine.counters["prompt_logprob_requests"]
+    with pytest.raises(Crash):
+        _train(service_client, dataset, tmp_path / "crashed", tmp_path / "ref", config, sinks=[CrashAt(3)])
+    assert [m["step"] for m in read_jsonl(tmp_path / "crashed" / "metrics.jsonl")] == [0, 1, 2, 3]
+    resumed = _train(service_client, dataset, tmp_path / "crashed", tmp_path / "ref", config)
+    steps = [m["step"] for m in read_jsonl(tmp_path / "crashed" / "metrics.jsonl")]
+    assert steps == list(range(6)) and resumed.steps == reference.steps
+    clean = read_jsonl(tmp_path / "clean" / "metrics.jsonl")
+    crashed = read_jsonl(tmp_path / "crashed" / "metrics.jsonl")
+    for a, b in zip(clean, crashed):
+        assert a["dpo_loss"] == pytest.approx(b["dpo_loss"], abs=1e-4)
+    # The reference logprobs were never recomputed: not for the crashed run, not for its resume.
+    assert server.engine.counters["prompt_logprob_requests"] == requests_before
+
+
+def test_extending_epochs_continues_the_run(service_client, dataset, tmp_path):
+    _train(service_client, dataset, tmp_path / "run", tmp_path / "ref", _config(num_epochs=1))
+    longer = _train(service_client, dataset, tmp_path / "run", tmp_path / "ref", _config(num_epochs=2))
+    assert longer.steps == 4 and not longer.already_finished
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3]
+
+
+def test_beta_sweep_computes_reference_logprobs_once(service_client, server, dataset, tmp_path):
+    before = server.engine.counters["prompt_logprob_requests"]
+    for beta in (0.1, 0.2):
+        _train(service_client, dataset, tmp_path / f"beta{beta}", tmp_path / "ref",
+               _config(dpo_beta=beta, num_epochs=1))
+    assert server.engine.counters["prompt_logprob_requests"] - before == 16  # 8 pairs x 2, once
+
+
+def test_sampler_from_final_checkpoint_differs_from_base(service_client, dataset, tmp_path):
+    _train(service_client, dataset, tmp_path / "run", tmp_path / "ref", _config(learning_rate=2e-2))
+    final = final_record(tmp_path / "run")
+    prompts = ["Write a short poem about the ocean."]
+    trained = Sampler(TINY, final["sampler_path"], temperature=1.0, max_tokens=12, seed=4,
+                      service_client=service_client).complete_many(prompts, num_samples=2)
+    base = Sampler(TINY, None, temperature=1.0, max_tokens=12, seed=4,
+                   service_client=service_client).complete_many(prompts, num_samples=2)
+    assert len(trained[0]) == 2 and all(isinstance(t, str) for t in trained[0])
+    assert trained != base
+
+
+def test_loss_is_ln2_at_equal_ratios_and_matches_the_cookbook():
+    import torch
+    from tinker_cookbook.preference.train_dpo import compute_dpo_loss
+
+    zeros = torch.zeros(3)
+    loss, metrics = dpo_loss(zeros - 5, zeros - 7, zeros - 5, zeros - 7, beta=0.1)
+    assert float(loss) == pytest.approx(math.log(2)) and metrics["margin"] == 0
+    chosen, rejected = torch.tensor([-10.0, -4.0, -8.0]), torch.tensor([-12.0, -3.0, -9.5])
+    ref_c, ref_r = torch.tensor([-11.0, -4.5, -8.0]), torch.tensor([-11.0, -3.2, -9.0])
+    loss, metrics = dpo_loss(chosen, rejected, ref_c, ref_r, beta=0.2)
+    expected, cookbook = compute_dpo_loss(list(chosen), list(rejected), list(ref_c), list(ref_r), 0.2)
+    assert float(loss) == pytest.approx(float(expected))
+    for key in ("accuracy", "margin", "chosen_reward", "rejected_reward"):
+        assert metrics[key] == pytest.approx(cookbook[key])
+    # TRL's sigmoid loss: -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged.
+    logits = (chosen - ref_c) - (rejected - ref_r)
+    assert float(loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(0.2 * logits).mean()))
+
+
+def test_wandb_offline_logs_metrics_and_config_without_secrets(tmp_path, registered, monkeypatch):
+    from dpo_core import experiment
+    from dpo_core.settings import Settings
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "canary-wandb-key-0123456789abcdef0123")
+    settings = Settings(data_dir=DATA, experiments_dir=tmp_path / "experiments", cache_dir=registered,
+                        local_storage=tmp_path / "storage", backend="local", wandb_mode="offline")
+    dataset = experiment.validate_dataset(3, settings)
+    config = _config(dataset=3, num_epochs=1, batch_size=32, wandb_project="cs329x-dpo")
+    result = experiment.train_experiment(config, settings, dataset)
+    run_dir = Path(result["run_dir"])
+    wandb_files = list((run_dir / "wandb").rglob("*"))
+    log = next(f for f in wandb_files if f.suffix == ".wandb").read_bytes()  # the offline run's record log
+    assert b"dpo_beta" in log and b"dpo_loss" in log and b"cs329x-dpo" in log
+    for file in wandb_files + list(run_dir.glob("*.json*")):
+        if file.is_file():
+            assert b"canary-wandb-key" not in file.read_bytes()
