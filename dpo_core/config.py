@@ -181,3 +181,19 @@ def build_config(model: type[FrozenModel], values: dict[str, Any]) -> Any:
         given = values.get(str(err["loc"][0])) if err["loc"] else None
         shown = f" (got {given!r})" if given is not None else ""
         raise ConfigError(f"{key}: {err['msg']}{shown}") from None
+
+
+class EvalConfig(FrozenModel):
+    """How diversity is measured: k samples per eval prompt at a fixed temperature and seed."""
+
+    eval_prompts: str = "eval_prompts.parquet"  # in the data folder, or a path
+    num_samples: int = Field(default=8, ge=2)  # k
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=128, ge=1)
+    seed: int = 0
+    max_prompts: int | None = Field(default=None, ge=1)  # evaluate a creativity-stratified subset
+    concurrency: int = Field(default=16, ge=1)  # sampling requests in flight
+    bucket_edges: tuple[float, float] = (1 / 3, 2 / 3)  # creativity: low < edge0 <= mid < edge1 <= high
+    bootstrap: int = Field(default=1000, ge=100)
+    quality: bool = True  # the base model's mean token logprob of each sample (fluency proxy)

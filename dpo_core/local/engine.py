@@ -68,6 +68,15 @@ class TrainingModel:
 
 
 @dataclass
+class SampleRequest:
+    prompt: list[int]
+    num_samples: int
+    params: dict[str, Any]
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@dataclass
 class SamplerSource:
     base_model: str
     model_path: str | None = None  # tinker:// sampler or state path
@@ -494,82 +503,147 @@ class Engine:
             self._merged.popitem(last=False)
         return merged
 
-    @torch.no_grad()
+    def sample_group_key(self, source: SamplerSource, params: dict[str, Any]) -> str:
+        """Requests with the same key can share one batched generation."""
+        top_k = params.get("top_k")
+        top_p = params.get("top_p")
+        return json.dumps([source.key, -1 if top_k is None else int(top_k), 1.0 if top_p is None else float(top_p)])
+
     def sample(self, source: SamplerSource, prompt: list[int], num_samples: int, params: dict[str, Any],
                prompt_logprobs: bool, topk_prompt_logprobs: int = 0) -> dict[str, Any]:
-        if not prompt:
-            raise UserError("the prompt is empty")
-        if num_samples < 1:
-            raise UserError(f"num_samples must be >= 1, got {num_samples}")
+        """One sampling request (see `sample_batch`)."""
+        request = SampleRequest(prompt, num_samples, params, prompt_logprobs, topk_prompt_logprobs)
+        result = self.sample_batch(source, [request])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.no_grad()
+    def sample_batch(self, source: SamplerSource, requests: list[SampleRequest]) -> list[dict[str, Any] | Exception]:
+        """Serve several sampling requests of one sampler in a single batched generation.
+
+        Decoding a small model on a CPU is bound by reading the weights once per step, so one step for many
+        rows costs about what it costs for one: requests queued together share the steps. Rows are left-padded
+        (masked; positions counted per row), each sample has its own generator seeded `seed + index`, so a
+        request's tokens do not depend on what it was batched with.
+        """
+        results: list[dict[str, Any] | Exception] = [None] * len(requests)  # type: ignore[list-item]
+        live: list[int] = []
         module = self._sampling_module(source)
         vocab = module.config.vocab_size
-        if max(prompt) >= vocab or min(prompt) < 0:
-            raise UserError(f"prompt token id out of range for {source.base_model} (vocab {vocab})")
-        max_tokens = params.get("max_tokens")
-        max_tokens = 16 if max_tokens is None else int(max_tokens)
-        temperature = float(params.get("temperature", 1.0) if params.get("temperature") is not None else 1.0)
-        top_k = int(params.get("top_k", -1) if params.get("top_k") is not None else -1)
-        top_p = float(params.get("top_p", 1.0) if params.get("top_p") is not None else 1.0)
-        seed = params.get("seed")
-        stop_ids, stop_strings = self._stops(source.base_model, params.get("stop"))
-        self.counters["sample_requests"] += 1
+        for index, request in enumerate(requests):
+            if not request.prompt:
+                results[index] = UserError("the prompt is empty")
+            elif request.num_samples < 1:
+                results[index] = UserError(f"num_samples must be >= 1, got {request.num_samples}")
+            elif max(request.prompt) >= vocab or min(request.prompt) < 0:
+                results[index] = UserError(f"prompt token id out of range for {source.base_model} (vocab {vocab})")
+            else:
+                live.append(index)
+        if not live:
+            return results
+        self.counters["sample_requests"] += len(live)
+        # One row per sample; remember which request and which sample index each row is.
+        rows = [(i, j) for i in live for j in range(requests[i].num_samples)]
+        prompts = [requests[i].prompt for i, _ in rows]
+        longest = max(len(p) for p in prompts)
+        pad = [longest - len(p) for p in prompts]
+        input_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        attention = torch.zeros((len(rows), longest), dtype=torch.long)
+        for r, tokens in enumerate(prompts):
+            input_ids[r, pad[r]:] = torch.tensor(tokens, dtype=torch.long)
+            attention[r, pad[r]:] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        input_ids, attention, positions = (t.to(self.device) for t in (input_ids, attention, positions))
+        decoder = getattr(module, module.base_model_prefix)
+        head = module.get_output_embeddings()
+        out = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+        hidden, past = out.last_hidden_state, out.past_key_values
 
-        # One generator per sample, seeded (seed + index): sample i is the same whatever num_samples is.
-        base_seed = int(seed) if seed is not None else int.from_bytes(os.urandom(6), "little")
-        generators = [torch.Generator(device=self.device).manual_seed(base_seed + row) for row in range(num_samples)]
-        input_ids = torch.tensor([prompt] * num_samples, dtype=torch.long, device=self.device)
-        out = module(input_ids=input_ids, use_cache=True)
-        result: dict[str, Any] = {"prompt_logprobs": None, "topk_prompt": None}
-        if prompt_logprobs or topk_prompt_logprobs:
+        # Prompt logprobs from the prefill of each request's first row.
+        first_row = {i: rows.index((i, 0)) for i in live}
+        for i in live:
+            request = requests[i]
+            result: dict[str, Any] = {"prompt_logprobs": None, "topk_prompt": None}
+            results[i] = result
+            if not (request.prompt_logprobs or request.topk_prompt_logprobs):
+                continue
+            r = first_row[i]
             self.counters["prompt_logprob_requests"] += 1
-            self.counters["prompt_logprob_tokens"] += len(prompt)
-            logits = out.logits[0, :-1].float()
+            self.counters["prompt_logprob_tokens"] += len(request.prompt)
+            logits = head(hidden[r, pad[r]:-1]).float()
             log_norm = torch.logsumexp(logits, dim=-1)
-            targets = input_ids[0, 1:]
+            targets = input_ids[r, pad[r] + 1:]
             lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
             result["prompt_logprobs"] = np.concatenate([[np.nan], lp.cpu().numpy()]).astype(np.float32)
-            if topk_prompt_logprobs:
-                values, ids = torch.topk(logits - log_norm.unsqueeze(-1), k=topk_prompt_logprobs, dim=-1)
-                pad_ids = torch.full((1, topk_prompt_logprobs), -1, dtype=ids.dtype, device=ids.device)
-                pad_vals = torch.full((1, topk_prompt_logprobs), float("nan"), device=values.device)
+            if request.topk_prompt_logprobs:
+                k = request.topk_prompt_logprobs
+                values, ids = torch.topk(logits - log_norm.unsqueeze(-1), k=k, dim=-1)
+                pad_ids = torch.full((1, k), -1, dtype=ids.dtype, device=ids.device)
+                pad_vals = torch.full((1, k), float("nan"), device=values.device)
                 result["topk_prompt"] = (torch.cat([pad_ids, ids]).cpu().numpy().astype(np.int32),
                                          torch.cat([pad_vals, values]).cpu().numpy().astype(np.float32))
-        tokenizer = self.tokenizer(source.base_model) if stop_strings else None
-        sequences = [[] for _ in range(num_samples)]
-        logprobs = [[] for _ in range(num_samples)]
-        stop_reason = ["length"] * num_samples
-        done = [False] * num_samples
-        past, next_logits = out.past_key_values, out.logits[:, -1].float()
-        for step in range(max_tokens):
-            if temperature <= 0:
-                log_probs = torch.log_softmax(next_logits, dim=-1)
-                chosen = log_probs.argmax(dim=-1)
-            else:
-                log_probs = torch.log_softmax(next_logits / temperature, dim=-1)
-                probs = _filter(log_probs, top_k, top_p).exp()
-                chosen = torch.cat([torch.multinomial(probs[row], 1, generator=generators[row])
-                                    for row in range(num_samples)])
-            chosen_lp = log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-            chosen_list, lp_list = chosen.tolist(), chosen_lp.tolist()
-            for row in range(num_samples):
-                if done[row]:
+
+        settings = []
+        for i, j in rows:
+            params = requests[i].params
+            seed = params.get("seed")
+            max_tokens = params.get("max_tokens")
+            temperature = params.get("temperature")
+            settings.append({
+                "max_tokens": 16 if max_tokens is None else int(max_tokens),
+                "temperature": 1.0 if temperature is None else float(temperature),
+                "stops": self._stops(source.base_model, params.get("stop")),
+                "generator": torch.Generator(device=self.device).manual_seed(
+                    (int(seed) if seed is not None else int.from_bytes(os.urandom(6), "little")) + j),
+            })
+        first_params = requests[live[0]].params
+        top_k = int(first_params.get("top_k") if first_params.get("top_k") is not None else -1)
+        top_p = float(first_params.get("top_p") if first_params.get("top_p") is not None else 1.0)
+        temperatures = torch.tensor([max(s["temperature"], 1e-6) for s in settings], device=self.device).unsqueeze(-1)
+        greedy = [s["temperature"] <= 0 for s in settings]
+        needs_text = any(s["stops"][1] for s in settings)
+        tokenizer = self.tokenizer(source.base_model) if needs_text else None
+        sequences: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        stop_reason = ["length"] * len(rows)
+        done = [s["max_tokens"] <= 0 for s in settings]
+        next_logits = head(hidden[:, -1]).float()
+        steps = max(s["max_tokens"] for s in settings)
+        for step in range(steps):
+            log_probs = torch.log_softmax(next_logits / temperatures, dim=-1)
+            filtered = _filter(log_probs, top_k, top_p).exp()
+            greedy_choice = next_logits.argmax(dim=-1)
+            chosen = torch.stack([
+                greedy_choice[r] if greedy[r] else torch.multinomial(filtered[r], 1, generator=settings[r]["generator"])[0]
+                for r in range(len(rows))
+            ])
+            chosen_lp = log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
+            for r, token in enumerate(chosen.tolist()):
+                if done[r]:
                     continue
-                sequences[row].append(chosen_list[row])
-                logprobs[row].append(lp_list[row])
-                if chosen_list[row] in stop_ids or (
-                    stop_strings and any(s in tokenizer.decode(sequences[row][-32:]) for s in stop_strings)
-                ):
-                    done[row], stop_reason[row] = True, "stop"
-            if all(done) or step == max_tokens - 1:
+                sequences[r].append(token)
+                logprobs[r].append(chosen_lp[r])
+                stop_ids, stop_strings = settings[r]["stops"]
+                if token in stop_ids or (stop_strings and any(
+                        text in tokenizer.decode(sequences[r][-32:]) for text in stop_strings)):
+                    done[r], stop_reason[r] = True, "stop"
+                elif len(sequences[r]) >= settings[r]["max_tokens"]:
+                    done[r] = True
+            if all(done):
                 break
-            out = module(input_ids=chosen.unsqueeze(-1), past_key_values=past, use_cache=True)
-            past, next_logits = out.past_key_values, out.logits[:, -1].float()
-        self.counters["sampled_tokens"] += sum(len(s) for s in sequences)
-        result["sequences"] = [
-            {"tokens": sequences[r], "logprobs": logprobs[r], "stop_reason": stop_reason[r]}
-            for r in range(num_samples)
-        ]
-        return result
+            attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+            out = decoder(input_ids=chosen.unsqueeze(-1), attention_mask=attention, position_ids=positions,
+                          past_key_values=past, use_cache=True)
+            past, next_logits = out.past_key_values, head(out.last_hidden_state[:, -1]).float()
+        self.counters["sampled_tokens"] += sum(len(seq) for seq in sequences)
+        for i in live:
+            results[i]["sequences"] = [
+                {"tokens": sequences[r], "logprobs": logprobs[r], "stop_reason": stop_reason[r]}
+                for r, (owner, _) in enumerate(rows) if owner == i
+            ]
+        return results
 
     def _stops(self, base_model: str, stop: Any) -> tuple[set[int], list[str]]:
         """`None` = the model's end-of-turn tokens; `[]` = never stop early; else the given ids or strings."""

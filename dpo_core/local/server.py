@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from dpo_core.local import protocol
-from dpo_core.local.engine import Engine, UserError
+from dpo_core.local.engine import Engine, SampleRequest, UserError
 
 log = logging.getLogger("dpo_core.local")
 
@@ -53,14 +53,23 @@ class _Job:
     model_key: str = field(compare=False)
     seq_id: int = field(compare=False)
     request_id: str = field(compare=False)
-    run: Callable[[], tuple[bytes, str]] = field(compare=False)
+    run: Callable[[], tuple[bytes, str]] | None = field(compare=False)
+    group: str | None = field(default=None, compare=False)  # sampling requests that may share a batch
+    item: Any = field(default=None, compare=False)
+    rows: int = field(default=0, compare=False)
+
+
+BatchRunner = Callable[[list[Any]], list[tuple[bytes, str] | Exception]]
 
 
 class Worker:
-    """One thread that runs engine work. Among queued jobs of one model, the lowest seq_id goes first."""
+    """One thread that runs engine work. Among queued jobs of one model, the lowest seq_id goes first;
+    queued sampling requests of the same sampler run together as one batch (up to `max_batch_rows` rows)."""
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, batch_runner: BatchRunner | None = None,
+                 max_batch_rows: int = 256):
         self.engine, self.loop = engine, loop
+        self.batch_runner, self.max_batch_rows = batch_runner, max_batch_rows
         self.futures: OrderedDict[str, FutureRecord] = OrderedDict()
         self._jobs: list[_Job] = []
         self._arrivals = itertools.count()
@@ -69,7 +78,8 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="dpo-local-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, model_key: str, seq_id: int | None, run: Callable[[], tuple[bytes, str]]) -> str:
+    def submit(self, model_key: str, seq_id: int | None, run: Callable[[], tuple[bytes, str]] | None,
+               group: str | None = None, item: Any = None, rows: int = 1) -> str:
         request_id = uuid.uuid4().hex
         self.futures[request_id] = FutureRecord(asyncio.Event())
         while len(self.futures) > KEEP_RESULTS:
@@ -78,16 +88,49 @@ class Worker:
                 break
             self.futures.popitem(last=False)
         with self._cond:
-            self._jobs.append(_Job(next(self._arrivals), model_key, seq_id or 0, request_id, run))
+            self._jobs.append(_Job(next(self._arrivals), model_key, seq_id or 0, request_id, run, group, item, rows))
             self._cond.notify()
         return request_id
 
-    def _next_job(self) -> _Job:
+    def _next_jobs(self) -> list[_Job]:
         first = min(self._jobs)
+        if first.group is not None:
+            batch, rows = [], 0
+            for job in sorted(j for j in self._jobs if j.group == first.group):
+                if batch and rows + job.rows > self.max_batch_rows:
+                    break
+                batch.append(job)
+                rows += job.rows
+            for job in batch:
+                self._jobs.remove(job)
+            return batch
         same_model = [j for j in self._jobs if j.model_key == first.model_key]
         job = min(same_model, key=lambda j: (j.seq_id, j.arrival)) if first.model_key else first
         self._jobs.remove(job)
-        return job
+        return [job]
+
+    def _run(self, jobs: list[_Job]) -> list[tuple[bytes, str]]:
+        if jobs[0].group is not None:
+            try:
+                outcomes = self.batch_runner([j.item for j in jobs])
+            except Exception as exc:
+                outcomes = [exc] * len(jobs)
+        else:
+            try:
+                outcomes = [jobs[0].run()]
+            except Exception as exc:
+                outcomes = [exc]
+        replies = []
+        for job, outcome in zip(jobs, outcomes):
+            if isinstance(outcome, UserError):
+                outcome = (json.dumps({"error": str(outcome), "category": "user"}).encode(), "application/json")
+            elif isinstance(outcome, Exception):  # a bug or resource problem: reported as a server error
+                log.error("request %s failed: %s", job.request_id,
+                          "".join(traceback.format_exception(type(outcome), outcome, outcome.__traceback__)))
+                outcome = (json.dumps({"error": f"{type(outcome).__name__}: {outcome}", "category": "server"}).encode(),
+                           "application/json")
+            replies.append(outcome)
+        return replies
 
     def _loop(self) -> None:
         while True:
@@ -96,16 +139,9 @@ class Worker:
                     self._cond.wait()
                 if self._stopped:
                     return
-                job = self._next_job()
-            try:
-                payload, media_type = job.run()
-            except UserError as exc:
-                payload, media_type = json.dumps({"error": str(exc), "category": "user"}).encode(), "application/json"
-            except Exception as exc:  # a bug or resource problem: reported as a server error
-                log.error("request %s failed:\n%s", job.request_id, traceback.format_exc())
-                payload = json.dumps({"error": f"{type(exc).__name__}: {exc}", "category": "server"}).encode()
-                media_type = "application/json"
-            self.loop.call_soon_threadsafe(self._finish, job.request_id, payload, media_type)
+                jobs = self._next_jobs()
+            for job, (payload, media_type) in zip(jobs, self._run(jobs)):
+                self.loop.call_soon_threadsafe(self._finish, job.request_id, payload, media_type)
 
     def _finish(self, request_id: str, payload: bytes, media_type: str) -> None:
         record = self.futures.get(request_id)
@@ -132,9 +168,14 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
     app.state.engine = engine
     app.state.fault_counts = {"injected": 0}
 
+    def run_sample_batch(items: list[tuple[Any, SampleRequest]]) -> list[tuple[bytes, str] | Exception]:
+        results = engine.sample_batch(items[0][0], [request for _, request in items])
+        return [r if isinstance(r, Exception) else (protocol.encode_sample_response(r), protocol.PROTOBUF)
+                for r in results]
+
     def worker() -> Worker:
         if state["worker"] is None:
-            state["worker"] = Worker(engine, asyncio.get_running_loop())
+            state["worker"] = Worker(engine, asyncio.get_running_loop(), run_sample_batch)
         return state["worker"]
 
     app.state.stop = lambda: state["worker"] and state["worker"].stop()
@@ -328,16 +369,17 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
     async def asample(request: Request):
         payload = await body(request)
         num_samples = int(payload.get("num_samples", 1))
-
-        def run() -> tuple[bytes, str]:
+        params = payload.get("sampling_params") or {}
+        try:
             source = engine.sampler_source(payload.get("sampling_session_id"), payload.get("base_model"),
                                            payload.get("model_path"))
-            result = engine.sample(source, protocol.prompt_tokens(payload.get("prompt")), num_samples,
-                                   payload.get("sampling_params") or {}, bool(payload.get("prompt_logprobs")),
-                                   int(payload.get("topk_prompt_logprobs") or 0))
-            return protocol.encode_sample_response(result), protocol.PROTOBUF
-
-        request_id = worker().submit("", None, run)
+            sample_request = SampleRequest(protocol.prompt_tokens(payload.get("prompt")), num_samples, params,
+                                           bool(payload.get("prompt_logprobs")),
+                                           int(payload.get("topk_prompt_logprobs") or 0))
+        except UserError as exc:
+            return JSONResponse({"error": str(exc), "category": "user"}, status_code=400)
+        request_id = worker().submit("", None, None, group=engine.sample_group_key(source, params),
+                                     item=(source, sample_request), rows=max(num_samples, 1))
         return future_reply(request_id, sample_sequence_ids=[f"{request_id}:{i}" for i in range(num_samples)])
 
     # ------------------------------------------------------------------ futures

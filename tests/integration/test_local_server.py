@@ -113,6 +113,13 @@ def test_sampling_properties(service_client, renderer):
         max_tokens=7, seed=11, stop=[needle])).result().sequences[0]
     assert by_string.stop_reason == "stop" and needle in renderer.tokenizer.decode(by_string.tokens)
     assert len(by_string.tokens) <= 4
+    # Requests in flight together share one batched generation; each still gets its own tokens.
+    prompts = [prompt, renderer.build_generation_prompt([{"role": "user", "content": "A much longer prompt "
+                                                                   "that needs left padding in the batch."}])]
+    alone = [sampler.sample(p, 2, tinker.SamplingParams(max_tokens=6, seed=s)).result() for p, s in zip(prompts, (1, 2))]
+    together = [sampler.sample(p, 2, tinker.SamplingParams(max_tokens=6, seed=s)) for p, s in zip(prompts, (1, 2))]
+    for single, batched in zip(alone, together):
+        assert [s.tokens for s in single.sequences] == [s.tokens for s in batched.result().sequences]
     greedy = tinker.SamplingParams(max_tokens=5, temperature=0.0)
     assert sampler.sample(prompt, 1, greedy).result().sequences[0].tokens == \
         sampler.sample(prompt, 1, greedy).result().sequences[0].tokens

@@ -1,0 +1,195 @@
+"""Sample k completions per eval prompt from a model, score their diversity and fluency, aggregate by creativity.
+
+Per evaluated model, `<out_dir>/` holds `samples.jsonl` (every completion), `scores.parquet` (one row per
+prompt: creativity, bucket, every metric) and `summary.json` (means with bootstrap 95% CIs, overall and per
+creativity bucket). Quality sits next to diversity so gibberish does not pass as "diverse": `quality_logprob` is
+the base model's mean token logprob of each sample (higher = more fluent under the base model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tinker
+from tinker_cookbook.renderers import get_text_content
+
+from dpo_core import diversity, rendering
+from dpo_core.config import EvalConfig
+from dpo_core.data import EvalPrompt
+
+BUCKETS = ("low", "mid", "high")
+METRICS = ("distinct_1", "distinct_2", "self_bleu", "compression_ratio", "embedding_distance", "vendi",
+           "mean_words", "mean_tokens", "quality_logprob")
+
+
+class EvalOverlapError(ValueError):
+    """Eval prompts that also appear in the training data would measure memorisation, not diversity."""
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """What to evaluate: a base model (model_path None) or a trained checkpoint."""
+
+    label: str
+    model_name: str
+    model_path: str | None = None
+
+
+def bucket_of(creativity: float, edges: tuple[float, float]) -> str:
+    return "low" if creativity < edges[0] else ("mid" if creativity < edges[1] else "high")
+
+
+def select_prompts(prompts: Sequence[EvalPrompt], config: EvalConfig) -> list[EvalPrompt]:
+    """All prompts, or `max_prompts` of them spread evenly over the creativity buckets (deterministic)."""
+    if config.max_prompts is None or config.max_prompts >= len(prompts):
+        return list(prompts)
+    by_bucket: dict[str, list[EvalPrompt]] = {b: [] for b in BUCKETS}
+    for prompt in sorted(prompts, key=lambda p: p.prompt_id):
+        by_bucket[bucket_of(prompt.creativity_score, config.bucket_edges)].append(prompt)
+    chosen: list[EvalPrompt] = []
+    while len(chosen) < config.max_prompts and any(by_bucket.values()):
+        for bucket in BUCKETS:
+            if by_bucket[bucket] and len(chosen) < config.max_prompts:
+                chosen.append(by_bucket[bucket].pop(0))
+    return sorted(chosen, key=lambda p: p.prompt_id)
+
+
+def check_no_overlap(prompts: Sequence[EvalPrompt], training_prompts: set[str], source: str) -> None:
+    normalised = {" ".join(t.split()).lower() for t in training_prompts}
+    for prompt in prompts:
+        if " ".join(prompt.prompt.split()).lower() in normalised:
+            raise EvalOverlapError(f"eval prompt {prompt.prompt_id!r} also appears in the training data ({source}): "
+                                   "remove it from the eval set or the dataset")
+
+
+def sample_and_score(
+    service_client: tinker.ServiceClient,
+    target: EvalTarget,
+    prompts: Sequence[EvalPrompt],
+    config: EvalConfig,
+    embedder: diversity.Embedder | None,
+    out_dir: Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sample, score and write the three files for one model; returns the summary."""
+    renderer = rendering.get_renderer(target.model_name)
+    client = (service_client.create_sampling_client(model_path=target.model_path) if target.model_path
+              else service_client.create_sampling_client(base_model=target.model_name))
+    client = client.result() if hasattr(client, "result") else client
+    base = service_client.create_sampling_client(base_model=target.model_name) if config.quality else None
+    base = base.result() if hasattr(base, "result") else base
+    params = tinker.SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, top_p=config.top_p,
+                                   seed=config.seed, stop=renderer.get_stop_sequences())
+    model_inputs = [renderer.build_generation_prompt([{"role": "user", "content": p.prompt}]) for p in prompts]
+
+    results: list[Any] = [None] * len(prompts)
+    bar = _progress(len(prompts), f"sampling {target.label}", progress)
+    # Bounded concurrency: a window of requests in flight (each one asks for all k samples at once).
+    window: list[tuple[int, Any]] = []
+    for index, model_input in enumerate(model_inputs):
+        window.append((index, client.sample(model_input, config.num_samples, params)))
+        if len(window) >= config.concurrency:
+            done_index, future = window.pop(0)
+            results[done_index] = future.result()
+            bar.update(1)
+    for done_index, future in window:
+        results[done_index] = future.result()
+        bar.update(1)
+    bar.close()
+
+    samples: list[dict[str, Any]] = []
+    for prompt, model_input, response in zip(prompts, model_inputs, results):
+        for sample_index, sequence in enumerate(response.sequences):
+            tokens = list(sequence.tokens)
+            message, _ = renderer.parse_response(tokens)
+            samples.append({"prompt_id": prompt.prompt_id, "sample_index": sample_index,
+                            "text": get_text_content(message), "num_tokens": len(tokens),
+                            "stop_reason": sequence.stop_reason, "_prompt_tokens": model_input.to_ints(),
+                            "_tokens": tokens})
+    if base is not None:
+        futures = [base.compute_logprobs(tinker.ModelInput.from_ints(s["_prompt_tokens"] + s["_tokens"]))
+                   if s["_tokens"] else None for s in samples]
+        for sample, future in zip(samples, futures):
+            if future is None:
+                sample["quality_logprob"] = float("nan")
+                continue
+            logprobs = future.result()[len(sample["_prompt_tokens"]):]
+            sample["quality_logprob"] = float(np.mean(logprobs)) if logprobs else float("nan")
+    for sample in samples:
+        del sample["_prompt_tokens"], sample["_tokens"]
+
+    texts = [s["text"] for s in samples]
+    vectors = embedder.encode(texts) if embedder is not None else None
+    rows = []
+    for prompt in prompts:
+        indices = [i for i, s in enumerate(samples) if s["prompt_id"] == prompt.prompt_id]
+        own = [samples[i] for i in indices]
+        scores = diversity.score_samples([s["text"] for s in own], None if vectors is None else vectors[indices],
+                                         [s["num_tokens"] for s in own])
+        if base is not None:
+            scores["quality_logprob"] = float(np.nanmean([s["quality_logprob"] for s in own]))
+        rows.append({"prompt_id": prompt.prompt_id, "creativity_score": prompt.creativity_score,
+                     "bucket": bucket_of(prompt.creativity_score, config.bucket_edges), **scores})
+    table = pd.DataFrame(rows)
+    summary = {"label": target.label, "model_name": target.model_name, "model_path": target.model_path,
+               "num_prompts": len(prompts), "num_samples": config.num_samples,
+               "eval_config": config.model_dump(mode="json"), **aggregate(table, config)}
+    _write_outputs(out_dir, samples, table, summary)
+    return summary
+
+
+def aggregate(table: pd.DataFrame, config: EvalConfig) -> dict[str, Any]:
+    """Mean and bootstrap 95% CI over prompts, overall and per creativity bucket, for every metric present."""
+    rng = np.random.default_rng(config.seed)
+    metrics = [m for m in METRICS if m in table.columns]
+    result: dict[str, Any] = {"overall": {}, "buckets": {}}
+    for metric in metrics:
+        result["overall"][metric] = _mean_ci(table[metric].to_numpy(dtype=float), config.bootstrap, rng)
+    for bucket in BUCKETS:
+        part = table[table["bucket"] == bucket]
+        if len(part):
+            result["buckets"][bucket] = {"num_prompts": int(len(part)), **{
+                m: _mean_ci(part[m].to_numpy(dtype=float), config.bootstrap, rng) for m in metrics}}
+    return result
+
+
+def _mean_ci(values: np.ndarray, rounds: int, rng: np.random.Generator) -> dict[str, float]:
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    means = rng.choice(values, size=(rounds, values.size), replace=True).mean(axis=1)
+    return {"mean": float(values.mean()), "ci_low": float(np.percentile(means, 2.5)),
+            "ci_high": float(np.percentile(means, 97.5))}
+
+
+def _write_outputs(out_dir: Path, samples: list[dict], table: pd.DataFrame, summary: dict) -> None:
+    """Write into a temp folder, then rename: an interrupted evaluation leaves no half-written folder."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    table.to_parquet(tmp / "scores.parquet", index=False)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def _progress(total: int, label: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, unit="prompt", disable=not enabled, dynamic_ncols=True)
