@@ -50,7 +50,8 @@ def service_client(settings: Settings) -> Iterator[tinker.ServiceClient]:
 
 def check_model_supported(client: tinker.ServiceClient, model_name: str, backend: str) -> None:
     """Fail fast, before any training, when the service does not offer `model_name`."""
-    served = [m.model_name for m in client.get_server_capabilities().supported_models if m.model_name]
+    capabilities = client.create_rest_client().get_server_capabilities().result()
+    served = [m.model_name for m in capabilities.supported_models if m.model_name]
     if model_name in served:
         return
     nearest = difflib.get_close_matches(model_name, served, n=1, cutoff=0.0)

@@ -109,10 +109,16 @@ class Embedder:
 
     def __init__(self, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         folder = embedding_model_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        self.model = AutoModel.from_pretrained(str(folder)).to(device).eval()
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the checkpoint's unused `position_ids` buffer is reported otherwise
+        try:
+            self.model = AutoModel.from_pretrained(str(folder)).to(device).eval()
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.device = device
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from dpo_core import data
 from dpo_core.backend import check_model_supported, service_client
-from dpo_core.config import TrainConfig, choose_run_dir, run_name
+from dpo_core.config import EvalConfig, FrozenModel, TrainConfig, choose_run_dir, model_slug, run_name
 from dpo_core.logging_sinks import build_sinks
 from dpo_core.settings import Settings
 from dpo_core.train import TrainResult, train
 
 
-@dataclass(frozen=True)
-class ValidatedDataset:
+class ValidatedDataset(FrozenModel):
     path: str
     sha256: str
     rows: int
@@ -26,7 +26,8 @@ def validate_dataset(dataset: int | str, settings: Settings, max_length: int | N
     """Strict validation at the door; raises DatasetError / DatasetNotFoundError with file, row, column."""
     path = data.resolve_dataset(dataset, settings.data_dir)
     _, report = data.validate(path, max_length=None)
-    return ValidatedDataset(str(path), data.content_hash(path), report.rows, report.to_markdown())
+    return ValidatedDataset(path=str(path), sha256=data.content_hash(path), rows=report.rows,
+                            report_markdown=report.to_markdown())
 
 
 def train_experiment(config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> dict[str, Any]:
@@ -46,3 +47,53 @@ def train_experiment(config: TrainConfig, settings: Settings, dataset: Validated
     return {"run_dir": str(result.run_dir), "steps": result.steps, "sampler_path": result.final_sampler_path,
             "state_path": result.final_state_path, "already_finished": result.already_finished,
             "name": run_dir.name, "default_name": run_name(config)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation and report
+# ----------------------------------------------------------------------------------------------
+
+
+def eval_prompts_path(config: EvalConfig, settings: Settings) -> Path:
+    path = Path(config.eval_prompts)
+    return path if path.is_absolute() or path.exists() else Path(settings.data_dir) / path
+
+
+def eval_fingerprint(config: EvalConfig, settings: Settings) -> str:
+    """Short hash of what decides an evaluation's numbers: the eval config and the eval prompts' bytes."""
+    raw = json.dumps([config.model_dump(mode="json"), data.content_hash(eval_prompts_path(config, settings))])
+    return hashlib.sha256(raw.encode()).hexdigest()[:10]
+
+
+def evaluate_model(label: str, model_name: str, model_path: str | None, eval_config: EvalConfig, settings: Settings,
+                   run_dir: str | None = None, training_datasets: tuple[str, ...] = ()) -> str:
+    """Sample and score one model on the eval prompts; returns its eval folder (samples, scores, summary).
+
+    A base model's evaluation lives in `experiments/base_models/<model>/eval_<fingerprint>/`, a trained
+    model's in `<run_dir>/eval/final_<fingerprint>/`.
+    """
+    from dpo_core import diversity, evaluate
+
+    prompts_file = eval_prompts_path(eval_config, settings)
+    prompts = evaluate.select_prompts(data.load_eval_prompts(prompts_file), eval_config)
+    for dataset_path in training_datasets:
+        training = {p.prompt_text() for p in data.load_pairs(Path(dataset_path))}
+        evaluate.check_no_overlap(prompts, training, dataset_path)
+    fingerprint = eval_fingerprint(eval_config, settings)
+    if run_dir:
+        out_dir = Path(run_dir) / "eval" / f"final_{fingerprint}"
+    else:
+        out_dir = Path(settings.experiments_dir) / "base_models" / model_slug(model_name) / f"eval_{fingerprint}"
+    embedder = diversity.Embedder()
+    with service_client(settings) as client:
+        evaluate.sample_and_score(client, evaluate.EvalTarget(label, model_name, model_path), prompts, eval_config,
+                                  embedder, out_dir)
+    return str(out_dir)
+
+
+def write_report(entries: list[dict[str, Any]], out_dir: str) -> str:
+    """The comparison report over evaluated models (see dpo_core.report); returns report.md's path."""
+    from dpo_core.report import ReportEntry
+    from dpo_core.report import write_report as write
+
+    return str(write([ReportEntry(**entry) for entry in entries], Path(out_dir)))

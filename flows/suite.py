@@ -1,25 +1,109 @@
-"""`python flows/suite.py`: the whole study (validate, train, register, evaluate, report) as the Prefect flow `dpo-suite`.
+"""`python flows/suite.py [datasets=1,2 models=... dpo_beta=0.05,0.1,0.2 ...]`: the whole study as the flow `dpo-suite`.
 
-Not built yet: the suite flow lands with issue 5 (training flow: issue 4). Until then this entry point says so
-and exits non-zero, rather than pretending to run.
+For every dataset x model (x hyperparameter value): validate each dataset once (a hard gate), train (one
+`dpo-train` subflow per experiment, each its own page in the UI), register the checkpoints, evaluate output
+diversity against the base models, and write the comparison report. Without TINKER_API_KEY it runs on the
+local server with the shipped datasets and SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
-MESSAGE = (
-    "dpo-suite: the suite flow (`dpo-suite`) is not built yet. What works today:\n"
-    "  python -m dpo_core validate 1            # check a dataset (1, 2, 3 or a path)\n"
-    "  python -m dpo_core.local serve           # the local Tinker-compatible server\n"
-    "See README.md, 'Status'."
-)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpo_core.settings import apply_offline_env  # noqa: E402
+
+apply_offline_env()
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.states import Completed, Failed  # noqa: E402
+
+from dpo_core.config import ConfigError, build_config, parse_key_values, run_name  # noqa: E402
+from dpo_core.data import DatasetNotFoundError  # noqa: E402
+from dpo_core.settings import Settings  # noqa: E402
+from dpo_core.suite import SuiteConfig, plan, split_lists  # noqa: E402
+from flows.evaluate import evaluate_and_report  # noqa: E402
+from flows.train import dpo_train  # noqa: E402
+from tasks.setup import ensure_concurrency_limits  # noqa: E402
+from tasks.training import validate_dataset  # noqa: E402
 
 
-def main() -> int:
-    print(MESSAGE, file=sys.stderr)
-    return 2
+@flow(name="dpo-suite", log_prints=True)
+def dpo_suite(config: SuiteConfig = SuiteConfig()):
+    logger = get_run_logger()
+    backend = Settings().resolved_backend()
+    ensure_concurrency_limits()
+    experiments, eval_config = plan(config, backend)
+    failures: dict[str, str] = {}
+
+    # --- validate: each dataset once; a missing one is skipped, a bad one gates its experiments ---
+    validated = {}
+    for dataset in config.datasets:
+        state = validate_dataset(dataset, return_state=True)
+        if state.is_completed():
+            validated[dataset] = result = state.result()
+            create_markdown_artifact(key=f"validation-{_slug(dataset)}", markdown=result.report_markdown,
+                                     description=f"Validation report of dataset {dataset}")
+            continue
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, DatasetNotFoundError):
+            logger.warning("Skipping dataset %s: %s", dataset, error)
+        else:
+            failures[f"dataset {dataset}"] = str(error)
+
+    # --- train: one dpo-train subflow per experiment; a failure does not stop the others ---
+    finished = []
+    for train_config in experiments:
+        if train_config.dataset not in validated:
+            continue
+        name = run_name(train_config)
+        state = dpo_train.with_options(flow_run_name=name)(train_config, return_state=True)
+        if state.is_completed():
+            finished.append(state.result())
+        else:
+            failures[name] = str(state.result(raise_on_failure=False))
+
+    # --- register: where the weights are ---
+    if finished:
+        create_table_artifact(key="dpo-checkpoints", description="Final checkpoints (tinker:// paths)", table=[
+            {"experiment": Path(r["run_dir"]).name, "steps": r["steps"], "sampler_path": r["final"]["sampler_path"],
+             "state_path": r["final"]["state_path"]} for r in finished])
+
+    # --- evaluate and report: diversity by creativity, every experiment vs its base model ---
+    report_path = None
+    if config.evaluate and finished:
+        try:
+            report_path = evaluate_and_report([r["run_dir"] for r in finished], eval_config, config.report_dir)
+            print(f"Report: {report_path}")
+        except Exception as exc:  # the trained runs stay registered; the suite reports what failed
+            failures["evaluation"] = f"{type(exc).__name__}: {exc}"
+
+    summary = {"experiments": [r["run_dir"] for r in finished], "report": report_path, "failed": failures}
+    if failures:
+        return Failed(message="; ".join(f"{k}: {v}" for k, v in failures.items()), data=summary)
+    return Completed(message=f"{len(finished)} experiments; report {report_path}", data=summary)
+
+
+def _slug(dataset: int | str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in str(dataset).lower())[-40:].strip("-") or "dataset"
+
+
+def main(argv: list[str]) -> int:
+    try:
+        config = build_config(SuiteConfig, split_lists(parse_key_values(argv, SuiteConfig)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    state = dpo_suite(config, return_state=True)
+    print(state.message or state.name)
+    return 0 if state.is_completed() else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -26,6 +26,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from prefect import flow  # noqa: E402
 
 from dpo_core.config import ConfigError, TrainConfig, build_config, parse_key_values  # noqa: E402
+from tasks.caching import run_fresh_if_gone, still_there  # noqa: E402
 from tasks.training import register_checkpoint, train_experiment, validate_dataset  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def dpo_train(config: TrainConfig) -> dict:
     # --- validate: a hard gate, before any Tinker call ---
     dataset = validate_dataset(config.dataset)
     # --- train: resumes an unfinished run with the same config ---
-    result = train_experiment(config, dataset)
+    result = run_fresh_if_gone(train_experiment, still_there("run_dir", "checkpoints.jsonl"), config, dataset)
     # --- register: the final checkpoint's tinker:// paths ---
     final = register_checkpoint(result["run_dir"])
     status = "already finished" if result["already_finished"] else f"finished {result['steps']} steps"

@@ -1,23 +1,26 @@
-"""Prefect tasks around dpo_core.experiment: retries, timeouts and tags only.
+"""Prefect tasks around dpo_core.experiment: retries, cache keys, timeouts and tags only.
 
 Tasks build `Settings()` from the worker's environment themselves, so no secret ever becomes a task input.
+Results are JSON (never pickle) and cached on content: see tasks/caching.py.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import tinker
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from dpo_core import checkpoints, experiment
-from dpo_core.config import TrainConfig
+from dpo_core import checkpoints, data, diversity, evaluate, experiment, loss, report, train
+from dpo_core.config import EvalConfig, TrainConfig
 from dpo_core.settings import Settings
+from tasks.caching import keyed_on
 
 TRANSIENT = (tinker.APIConnectionError, tinker.APITimeoutError, tinker.InternalServerError,
              tinker.RateLimitError, httpx.TransportError)
+CACHED = {"persist_result": True, "result_serializer": "json"}
 
 
 def _transient(task, task_run, state) -> bool:
@@ -31,18 +34,72 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
-@task(name="validate-dataset", tags=["dpo", "validate"], cache_policy=NO_CACHE)
+def _dataset_file(parameters: dict[str, Any]) -> str | None:
+    try:
+        return data.content_hash(data.resolve_dataset(parameters["dataset"], Settings().data_dir))
+    except (FileNotFoundError, ValueError):
+        return None  # the task itself raises the clear error
+
+
+def _where(settings: Settings) -> list[str]:
+    """The backend and the folders results land in: the same config elsewhere is another experiment."""
+    return [settings.resolved_backend(), str(Path(settings.experiments_dir).resolve()),
+            str(Path(settings.local_storage).resolve())]
+
+
+def _backend(parameters: dict[str, Any]) -> list[str]:
+    return _where(Settings())
+
+
+def _eval_inputs(parameters: dict[str, Any]) -> list[Any]:
+    settings = Settings()
+    return [*_where(settings), experiment.eval_fingerprint(parameters["eval_config"], settings)]
+
+
+def _report_inputs(parameters: dict[str, Any]) -> list[str]:
+    hashes = []
+    for entry in parameters["entries"]:
+        for file in (Path(entry["eval_dir"]) / "summary.json",
+                     Path(entry["run_dir"]) / "metrics.jsonl" if entry.get("run_dir") else None):
+            if file is not None and file.exists():
+                hashes.append(data.content_hash(file))
+    return hashes
+
+
+@task(name="validate-dataset", tags=["dpo", "validate"], cache_key_fn=keyed_on(data, extra=_dataset_file), **CACHED)
 def validate_dataset(dataset: int | str) -> experiment.ValidatedDataset:
     return experiment.validate_dataset(dataset, Settings())
 
 
-@task(name="train-dpo", tags=["dpo", "tinker-train"], cache_policy=NO_CACHE, retries=2,
-      retry_delay_seconds=[10, 60], retry_condition_fn=_transient, timeout_seconds=24 * 3600)
+@task(name="train-dpo", tags=["dpo", "tinker-train"], retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=_transient, timeout_seconds=24 * 3600,
+      cache_key_fn=keyed_on(train, loss, extra=_backend), **CACHED)
 def train_experiment(config: TrainConfig, dataset: experiment.ValidatedDataset) -> dict[str, Any]:
     # A retry resumes from the run's checkpoints.jsonl: no step is lost or repeated.
     return experiment.train_experiment(config, Settings(), dataset)
 
 
-@task(name="register-checkpoint", tags=["dpo"], cache_policy=NO_CACHE)
+def _registry(parameters: dict[str, Any]) -> str | None:
+    registry = Path(parameters["run_dir"]) / "checkpoints.jsonl"
+    return data.content_hash(registry) if registry.exists() else None
+
+
+@task(name="register-checkpoint", tags=["dpo"], cache_key_fn=keyed_on(checkpoints, extra=_registry), **CACHED)
 def register_checkpoint(run_dir: str) -> dict[str, Any]:
     return checkpoints.final_record(run_dir)
+
+
+# No task timeout here: evaluations run in worker threads, where Prefect cannot interrupt them; the SDK's own
+# per-request timeouts and retries bound a stuck sampling call instead.
+@task(name="evaluate-diversity", tags=["dpo", "tinker-sample"], retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=_transient,
+      cache_key_fn=keyed_on(evaluate, diversity, files=("training_datasets",), extra=_eval_inputs), **CACHED)
+def evaluate_model(label: str, model_name: str, model_path: str | None, eval_config: EvalConfig,
+                   run_dir: str | None = None, training_datasets: tuple[str, ...] = ()) -> str:
+    return experiment.evaluate_model(label, model_name, model_path, eval_config, Settings(), run_dir,
+                                     tuple(training_datasets))
+
+
+@task(name="write-report", tags=["dpo"], cache_key_fn=keyed_on(report, extra=_report_inputs), **CACHED)
+def write_report(entries: list[dict[str, Any]], out_dir: str) -> str:
+    return experiment.write_report(entries, out_dir)

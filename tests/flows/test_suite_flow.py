@@ -1,0 +1,114 @@
+"""`dpo-suite` on `local/tiny` under the Prefect harness: runs, artifacts, caching on file contents."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dpo_core.suite import SuiteConfig
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+
+
+def _task_states(flow_run_id) -> dict[str, list[str]]:
+    """Task name -> state names of every task run under a flow run (subflows included)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        flow_runs = [flow_run_id] + [r.id for r in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))]
+        states: dict[str, list[str]] = {}
+        for run_id in flow_runs:
+            from prefect.client.schemas.filters import FlowRunFilterId
+
+            for task_run in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))):
+                if task_run.name.startswith("dpo-train"):
+                    continue  # the placeholder task run of a subflow, not a task
+                states.setdefault(task_run.name.rsplit("-", 1)[0], []).append(task_run.state.name)
+    return states
+
+
+def _artifacts(flow_run_id) -> set[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key for a in found if a.key}
+
+
+@pytest.fixture
+def local_data(project_env, monkeypatch):
+    """A private copy of the shipped data, so a test may edit a dataset."""
+    folder = project_env / "data"
+    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns(".prefect-results"))
+    monkeypatch.setenv("DPO_DATA_DIR", str(folder))
+    return folder
+
+
+SMALL = dict(datasets=[1, 2], models=["local/tiny"], learning_rate=[1e-3], batch_size=32, max_length=128,
+             eval_num_samples=2, eval_max_prompts=3, eval_max_tokens=8)
+
+
+def test_suite_runs_caches_and_reruns_only_what_changed(prefect_harness, project_env, local_data):
+    from flows.suite import dpo_suite
+
+    config = SuiteConfig(**SMALL, report_dir=str(project_env / "report"))
+    first = dpo_suite(config, return_state=True)
+    assert first.is_completed(), first.message
+    runs = sorted((project_env / "experiments").glob("dataset*"))
+    assert [r.name.split("_")[0] for r in runs] == ["dataset1", "dataset2"]
+    for run in runs:
+        assert (run / "checkpoints.jsonl").exists() and list((run / "eval").glob("final_*/scores.parquet"))
+    assert (project_env / "report" / "report.md").exists()
+    assert {"validation-1", "validation-2", "dpo-checkpoints", "dpo-diversity-report"} <= _artifacts(
+        first.state_details.flow_run_id)
+    # The report's numbers are the per-prompt files' means.
+    table = pd.read_csv(project_env / "report" / "table.csv")
+    for _, row in table.iterrows():
+        scores = pd.read_parquet(Path(_eval_dir(row, project_env)) / "scores.parquet")
+        assert row["distinct_2/all"] == pytest.approx(scores["distinct_2"].mean())
+        for bucket, part in scores.groupby("bucket"):
+            assert row[f"embedding_distance/{bucket}"] == pytest.approx(part["embedding_distance"].mean())
+
+    second = dpo_suite(config, return_state=True)
+    assert second.is_completed()
+    states = _task_states(second.state_details.flow_run_id)
+    assert states and all(s == "Cached" for names in states.values() for s in names), states
+
+    frame = pd.read_parquet(local_data / "dataset2_quality_based.parquet")
+    frame.loc[0, "chosen"] = frame.loc[0, "chosen"] + " Truly."
+    frame.to_parquet(local_data / "dataset2_quality_based.parquet")
+    third = dpo_suite(config, return_state=True)
+    assert third.is_completed()
+    states = _task_states(third.state_details.flow_run_id)
+    assert states["train-dpo"].count("Cached") == 1 and states["train-dpo"].count("Completed") == 1
+
+
+def _eval_dir(row, project_env) -> str:
+    import json
+
+    if row["dataset"] == "base":
+        return str(next((project_env / "experiments" / "base_models").glob("*/eval_*")))
+    run = next((project_env / "experiments").glob(f"dataset{row['dataset']}_*"))
+    folder = next((run / "eval").glob("final_*"))
+    assert json.loads((folder / "summary.json").read_text())["label"] == run.name
+    return str(folder)
+
+
+def test_missing_dataset_is_skipped_and_a_failed_experiment_is_reported(prefect_harness, project_env, local_data):
+    from flows.suite import dpo_suite
+
+    (local_data / "dataset3_llm_judge_diversity.parquet").unlink()
+    config = SuiteConfig(datasets=[3, 1], models=["local/tiny", "Qwen/Qwen3-8B"], learning_rate=[1e-3],
+                         batch_size=32, max_length=128, evaluate=False)
+    state = dpo_suite(config, return_state=True)
+    assert state.is_failed()
+    assert "qwen38b" in state.message and "not served by the local server" in state.message
+    assert "dataset 3" not in state.message  # missing: skipped with a warning, not a failure
+    assert [r.name.split("_")[1] for r in (project_env / "experiments").glob("dataset1_*")] == ["tiny"]
