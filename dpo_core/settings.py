@@ -29,6 +29,18 @@ def apply_offline_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def install_signal_handlers() -> None:
+    """SIGTERM unwinds like Ctrl-C: the in-process local server and Prefect's temporary server are shut down by
+    their context managers and exit hooks (a default SIGTERM would kill this process and orphan the latter).
+    Run folders stay resumable: every line is flushed as written, and a rerun continues from the registry."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpo-suite"
 

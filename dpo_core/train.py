@@ -188,10 +188,12 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, config, dataset_path, dataset_hash, renderer_name)
 
+    if metrics_file.exists():
+        # Steps logged after the last checkpoint (or before any) are redone: each step appears exactly once.
+        _rewrite_jsonl(metrics_file, [m for m in read_jsonl(metrics_file) if m.get("step", -1) < start_step])
     if last:
         # Resume with optimizer state; the reference stays the original base model's (cached above).
         training_client = service_client.create_training_client_from_state_with_optimizer(last["state_path"])
-        _rewrite_jsonl(metrics_file, [m for m in read_jsonl(metrics_file) if m.get("step", -1) < start_step])
     else:
         training_client = service_client.create_lora_training_client(
             base_model=config.model_name, rank=config.lora_rank, seed=config.seed)

@@ -26,15 +26,16 @@ from prefect.states import Completed, Failed  # noqa: E402
 
 from dpo_core.config import ConfigError, build_config, parse_key_values, run_name  # noqa: E402
 from dpo_core.data import DatasetNotFoundError  # noqa: E402
-from dpo_core.settings import Settings  # noqa: E402
+from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
 from dpo_core.suite import SuiteConfig, plan, split_lists  # noqa: E402
 from flows.evaluate import evaluate_and_report  # noqa: E402
 from flows.train import dpo_train  # noqa: E402
+from tasks.runners import task_runner_from_env  # noqa: E402
 from tasks.setup import ensure_concurrency_limits  # noqa: E402
 from tasks.training import validate_dataset  # noqa: E402
 
 
-@flow(name="dpo-suite", log_prints=True)
+@flow(name="dpo-suite", log_prints=True, task_runner=task_runner_from_env())
 def dpo_suite(config: SuiteConfig = SuiteConfig()):
     logger = get_run_logger()
     backend = Settings().resolved_backend()
@@ -95,6 +96,7 @@ def _slug(dataset: int | str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    install_signal_handlers()
     try:
         config = build_config(SuiteConfig, split_lists(parse_key_values(argv, SuiteConfig)))
     except ConfigError as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from dpo_core.settings import apply_offline_env  # noqa: E402
+from dpo_core.settings import apply_offline_env, install_signal_handlers  # noqa: E402
 
 apply_offline_env()
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -46,6 +46,7 @@ def dpo_train(config: TrainConfig) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    install_signal_handlers()
     try:
         config = build_config(TrainConfig, parse_key_values(argv, TrainConfig))
     except ConfigError as exc:

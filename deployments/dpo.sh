@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Local Prefect stack for dpo-suite: a Prefect server, the `dpo-local` process work pool, concurrency limits,
+# the deployments of prefect.yaml, and a worker.
+#
+#   deployments/dpo.sh up        # start everything (idempotent), print the UI address
+#   deployments/dpo.sh status    # what is running
+#   deployments/dpo.sh down      # stop the worker, then the server
+#
+# Then: prefect deployment run dpo-suite/default --watch   (with PREFECT_API_URL printed by `up`)
+# Settings: DPO_PREFECT_PORT (default 4200), PREFECT_HOME (default <repo>/.prefect: its own database).
+set -euo pipefail
+set -m  # background jobs get their own process group, so `down` stops them and their children
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+PORT="${DPO_PREFECT_PORT:-4200}"
+export PREFECT_HOME="${PREFECT_HOME:-$ROOT/.prefect}"
+export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TINKER_TELEMETRY=0
+PY="${DPO_PYTHON:-$ROOT/.venv/bin/python}"
+PREFECT=("$PY" -m prefect)
+RUN_DIR="$PREFECT_HOME/run"
+mkdir -p "$RUN_DIR"
+
+alive() { [ -f "$RUN_DIR/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
+
+stop() {
+  if alive "$1"; then
+    local pid; pid="$(cat "$RUN_DIR/$1.pid")"
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$RUN_DIR/$1.pid"
+}
+
+wait_healthy() {
+  for _ in $(seq 1 240); do
+    if "$PY" - "$PREFECT_API_URL" <<'PYEOF' 2>/dev/null; then return 0; fi
+import sys, httpx
+sys.exit(0 if httpx.get(sys.argv[1] + "/health", timeout=2).status_code == 200 else 1)
+PYEOF
+    sleep 0.5
+  done
+  echo "Prefect server did not become healthy; see $RUN_DIR/server.log" >&2
+  return 1
+}
+
+up() {
+  if ! alive server; then
+    "${PREFECT[@]}" server start --host 127.0.0.1 --port "$PORT" >"$RUN_DIR/server.log" 2>&1 &
+    echo $! >"$RUN_DIR/server.pid"
+  fi
+  wait_healthy
+  "${PREFECT[@]}" work-pool inspect dpo-local >/dev/null 2>&1 \
+    || "${PREFECT[@]}" work-pool create dpo-local --type process >/dev/null
+  "$PY" -c "from tasks.setup import ensure_concurrency_limits; ensure_concurrency_limits()"
+  "${PREFECT[@]}" --no-prompt deploy --all >"$RUN_DIR/deploy.log" 2>&1 \
+    || { cat "$RUN_DIR/deploy.log" >&2; return 1; }
+  if ! alive worker; then
+    "${PREFECT[@]}" worker start --pool dpo-local --type process >"$RUN_DIR/worker.log" 2>&1 &
+    echo $! >"$RUN_DIR/worker.pid"
+  fi
+  echo "Prefect UI: http://127.0.0.1:${PORT}"
+  echo "export PREFECT_API_URL=$PREFECT_API_URL"
+  echo "then: prefect deployment run dpo-suite/default --watch"
+}
+
+status() {
+  for name in server worker; do
+    if alive "$name"; then echo "$name: running (pid $(cat "$RUN_DIR/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+  if alive server; then "${PREFECT[@]}" deployment ls 2>/dev/null || true; fi
+}
+
+down() {
+  stop worker   # the worker first: it must not pick up runs from a dying server
+  stop server
+  echo "stopped"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

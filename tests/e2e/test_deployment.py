@@ -1,0 +1,53 @@
+"""End to end: a real `prefect server`, a process worker, `prefect deploy` from prefect.yaml, and
+`prefect deployment run dpo-suite/default --watch` to Completed with `local/tiny` parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "deployments" / "dpo.sh"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_deployment_runs_to_completed_and_everything_stops(tmp_path, registered):
+    port = _free_port()
+    env = {
+        **os.environ, "DPO_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "DPO_PYTHON": sys.executable, "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"),
+        "DPO_LOCAL_STORAGE": str(tmp_path / "storage"), "DPO_DATA_DIR": str(ROOT / "data"),
+        "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    params = {"config": {"datasets": [2], "models": ["local/tiny"], "learning_rate": [0.001], "batch_size": 32,
+                         "max_length": 128, "eval_num_samples": 2, "eval_max_prompts": 3, "eval_max_tokens": 8,
+                         "report_dir": str(tmp_path / "report")}}
+    try:
+        up = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"http://127.0.0.1:{port}" in up.stdout
+        run = subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "dpo-suite/default", "--watch",
+             "--params", json.dumps(params)],
+            env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, capture_output=True, text=True,
+            timeout=600, cwd=ROOT)
+        assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+        assert (tmp_path / "report" / "report.md").exists()
+        assert list((tmp_path / "experiments").glob("dataset2_tiny_*/checkpoints.jsonl"))
+    finally:
+        down = subprocess.run(["bash", str(SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0
+    status = subprocess.run(["bash", str(SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert "server: stopped" in status.stdout and "worker: stopped" in status.stdout
