@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import difflib
 import logging
+import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import tinker
 
@@ -29,23 +33,53 @@ class UnsupportedModelError(ValueError):
     """The backend does not serve the requested base model; the message lists what it does serve."""
 
 
+_SHARED: dict[tuple, Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_local_server(settings: Settings) -> Any:
+    """One local server per process and settings, shared by every task of a flow run: models load once and
+    concurrent sampling requests are batched together. Stopped when the process exits."""
+    from dpo_core import rendering
+    from dpo_core.local.launcher import local_server
+
+    key = (str(Path(settings.local_storage).resolve()), str(settings.cache_dir), _frozen(settings.local_models),
+           settings.local_device, settings.local_threads, settings.local_fault_rate)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            rendering.register_builtin(settings.cache_dir, settings.local_models)
+            context = local_server(settings)
+            _SHARED[key] = context.__enter__()
+            atexit.register(context.__exit__, None, None, None)
+        return _SHARED[key]
+
+
+def _frozen(mapping: dict) -> tuple:
+    return tuple(sorted((str(k), str(v)) for k, v in mapping.items()))
+
+
 @contextlib.contextmanager
 def service_client(settings: Settings) -> Iterator[tinker.ServiceClient]:
-    """Tinker when a key is configured (or backend=tinker), else an in-process local server on loopback."""
+    """Tinker when a key is configured (or backend=tinker), else this process's local server on loopback.
+
+    The client's session is closed on exit (the local server then frees its training models)."""
     apply_offline_env()
     quiet_sdk_polling()
     if settings.resolved_backend() == "tinker":
         if settings.tinker_api_key is None:
             raise ValueError("backend 'tinker' needs TINKER_API_KEY (or use DPO_BACKEND=local)")
-        yield tinker.ServiceClient(api_key=settings.tinker_api_key.get_secret_value(),
-                                   base_url=settings.tinker_base_url)
-        return
-    from dpo_core import rendering
-    from dpo_core.local.launcher import local_server
-
-    rendering.register_builtin(settings.cache_dir, settings.local_models)
-    with local_server(settings) as server:
-        yield tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+        client = tinker.ServiceClient(api_key=settings.tinker_api_key.get_secret_value(),
+                                      base_url=settings.tinker_base_url)
+    else:
+        server = _shared_local_server(settings)
+        client = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+    status = "errored"
+    try:
+        yield client
+        status = "success"
+    finally:
+        with contextlib.suppress(Exception):
+            client.close(status).result(timeout=30)
 
 
 def check_model_supported(client: tinker.ServiceClient, model_name: str, backend: str) -> None:

@@ -108,17 +108,20 @@ class Embedder:
     """all-MiniLM-L6-v2 from the installed package folder: mean pooling + L2 norm, no download."""
 
     def __init__(self, device: str = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from dpo_core.local.models import MODEL_LOAD_LOCK
 
         folder = embedding_model_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the checkpoint's unused `position_ids` buffer is reported otherwise
-        try:
-            self.model = AutoModel.from_pretrained(str(folder)).to(device).eval()
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        with MODEL_LOAD_LOCK:  # transformers' lazy imports and loading are not thread-safe
+            from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the checkpoint's unused `position_ids` buffer is reported otherwise
+            try:
+                self.model = AutoModel.from_pretrained(str(folder)).to(device).eval()
+            finally:
+                hf_logging.set_verbosity(verbosity)
         self.device = device
 
     def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:

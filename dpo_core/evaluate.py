@@ -9,8 +9,6 @@ the base model's mean token logprob of each sample (higher = more fluent under t
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from tinker_cookbook.renderers import get_text_content
 from dpo_core import diversity, rendering
 from dpo_core.config import EvalConfig
 from dpo_core.data import EvalPrompt
+from dpo_core.fsutil import atomic_folder
 
 BUCKETS = ("low", "mid", "high")
 METRICS = ("distinct_1", "distinct_2", "self_bleu", "compression_ratio", "embedding_distance", "vendi",
@@ -86,9 +85,11 @@ def sample_and_score(
     client = client.result() if hasattr(client, "result") else client
     base = service_client.create_sampling_client(base_model=target.model_name) if config.quality else None
     base = base.result() if hasattr(base, "result") else base
+    with rendering.TOKENIZER_LOCK:
+        stop = renderer.get_stop_sequences()
+        model_inputs = [renderer.build_generation_prompt([{"role": "user", "content": p.prompt}]) for p in prompts]
     params = tinker.SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, top_p=config.top_p,
-                                   seed=config.seed, stop=renderer.get_stop_sequences())
-    model_inputs = [renderer.build_generation_prompt([{"role": "user", "content": p.prompt}]) for p in prompts]
+                                   seed=config.seed, stop=stop)
 
     results: list[Any] = [None] * len(prompts)
     bar = _progress(len(prompts), f"sampling {target.label}", progress)
@@ -109,7 +110,8 @@ def sample_and_score(
     for prompt, model_input, response in zip(prompts, model_inputs, results):
         for sample_index, sequence in enumerate(response.sequences):
             tokens = list(sequence.tokens)
-            message, _ = renderer.parse_response(tokens)
+            with rendering.TOKENIZER_LOCK:
+                message, _ = renderer.parse_response(tokens)
             samples.append({"prompt_id": prompt.prompt_id, "sample_index": sample_index,
                             "text": get_text_content(message), "num_tokens": len(tokens),
                             "stop_reason": sequence.stop_reason, "_prompt_tokens": model_input.to_ints(),
@@ -171,22 +173,11 @@ def _mean_ci(values: np.ndarray, rounds: int, rng: np.random.Generator) -> dict[
 
 
 def _write_outputs(out_dir: Path, samples: list[dict], table: pd.DataFrame, summary: dict) -> None:
-    """Write into a temp folder, then rename: an interrupted evaluation leaves no half-written folder."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    table.to_parquet(tmp / "scores.parquet", index=False)
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
+    """All three files appear together: an interrupted evaluation leaves no half-written folder."""
+    with atomic_folder(Path(out_dir)) as tmp:
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        table.to_parquet(tmp / "scores.parquet", index=False)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def _progress(total: int, label: str, enabled: bool):

@@ -65,6 +65,16 @@ def eval_fingerprint(config: EvalConfig, settings: Settings) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
 
+def prepare_concurrent_evaluation() -> None:
+    """Resolve transformers' and the cookbook's lazy imports in this thread before evaluations run in several
+    (their lazy module loading is not thread-safe)."""
+    import transformers
+    from tinker_cookbook import renderers, tokenizer_utils  # noqa: F401
+
+    for name in ("AutoModel", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerFast"):
+        getattr(transformers, name)
+
+
 def evaluate_model(label: str, model_name: str, model_path: str | None, eval_config: EvalConfig, settings: Settings,
                    run_dir: str | None = None, training_datasets: tuple[str, ...] = ()) -> str:
     """Sample and score one model on the eval prompts; returns its eval folder (samples, scores, summary).

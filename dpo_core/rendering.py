@@ -11,11 +11,16 @@ Tinker's Qwen3 models use the cookbook's recommended renderer for their name.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dpo_core.local import models as local_models
+
+# HF fast tokenizers are shared (cached per model) and raise "Already borrowed" when two threads encode at
+# once (each encode resets the backend's truncation/padding state): concurrent tasks render under this lock.
+TOKENIZER_LOCK = threading.RLock()
 
 
 def _with_default_system(messages: list[dict]) -> list[dict]:
@@ -79,8 +84,9 @@ def get_renderer(model_name: str, renderer_name: str | None = None) -> Any:
     """A cookbook renderer over the model's tokenizer (call `register_builtin` first for local models)."""
     from tinker_cookbook import renderers, tokenizer_utils
 
-    tokenizer = tokenizer_utils.get_tokenizer(model_name)
-    return renderers.get_renderer(renderer_name or renderer_name_for(model_name), tokenizer)
+    with TOKENIZER_LOCK:  # renderers encode their special tokens on construction
+        tokenizer = tokenizer_utils.get_tokenizer(model_name)
+        return renderers.get_renderer(renderer_name or renderer_name_for(model_name), tokenizer)
 
 
 def render_pair_tokens(renderer: Any, prompt: Sequence[dict], response: Sequence[dict]) -> tuple[list[int], list[float]]:

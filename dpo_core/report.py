@@ -8,9 +8,6 @@ one folder. All numbers come from the evaluations' `summary.json`, which are com
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +18,7 @@ import pandas as pd
 from dpo_core.checkpoints import read_jsonl
 from dpo_core.data import DATASET_CRITERIA
 from dpo_core.diversity import HIGHER_IS_MORE_DIVERSE
+from dpo_core.fsutil import atomic_folder
 from dpo_core.evaluate import BUCKETS
 
 DIVERSITY = ("embedding_distance", "vendi", "distinct_1", "distinct_2", "self_bleu", "compression_ratio")
@@ -77,19 +75,11 @@ def _stat(row: pd.Series, metric: str, scope: str) -> dict[str, float] | None:
 def write_report(entries: Sequence[ReportEntry], out_dir: Path, title: str = "dpo-suite: output diversity") -> Path:
     """Write the report folder (atomically: built in a temp folder, then renamed). Returns report.md's path."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         table = build_table(entries)
         table.to_csv(tmp / "table.csv", index=False)
         plots = _plots(entries, table, tmp)
         (tmp / "report.md").write_text(_markdown(entries, table, plots, title))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "report.md"
 
 

@@ -43,17 +43,20 @@ class Sampler:
 
     def _prompt(self, prompt: str | Sequence[Message]) -> tinker.ModelInput:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return self.renderer.build_generation_prompt(messages)
+        with rendering.TOKENIZER_LOCK:
+            return self.renderer.build_generation_prompt(messages)
 
     def _params(self, seed: int | None) -> tinker.SamplingParams:
+        with rendering.TOKENIZER_LOCK:
+            stop = self.renderer.get_stop_sequences()
         return tinker.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                     seed=self.seed if seed is None else seed,
-                                     stop=self.renderer.get_stop_sequences())
+                                     seed=self.seed if seed is None else seed, stop=stop)
 
     def _text(self, tokens: list[int]) -> str:
         from tinker_cookbook.renderers import get_text_content
 
-        message, _ = self.renderer.parse_response(tokens)
+        with rendering.TOKENIZER_LOCK:
+            message, _ = self.renderer.parse_response(tokens)
         return get_text_content(message)
 
     def complete(self, prompt: str | Sequence[Message], seed: int | None = None) -> str:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from dpo_core import rendering
 from dpo_core.checkpoints import append_jsonl, read_jsonl
 from dpo_core.config import TrainConfig
 from dpo_core.data import DatasetError, PreferencePair
+from dpo_core.fsutil import atomic_write_bytes
 from dpo_core.loss import dpo_loss
 
 ADAM_BETAS = (0.9, 0.95)
@@ -66,7 +65,8 @@ def render_pairs(pairs: Sequence[PreferencePair], renderer: Any, max_length: int
 
     rendered = []
     for pair in pairs:
-        chosen, rejected = datum(pair.chosen_conversation()), datum(pair.rejected_conversation())
+        with rendering.TOKENIZER_LOCK:
+            chosen, rejected = datum(pair.chosen_conversation()), datum(pair.rejected_conversation())
         if _full_tokens(chosen) == _full_tokens(rejected):
             raise DatasetError(source, f"chosen and rejected become identical after truncation to "
                                f"max_length={max_length}", row=pair.row, column="chosen",
@@ -111,7 +111,7 @@ def reference_logprobs(service_client: tinker.ServiceClient, base_model: str, re
     sums = [_weighted_sum(d, [0.0 if v is None else v for v in f.result()[1:]]) for d, f in zip(datums, futures)]
     values = np.asarray(sums, dtype=np.float64).reshape(len(rendered), 2)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(cache_file, _npy_bytes(values))
+    atomic_write_bytes(cache_file, _npy_bytes(values))
     return values
 
 
@@ -121,13 +121,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    with os.fdopen(handle, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +138,7 @@ def learning_rate_at(config: TrainConfig, step: int, total_steps: int) -> float:
 
 
 def _rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    _atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 @dataclass
@@ -260,4 +253,4 @@ def _write_config(run_dir: Path, config: TrainConfig, dataset_path: str, dataset
         "dataset_path": dataset_path, "dataset_sha256": dataset_hash, "renderer_name": renderer,
         "versions": {p: version(p) for p in ("dpo-suite", "tinker", "tinker-cookbook", "torch", "transformers")},
     }
-    _atomic_write_bytes(run_dir / "config.json", json.dumps(payload, indent=2).encode())
+    atomic_write_bytes(run_dir / "config.json", json.dumps(payload, indent=2).encode())

@@ -23,6 +23,7 @@ from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from dpo_core import checkpoints  # noqa: E402
+from dpo_core.experiment import prepare_concurrent_evaluation  # noqa: E402
 from dpo_core.config import ConfigError, EvalConfig, build_config, parse_key_values  # noqa: E402
 from dpo_core.report import report_artifact_markdown  # noqa: E402
 from tasks.caching import run_fresh_if_gone, still_there  # noqa: E402
@@ -41,6 +42,7 @@ def evaluate_and_report(run_dirs: list[str], eval_config: EvalConfig, out_dir: s
     calls = [(f"{m} (base)", m, None, eval_config, None, datasets) for m in base_models]
     calls += [(Path(run_dir).name, config["model_name"], final["sampler_path"], eval_config, run_dir, (dataset,))
               for run_dir, config, dataset, final in experiments]
+    prepare_concurrent_evaluation()
     futures = [evaluate_model.submit(*call) for call in calls]
     evaluated = still_there("eval_dir", "summary.json")
     eval_dirs = []

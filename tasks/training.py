@@ -34,9 +34,11 @@ def _transient(task, task_run, state) -> bool:
     return False
 
 
-def _dataset_file(parameters: dict[str, Any]) -> str | None:
+def _dataset_file(parameters: dict[str, Any]) -> list[str] | None:
+    """The resolved file and its bytes: the result names the path, so both are part of the key."""
     try:
-        return data.content_hash(data.resolve_dataset(parameters["dataset"], Settings().data_dir))
+        path = data.resolve_dataset(parameters["dataset"], Settings().data_dir)
+        return [str(path.resolve()), data.content_hash(path)]
     except (FileNotFoundError, ValueError):
         return None  # the task itself raises the clear error
 

@@ -20,7 +20,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpo_core.fsutil import atomic_folder
 from dpo_core.local import models as model_registry
 
 TARGETS_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -97,7 +98,7 @@ class Engine:
         threads: int = 0,
         micro_batch_tokens: int = 2048,
         graph_cache_tokens: int = 16384,
-        merged_cache_size: int = 2,
+        merged_cache_size: int = 4,  # one per concurrent evaluation (the suite runs 4), else they thrash
     ):
         self.storage = Path(storage).resolve()
         (self.storage / "runs").mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,7 @@ class Engine:
         self.graph_cache_tokens = graph_cache_tokens
         self.merged_cache_size = merged_cache_size
         self._bases: dict[str, Any] = {}
+        self._base_lock = threading.Lock()
         self._tokenizers: dict[str, Any] = {}
         self._merged: OrderedDict[str, Any] = OrderedDict()
         self.models: dict[str, TrainingModel] = {}
@@ -135,14 +137,15 @@ class Engine:
             torch.set_num_threads(wanted)
 
     def base(self, name: str) -> Any:
-        if name not in self._bases:
-            try:
-                model_registry.get_spec(name, self.local_models)
-            except KeyError as exc:
-                raise UserError(str(exc.args[0])) from None
-            self._bases[name] = model_registry.load_model(
-                name, self.cache_dir, self.local_models, dtype=self.dtype, device=self.device
-            )
+        with self._base_lock:  # also called from the HTTP thread (create_sampling_session)
+            if name not in self._bases:
+                try:
+                    model_registry.get_spec(name, self.local_models)
+                except KeyError as exc:
+                    raise UserError(str(exc.args[0])) from None
+                self._bases[name] = model_registry.load_model(
+                    name, self.cache_dir, self.local_models, dtype=self.dtype, device=self.device
+                )
         self._set_threads(name)
         return self._bases[name]
 
@@ -178,7 +181,7 @@ class Engine:
         config = LoraConfig(r=int(lora["rank"]), lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                             target_modules=targets, bias="none")
         seed = lora.get("seed")
-        with torch.random.fork_rng(devices=[]):
+        with model_registry.MODEL_LOAD_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(0 if seed is None else int(seed))
             module = get_peft_model(copy.deepcopy(base), config)
         module.eval()  # no dropout anywhere; LoRA params still train
@@ -186,6 +189,19 @@ class Engine:
         optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
         self.models[model_id] = TrainingModel(model_id, base_model, lora, module, optimizer)
         return model_id
+
+    def release_session(self, session_id: str) -> int:
+        """Free what a finished client session held: its training models and ephemeral samplers."""
+        prefix = f"{session_id}:"
+        models = [m for m in self.models if m.startswith(prefix)]
+        samplers = [s for s in self.samplers if s.startswith(prefix)]
+        for model_id in models:
+            del self.models[model_id]
+        for sampler_id in samplers:
+            source = self.samplers.pop(sampler_id)
+            if source.adapter_state is not None:
+                self._merged.pop(source.key, None)
+        return len(models) + len(samplers)
 
     def info(self, model_id: str) -> dict[str, Any]:
         entry = self._model(model_id)
@@ -341,9 +357,7 @@ class Engine:
         _, _, _, folder = self.checkpoint_dir(path)
         if folder.exists() and not overwrite:
             raise UserError(f"checkpoint {path} already exists (pass overwrite=True to replace it)")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             state = {k: v.detach().to("cpu", torch.float32).contiguous()
                      for k, v in get_peft_model_state_dict(entry.module).items()}
             save_file(state, str(tmp / "adapter_model.safetensors"))
@@ -352,12 +366,6 @@ class Engine:
             meta = {"base_model": entry.base_model, "lora": entry.lora, "model_id": entry.model_id,
                     "steps": entry.steps, "kind": kind, "name": name, "time": _now_iso()}
             (tmp / "meta.json").write_text(json.dumps(meta))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.rename(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     def save_state(self, model_id: str, name: str, overwrite: bool = False) -> str:

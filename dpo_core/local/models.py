@@ -12,13 +12,12 @@ their real name.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dpo_core.fsutil import atomic_folder
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TINY = "local/tiny"
@@ -28,6 +27,9 @@ SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by
 TINY_SEED = 1234
 
 _LOCK = threading.Lock()
+# transformers' loading is not thread-safe (it builds modules on the meta device, then fills them):
+# one model load at a time per process.
+MODEL_LOAD_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -98,15 +100,18 @@ def tokenizer_dir(name: str, cache_dir: Path, local_models: dict[str, Path] | No
     folder = Path(cache_dir) / "tokenizers" / "smollm2"
     with _LOCK:
         if not (folder / "tokenizer.json").exists():
-            _atomic_build(folder, _build_smollm2_tokenizer)
+            with atomic_folder(folder, replace=False) as tmp:
+                _build_smollm2_tokenizer(tmp)
     return folder
 
 
 def load_tokenizer(name: str, cache_dir: Path, local_models: dict[str, Path] | None = None) -> Any:
     """The HF tokenizer of a servable model (cached after first build)."""
-    from transformers import AutoTokenizer
+    folder = tokenizer_dir(name, cache_dir, local_models)
+    with MODEL_LOAD_LOCK:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir(name, cache_dir, local_models)))
+        return AutoTokenizer.from_pretrained(str(folder))
 
 
 def _build_smollm2_tokenizer(out: Path) -> None:
@@ -151,18 +156,25 @@ def _build_smollm2_tokenizer(out: Path) -> None:
 def load_model(name: str, cache_dir: Path, local_models: dict[str, Path] | None = None,
                dtype: Any = None, device: str = "cpu") -> Any:
     """A frozen base causal LM in eval mode on `device`."""
+    spec = get_spec(name, local_models)
+    with MODEL_LOAD_LOCK:
+        import torch
+
+        return _load_model(spec, Path(cache_dir), dtype or torch.float32, device)
+
+
+def _load_model(spec: ModelSpec, cache_dir: Path, dtype: Any, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    spec = get_spec(name, local_models)
-    dtype = dtype or torch.float32
     if spec.kind == "tiny":
         model = _tiny_model()
     elif spec.kind == "smollm2":
         folder = Path(cache_dir) / "models" / "SmolLM2-135M-Instruct"
         with _LOCK:
             if not (folder / "config.json").exists():
-                _atomic_build(folder, _convert_smollm2)
+                with atomic_folder(folder, replace=False) as tmp:
+                    _convert_smollm2(tmp)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(spec.path), dtype=dtype)
@@ -199,18 +211,3 @@ def _convert_smollm2(out: Path) -> None:
     model.config.pad_token_id = 2
     model.save_pretrained(str(out), safe_serialization=True)
 
-
-def _atomic_build(folder: Path, build) -> None:
-    """Build into a temp folder beside `folder`, then rename: never a half-written cache entry."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -226,7 +226,9 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
 
     @app.post("/api/v1/sessions/{session_id}/finish")
     async def finish_session(session_id: str):
+        # Queued behind the session's own work, so nothing in flight loses its model.
         state["sessions"].pop(session_id, None)
+        worker().submit("", None, _json(lambda: {"released": engine.release_session(session_id)}))
         return {}
 
     @app.post("/api/v1/telemetry")
