@@ -172,6 +172,9 @@ def main() -> None:
     evals = pd.DataFrame([
         {"prompt_id": f"eval-{i:03d}", "prompt": p, "creativity_score": c} for i, (p, c) in enumerate(EVAL_PROMPTS)
     ])
+    prompts = datasets["1"][["prompt_id", "prompt", "creativity_score"]]
+    prompts.to_parquet(OUT / "train_prompts.parquet", index=False)
+    print(f"wrote train_prompts.parquet: {len(prompts)} prompts (input of `python flows/pairs.py`)")
     train_prompts = set(datasets["1"]["prompt"])
     assert not train_prompts & set(evals["prompt"]), "eval prompts must not overlap training prompts"
     evals.to_parquet(OUT / "eval_prompts.parquet", index=False)

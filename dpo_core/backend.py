@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import logging
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ def service_client(settings: Settings) -> Iterator[tinker.ServiceClient]:
 
 def check_model_supported(client: tinker.ServiceClient, model_name: str, backend: str) -> None:
     """Fail fast, before any training, when the service does not offer `model_name`."""
-    capabilities = client.create_rest_client().get_server_capabilities().result()
+    with warnings.catch_warnings():  # deprecated in favour of tinker.RestClient(...), still supported by 0.38
+        warnings.simplefilter("ignore", FutureWarning)
+        capabilities = client.create_rest_client().get_server_capabilities().result()
     served = [m.model_name for m in capabilities.supported_models if m.model_name]
     if model_name in served:
         return

@@ -107,3 +107,12 @@ def write_report(entries: list[dict[str, Any]], out_dir: str) -> str:
     from dpo_core.report import write_report as write
 
     return str(write([ReportEntry(**entry) for entry in entries], Path(out_dir)))
+
+
+def build_pairs(config: Any, settings: Settings) -> dict[str, Any]:
+    """Sample candidate pools and write the three datasets (see dpo_core.pairs); returns the summary."""
+    from dpo_core import pairs
+
+    with service_client(settings) as client:
+        check_model_supported(client, config.model_name, settings.resolved_backend())
+        return pairs.build_pairs(client, config, Path(settings.cache_dir))

@@ -13,8 +13,9 @@ import httpx
 import tinker
 from prefect import task
 
-from dpo_core import checkpoints, data, diversity, evaluate, experiment, loss, report, train
+from dpo_core import checkpoints, data, diversity, evaluate, experiment, loss, pairs, report, train
 from dpo_core.config import EvalConfig, TrainConfig
+from dpo_core.pairs import PairsConfig
 from dpo_core.settings import Settings
 from tasks.caching import keyed_on
 
@@ -105,3 +106,18 @@ def evaluate_model(label: str, model_name: str, model_path: str | None, eval_con
 @task(name="write-report", tags=["dpo"], cache_key_fn=keyed_on(report, extra=_report_inputs), **CACHED)
 def write_report(entries: list[dict[str, Any]], out_dir: str) -> str:
     return experiment.write_report(entries, out_dir)
+
+
+def _prompts_file(parameters: dict[str, Any]) -> list[Any]:
+    config = parameters["config"]
+    path = Path(config.prompts)
+    return [*_where(Settings()), data.content_hash(path) if path.exists() else None,
+            str(Path(config.out_dir).resolve())]
+
+
+# Per-prompt stages are cached on disk inside dpo_core.pairs (adding prompts samples only the new ones); this
+# key makes an unchanged rerun a Prefect cache hit as a whole.
+@task(name="build-pairs", tags=["dpo", "tinker-sample"], retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=_transient, cache_key_fn=keyed_on(pairs, extra=_prompts_file), **CACHED)
+def build_pairs(config: PairsConfig) -> dict[str, Any]:
+    return experiment.build_pairs(config, Settings())

@@ -1,0 +1,404 @@
+"""Build the three preference datasets from pools of sampled candidates (embedding, quality, LLM-judge criteria).
+
+For each prompt, sample `num_candidates` responses from a base model, score each candidate, and pick one
+(chosen, rejected) pair per criterion:
+
+- quality q: the judge's 1-10 rubric score when `judge_quality` is on, else the base model's mean token logprob
+  of the candidate (a fluency proxy: higher = more fluent);
+- dataset 1, embedding diversity (DivPO-style): d_i = mean cosine distance of candidate i's embedding to the
+  other candidates of its prompt. Among the candidates whose quality is in the top ρ fraction, chosen = argmax d;
+  among the bottom ρ fraction, rejected = argmin d;
+- dataset 2, quality: chosen = argmax q, rejected = argmin q;
+- dataset 3, LLM-judge diversity: as dataset 1 with the judge's 1-10 originality score o_i in place of d_i.
+Ties break toward the better quality (chosen) / worse quality (rejected), then the lower index. A pair whose two
+texts are identical (after whitespace normalisation) or whose embeddings are closer than `min_distance` is
+dropped and counted. Per-prompt stages (candidates, scores) are cached on disk by content hash, so adding
+prompts only samples the new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tinker
+from pydantic import Field
+
+from dpo_core import diversity, rendering
+from dpo_core.config import LOCAL_DEFAULT_MODEL, FrozenModel
+from dpo_core.data import DATASET_FILES, DatasetError, read_table
+from dpo_core.fsutil import atomic_write_bytes
+
+CRITERIA = {1: "embedding_diversity", 2: "quality", 3: "llm_judge_diversity"}
+ORIGINALITY_RUBRIC = (
+    "Rate how original and creative the response below is, from 1 (generic, predictable) to 10 (novel, "
+    "surprising, unlike typical answers). Reply with the number only.\n\nTask: {prompt}\n\nResponse: {response}"
+)
+QUALITY_RUBRIC = (
+    "Rate the quality of the response below (helpful, correct, fluent, on task) from 1 (poor) to 10 "
+    "(excellent). Reply with the number only.\n\nTask: {prompt}\n\nResponse: {response}"
+)
+
+
+class PairsConfig(FrozenModel):
+    """How candidates are sampled and judged, and how pairs are picked."""
+
+    prompts: str  # parquet/jsonl with `prompt` (+ optional `prompt_id`, `creativity_score`)
+    model_name: str = LOCAL_DEFAULT_MODEL
+    num_candidates: int = Field(default=8, ge=2)
+    temperature: float = Field(default=1.0, gt=0)
+    max_tokens: int = Field(default=128, ge=1)
+    seed: int = 0
+    rho: float = Field(default=0.5, gt=0, le=1)  # top / bottom quality fraction (DivPO)
+    judge_model: str | None = None  # default: model_name
+    judge_quality: bool = False  # quality from the judge's rubric instead of the mean-logprob proxy
+    judge_retries: int = Field(default=3, ge=1)
+    min_distance: float = Field(default=0.02, ge=0)  # drop pairs closer than this (cosine distance)
+    max_prompts: int | None = Field(default=None, ge=1)
+    out_dir: str = "data"
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection rules (pure)
+# ----------------------------------------------------------------------------------------------
+
+
+def _top_bottom(quality: Sequence[float], rho: float) -> tuple[list[int], list[int]]:
+    k = len(quality)
+    size = max(1, math.ceil(rho * k))
+    order = sorted(range(k), key=lambda i: (-quality[i], i))
+    return order[:size], order[-size:]
+
+
+def select_by_score(quality: Sequence[float], score: Sequence[float], rho: float) -> tuple[int, int] | None:
+    """chosen = highest score among the top-ρ quality, rejected = lowest score among the bottom-ρ quality.
+
+    Candidates with a NaN score or quality take no part. None when no two distinct candidates qualify.
+    """
+    valid = [i for i in range(len(quality)) if not (math.isnan(quality[i]) or math.isnan(score[i]))]
+    if len(valid) < 2:
+        return None
+    q = [quality[i] for i in valid]
+    top, bottom = _top_bottom(q, rho)
+    chosen = max(top, key=lambda j: (score[valid[j]], q[j], -j))
+    rejected = min((j for j in bottom if j != chosen), key=lambda j: (score[valid[j]], q[j], j), default=None)
+    if rejected is None:
+        return None
+    return valid[chosen], valid[rejected]
+
+
+def select_by_quality(quality: Sequence[float]) -> tuple[int, int] | None:
+    """chosen = best quality, rejected = worst; None when every candidate has the same quality."""
+    valid = [i for i in range(len(quality)) if not math.isnan(quality[i])]
+    if len(valid) < 2:
+        return None
+    chosen = max(valid, key=lambda i: (quality[i], -i))
+    rejected = min(valid, key=lambda i: (quality[i], i))
+    if quality[chosen] == quality[rejected]:
+        return None
+    return chosen, rejected
+
+
+def mean_distances(embeddings: np.ndarray) -> list[float]:
+    """d_i: mean cosine distance of row i to every other row."""
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    similarity = unit @ unit.T
+    k = len(unit)
+    return [float((1.0 - similarity[i]).sum() / (k - 1)) if k > 1 else 0.0 for i in range(k)]
+
+
+def parse_rating(text: str) -> float | None:
+    """The first integer 1-10 in a judge's reply, or None (the reply is then retried or recorded as failed)."""
+    for match in re.finditer(r"\d+", text):
+        value = int(match.group())
+        if 1 <= value <= 10:
+            return float(value)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages (each cached per prompt on disk)
+# ----------------------------------------------------------------------------------------------
+
+
+def load_prompts(path: Path, max_prompts: int | None = None) -> list[dict[str, Any]]:
+    table = read_table(Path(path))
+    if "prompt" not in table.columns:
+        raise DatasetError(path, f"is missing (columns present: {list(table.columns)})", column="prompt")
+    rows = []
+    for row, record in enumerate(table.to_dict("records")):
+        text = record["prompt"]
+        if not isinstance(text, str) or not text.strip():
+            raise DatasetError(path, "must be a non-empty string", row=row, column="prompt")
+        creativity = record.get("creativity_score")
+        rows.append({
+            "prompt_id": str(record.get("prompt_id") or "p-" + hashlib.sha1(text.encode()).hexdigest()[:10]),
+            "prompt": text,
+            "creativity_score": None if creativity is None or pd.isna(creativity) else float(creativity),
+        })
+    return rows[:max_prompts] if max_prompts else rows
+
+
+class StageCache:
+    """JSON files under `<cache_dir>/pairs/<stage>/<key>.json`, keyed by the content that decides them."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def get(self, stage: str, key: str) -> Any:
+        path = self.root / stage / f"{key}.json"
+        if path.exists():
+            self.hits += 1
+            return json.loads(path.read_text())
+        self.misses += 1
+        return None
+
+    def put(self, stage: str, key: str, value: Any) -> None:
+        atomic_write_bytes(self.root / stage / f"{key}.json", json.dumps(value).encode())
+
+
+def _sampler(service_client: tinker.ServiceClient, model_name: str) -> Any:
+    client = service_client.create_sampling_client(base_model=model_name)
+    return client.result() if hasattr(client, "result") else client
+
+
+def sample_candidates(service_client: tinker.ServiceClient, prompts: list[dict], config: PairsConfig,
+                      cache: StageCache) -> dict[str, list[dict]]:
+    """prompt_id -> candidates [{text, tokens, prompt_tokens}]; all uncached prompts in flight at once."""
+    renderer = rendering.get_renderer(config.model_name)
+    params = {"model": config.model_name, "k": config.num_candidates, "t": config.temperature,
+              "max_tokens": config.max_tokens, "seed": config.seed}
+    out, pending = {}, []
+    sampler = None
+    for prompt in prompts:
+        key = cache.key("candidates", params, prompt["prompt"])
+        cached = cache.get("candidates", key)
+        if cached is not None:
+            out[prompt["prompt_id"]] = cached
+            continue
+        sampler = sampler or _sampler(service_client, config.model_name)
+        with rendering.TOKENIZER_LOCK:
+            model_input = renderer.build_generation_prompt([{"role": "user", "content": prompt["prompt"]}])
+            stop = renderer.get_stop_sequences()
+        future = sampler.sample(model_input, config.num_candidates, tinker.SamplingParams(
+            max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed, stop=stop))
+        pending.append((prompt, key, model_input.to_ints(), future))
+    from tinker_cookbook.renderers import get_text_content
+
+    for prompt, key, prompt_tokens, future in pending:
+        candidates = []
+        for sequence in future.result().sequences:
+            with rendering.TOKENIZER_LOCK:
+                message, _ = renderer.parse_response(list(sequence.tokens))
+            candidates.append({"text": get_text_content(message), "tokens": list(sequence.tokens),
+                               "prompt_tokens": prompt_tokens})
+        cache.put("candidates", key, candidates)
+        out[prompt["prompt_id"]] = candidates
+    return out
+
+
+def logprob_quality(service_client: tinker.ServiceClient, model_name: str, candidates: dict[str, list[dict]],
+                    cache: StageCache) -> dict[str, list[float]]:
+    """Mean token logprob of each candidate under the base model (NaN for an empty candidate)."""
+    sampler, out, pending = None, {}, []
+    for prompt_id, pool in candidates.items():
+        key = cache.key("logprob", model_name, pool)
+        cached = cache.get("quality", key)
+        if cached is not None:
+            out[prompt_id] = cached
+            continue
+        sampler = sampler or _sampler(service_client, model_name)
+        futures = [sampler.compute_logprobs(tinker.ModelInput.from_ints(c["prompt_tokens"] + c["tokens"]))
+                   if c["tokens"] else None for c in pool]
+        pending.append((prompt_id, key, pool, futures))
+    for prompt_id, key, pool, futures in pending:
+        scores = []
+        for candidate, future in zip(pool, futures):
+            values = future.result()[len(candidate["prompt_tokens"]):] if future is not None else []
+            scores.append(float(np.mean(values)) if values else float("nan"))
+        cache.put("quality", key, scores)
+        out[prompt_id] = scores
+    return out
+
+
+def judge_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric: str, prompts: list[dict],
+                  candidates: dict[str, list[dict]], retries: int, cache: StageCache, stage: str
+                  ) -> tuple[dict[str, list[float]], int]:
+    """The judge's 1-10 rating of every candidate under `rubric`; a reply without a valid number is asked again
+    (another seed) up to `retries` times, then recorded as NaN. Returns ratings and the count of failures."""
+    renderer = rendering.get_renderer(judge_model)
+    by_id = {p["prompt_id"]: p for p in prompts}
+    out: dict[str, list[float]] = {}
+    todo: list[tuple[str, str, int]] = []
+    for prompt_id, pool in candidates.items():
+        key = cache.key(stage, judge_model, rubric, by_id[prompt_id]["prompt"], [c["text"] for c in pool])
+        cached = cache.get(stage, key)
+        if cached is not None:
+            out[prompt_id] = cached
+        else:
+            out[prompt_id] = [float("nan")] * len(pool)
+            todo.extend((prompt_id, key, i) for i in range(len(pool)))
+    failures = 0
+    if todo:
+        sampler = _sampler(service_client, judge_model)
+        with rendering.TOKENIZER_LOCK:
+            stop = renderer.get_stop_sequences()
+        remaining = list(todo)
+        for attempt in range(retries):
+            futures = []
+            for prompt_id, _, index in remaining:
+                text = rubric.format(prompt=by_id[prompt_id]["prompt"], response=candidates[prompt_id][index]["text"])
+                with rendering.TOKENIZER_LOCK:
+                    model_input = renderer.build_generation_prompt([{"role": "user", "content": text}])
+                futures.append(sampler.sample(model_input, 1, tinker.SamplingParams(
+                    max_tokens=8, temperature=0.0 if attempt == 0 else 0.7, seed=attempt, stop=stop)))
+            still = []
+            for (prompt_id, key, index), future in zip(remaining, futures):
+                tokens = list(future.result().sequences[0].tokens)
+                with rendering.TOKENIZER_LOCK:
+                    reply = renderer.tokenizer.decode(tokens, skip_special_tokens=True)
+                rating = parse_rating(reply)
+                if rating is None:
+                    still.append((prompt_id, key, index))
+                else:
+                    out[prompt_id][index] = rating
+            remaining = still
+            if not remaining:
+                break
+        failures = len(remaining)
+        for prompt_id, key in {(p, k) for p, k, _ in todo}:
+            cache.put(stage, key, out[prompt_id])
+    return out, failures
+
+
+# ----------------------------------------------------------------------------------------------
+# The three datasets
+# ----------------------------------------------------------------------------------------------
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def build_datasets(prompts: list[dict], candidates: dict[str, list[dict]], quality: dict[str, list[float]],
+                   originality: dict[str, list[float]], embeddings: dict[str, np.ndarray], config: PairsConfig
+                   ) -> tuple[dict[int, pd.DataFrame], dict[str, Any]]:
+    """Pick the pairs per criterion; returns the three tables and a summary (yield, drops, gaps)."""
+    rows: dict[int, list[dict]] = {1: [], 2: [], 3: []}
+    dropped = {1: 0, 2: 0, 3: 0}
+    no_pair = {1: 0, 2: 0, 3: 0}
+    for prompt in prompts:
+        pid = prompt["prompt_id"]
+        pool, q, vectors = candidates[pid], quality[pid], embeddings[pid]
+        d = mean_distances(vectors)
+        scores = {1: ("diversity", d), 2: ("quality", q), 3: ("originality", originality[pid])}
+        picks = {1: select_by_score(q, d, config.rho), 2: select_by_quality(q),
+                 3: select_by_score(q, originality[pid], config.rho)}
+        for number, pick in picks.items():
+            if pick is None:
+                no_pair[number] += 1
+                continue
+            chosen, rejected = pick
+            distance = 1.0 - float(vectors[chosen] @ vectors[rejected] /
+                                   max(np.linalg.norm(vectors[chosen]) * np.linalg.norm(vectors[rejected]), 1e-12))
+            if _normalised(pool[chosen]["text"]) == _normalised(pool[rejected]["text"]) or \
+                    not pool[chosen]["text"].strip() or not pool[rejected]["text"].strip() or \
+                    distance < config.min_distance:
+                dropped[number] += 1
+                continue
+            name, values = scores[number]
+            rows[number].append({
+                "prompt_id": pid, "prompt": prompt["prompt"], "chosen": pool[chosen]["text"],
+                "rejected": pool[rejected]["text"], "creativity_score": prompt["creativity_score"],
+                "criterion": CRITERIA[number], "chosen_quality": q[chosen], "rejected_quality": q[rejected],
+                f"chosen_{name}": values[chosen], f"rejected_{name}": values[rejected],
+                "chosen_diversity": d[chosen], "rejected_diversity": d[rejected],
+                "model": config.model_name, "judge_model": config.judge_model or config.model_name,
+                "seed": config.seed, "num_candidates": len(pool),
+            })
+    tables = {n: pd.DataFrame(r) for n, r in rows.items()}
+    summary = {"prompts": len(prompts), "per_dataset": {}}
+    for number, table in tables.items():
+        gaps = {}
+        if len(table):
+            gaps = {"quality_gap_mean": float((table["chosen_quality"] - table["rejected_quality"]).mean()),
+                    "diversity_gap_mean": float((table["chosen_diversity"] - table["rejected_diversity"]).mean())}
+        summary["per_dataset"][number] = {"criterion": CRITERIA[number], "pairs": int(len(table)),
+                                          "dropped_too_close": dropped[number], "no_pair": no_pair[number], **gaps}
+    return tables, summary
+
+
+def write_datasets(tables: dict[int, pd.DataFrame], out_dir: Path) -> dict[int, str]:
+    """Write the three parquet files (each atomically) under their registry names."""
+    import io
+
+    written = {}
+    for number, table in tables.items():
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        path = Path(out_dir) / DATASET_FILES[number]
+        atomic_write_bytes(path, buffer.getvalue())
+        written[number] = str(path)
+    return written
+
+
+def gap_plot(tables: dict[int, pd.DataFrame], out: Path) -> None:
+    """Histograms of the chosen-minus-rejected quality and diversity gaps per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for number, table in tables.items():
+        if not len(table):
+            continue
+        label = f"{number}: {CRITERIA[number]}"
+        axes[0].hist(table["chosen_quality"] - table["rejected_quality"], bins=15, alpha=0.5, label=label)
+        axes[1].hist(table["chosen_diversity"] - table["rejected_diversity"], bins=15, alpha=0.5, label=label)
+    axes[0].set_title("quality gap (chosen - rejected)")
+    axes[1].set_title("embedding-diversity gap (chosen - rejected)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def build_pairs(service_client: tinker.ServiceClient, config: PairsConfig, cache_dir: Path) -> dict[str, Any]:
+    """All stages for one prompts file; writes the three datasets and `pairs_summary.json`, returns the summary."""
+    prompts = load_prompts(Path(config.prompts), config.max_prompts)
+    cache = StageCache(Path(cache_dir) / "pairs")
+    judge = config.judge_model or config.model_name
+    candidates = sample_candidates(service_client, prompts, config, cache)
+    if config.judge_quality:
+        quality, quality_failures = judge_ratings(service_client, judge, QUALITY_RUBRIC, prompts, candidates,
+                                                  config.judge_retries, cache, "judge_quality")
+    else:
+        quality, quality_failures = logprob_quality(service_client, config.model_name, candidates, cache), 0
+    originality, judge_failures = judge_ratings(service_client, judge, ORIGINALITY_RUBRIC, prompts, candidates,
+                                                config.judge_retries, cache, "judge_originality")
+    embedder = diversity.Embedder()
+    embeddings = {pid: embedder.encode([c["text"] or " " for c in pool]) for pid, pool in candidates.items()}
+    tables, summary = build_datasets(prompts, candidates, quality, originality, embeddings, config)
+    out_dir = Path(config.out_dir)
+    summary["files"] = write_datasets(tables, out_dir)
+    summary["judge_failures"] = {"originality": judge_failures, "quality": quality_failures}
+    summary["cache"] = {"hits": cache.hits, "misses": cache.misses}
+    summary["config"] = config.model_dump(mode="json")
+    gap_plot(tables, out_dir / "pairs_gaps.png")
+    atomic_write_bytes(out_dir / "pairs_summary.json", json.dumps(summary, indent=2).encode())
+    return summary

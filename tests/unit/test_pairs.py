@@ -1,0 +1,54 @@
+"""Pair selection rules on hand-made pools with known answers (ties, all-identical pools, NaN scores)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dpo_core.pairs import mean_distances, parse_rating, select_by_quality, select_by_score
+
+NAN = math.nan
+
+
+def test_divpo_rule_picks_most_diverse_good_and_least_diverse_bad():
+    quality = [0.9, 0.8, 0.2, 0.1]
+    diversity = [0.1, 0.7, 0.9, 0.3]
+    # top half by quality: {0, 1} -> most diverse is 1; bottom half: {2, 3} -> least diverse is 3
+    assert select_by_score(quality, diversity, rho=0.5) == (1, 3)
+    # rho = 1: everyone is in both halves: chosen = most diverse overall, rejected = least diverse overall
+    assert select_by_score(quality, diversity, rho=1.0) == (2, 0)
+
+
+def test_ties_break_toward_quality_then_index():
+    quality = [0.5, 0.9, 0.9, 0.1]
+    same = [0.4, 0.4, 0.4, 0.4]
+    chosen, rejected = select_by_score(quality, same, rho=0.5)
+    assert chosen == 1  # tie on score: better quality, then the lower index
+    assert rejected == 3  # tie on score: worse quality
+    assert select_by_quality([0.3, 0.9, 0.9, 0.1, 0.1]) == (1, 3)
+
+
+def test_all_identical_pools_yield_no_quality_pair():
+    assert select_by_quality([0.5, 0.5, 0.5]) is None
+    assert select_by_quality([0.5]) is None
+
+
+def test_nan_scores_take_no_part():
+    assert select_by_score([0.9, 0.8, 0.1], [NAN, 0.5, 0.2], rho=0.5) == (1, 2)
+    assert select_by_score([0.9, NAN], [0.1, 0.2], rho=0.5) is None
+    assert select_by_quality([NAN, 0.2, 0.7]) == (2, 1)
+
+
+def test_mean_distances():
+    vectors = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert mean_distances(vectors) == pytest.approx([0.5, 0.5, 1.0])
+
+
+@pytest.mark.parametrize("reply, rating", [
+    ("7", 7.0), ("Rating: 9/10", 9.0), ("I would say 10.", 10.0), ("0 or maybe 3", 3.0), ("no idea", None),
+    ("42", None),
+])
+def test_parse_rating(reply, rating):
+    assert parse_rating(reply) == rating
