@@ -59,6 +59,7 @@ TASKS = {
     "opening": ("Write the opening line of a story set around {topic}.", 0.8),
     "names": ("Suggest a name for a café themed around {topic}, and say why.", 0.6),
     "describe": ("Describe {topic} in two sentences.", 0.4),
+    "slogan": ("Write a one-sentence slogan for a festival celebrating {topic}.", 0.7),
 }
 
 
@@ -86,6 +87,13 @@ def candidates(task: str, topic: str) -> list[dict]:
             f"\"{title} House\" - it is simple, easy to remember, and tells guests the theme at once.",
             f"\"Café {title}\" - because it is a café about {topic}.",
             "\"Cafe\" - it's a cafe.",
+        ]
+    elif task == "slogan":
+        texts = [
+            f"Come for {image}, stay because {angle}.",
+            f"Celebrate {topic}: {sense}, music and good company all weekend.",
+            f"The best festival about {topic} ever, don't miss it!",
+            f"Festival. {topic}. Come.",
         ]
     else:
         texts = [

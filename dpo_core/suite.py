@@ -11,7 +11,7 @@ from dpo_core.config import LOCAL_DEFAULT_MODEL, SEED_MODELS, EvalConfig, Frozen
 LIST_FIELDS = ("datasets", "models", "learning_rate", "dpo_beta")
 
 # Local default: the shipped datasets x SmolLM2-135M, sized so training and evaluation finish in minutes on
-# 2 CPUs. lr 1e-4 rather than the seed's 1e-5 so 8 steps move a LoRA adapter measurably.
+# 2 CPUs. lr 1e-4 rather than the seed's 1e-5 so 10 steps move a LoRA adapter measurably.
 LOCAL_DEFAULTS = {"models": [LOCAL_DEFAULT_MODEL], "learning_rate": [1e-4], "batch_size": 8, "max_length": 256,
                   "eval_num_samples": 4, "eval_max_prompts": 24, "eval_max_tokens": 64}
 TINKER_DEFAULTS = {"models": list(SEED_MODELS), "learning_rate": [1e-5], "batch_size": 256, "max_length": 1024,
