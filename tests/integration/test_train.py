@@ -156,3 +156,18 @@ def test_wandb_offline_logs_metrics_and_config_without_secrets(tmp_path, registe
     for file in wandb_files + list(run_dir.glob("*.json*")):
         if file.is_file():
             assert b"canary-wandb-key" not in file.read_bytes()
+
+
+def test_concurrent_runs_of_one_experiment_get_separate_folders(tmp_path, registered):
+    """Two processes' claims on the same experiment at the same moment: the second moves on to `_2`."""
+    from dpo_core.experiment import claim_run_dir
+
+    config = _config()
+    first, lock = claim_run_dir(config, tmp_path / "experiments", tmp_path / "locks")
+    second, other = claim_run_dir(config, tmp_path / "experiments", tmp_path / "locks")
+    assert first.name + "_2" == second.name
+    lock.close()
+    third, again = claim_run_dir(config, tmp_path / "experiments", tmp_path / "locks")
+    assert third == first  # released: the same experiment resumes its folder
+    other.close()
+    again.close()
