@@ -1,11 +1,12 @@
-"""Build the shipped sample datasets (deterministic; run from the repository root).
+"""Build the shipped prompt sets (deterministic; run from the repository root).
 
-    python data/build_sample_data.py
+    python data/build_sample_data.py                  # train_prompts.parquet + eval_prompts.parquet
+    python data/build_sample_data.py --hand-composed  # also the three hand-composed datasets (no model needed)
 
-The texts are composed for this project from the hand-written phrase tables below (no model, no
-download). Each prompt gets a pool of four candidate responses with hand-assigned quality and
-originality scores; the three datasets pick chosen/rejected from the same pools by three criteria.
-`python flows/pairs.py` replaces these with pairs built from real model samples.
+The training prompts are composed for this project from the hand-written phrase tables below (16 topics x 5
+tasks). The shipped datasets are built from them by `python flows/pairs.py` (see data/README.md); the
+`--hand-composed` variant instead gives each prompt a pool of four hand-written candidates with hand-assigned
+quality and originality scores and picks pairs from those pools by the three criteria.
 """
 
 from __future__ import annotations
@@ -171,12 +172,15 @@ EVAL_PROMPTS = [
 
 
 def main() -> None:
+    import sys
+
     datasets = build()
     names = {"1": "dataset1_embedding_diversity.parquet", "2": "dataset2_quality_based.parquet",
              "3": "dataset3_llm_judge_diversity.parquet"}
-    for key, frame in datasets.items():
-        frame.to_parquet(OUT / names[key], index=False)
-        print(f"wrote {names[key]}: {len(frame)} pairs")
+    if "--hand-composed" in sys.argv[1:]:
+        for key, frame in datasets.items():
+            frame.to_parquet(OUT / names[key], index=False)
+            print(f"wrote {names[key]}: {len(frame)} pairs")
     evals = pd.DataFrame([
         {"prompt_id": f"eval-{i:03d}", "prompt": p, "creativity_score": c} for i, (p, c) in enumerate(EVAL_PROMPTS)
     ])
