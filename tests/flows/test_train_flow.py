@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dpo_core import data
 from dpo_core.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +29,8 @@ def test_train_flow_runs_registers_and_keeps_secrets_out(prefect_harness, projec
     assert run_dir.parent == project_env / "experiments"
     assert run_dir.name.startswith("dataset2_tiny_lr0.001_beta0.1_")
     assert result["final"]["name"] == "final" and result["final"]["sampler_path"].startswith("tinker://")
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == result["steps"] == 4
+    pairs = len(data.load_pairs(data.resolve_dataset(2, ROOT / "data")))
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == result["steps"] == math.ceil(pairs / 16)
     for file in list(project_env.rglob("*")):
         if file.is_file():
             assert CANARY.encode() not in file.read_bytes(), f"secret leaked into {file}"
