@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpo_core.settings import apply_offline_env  # noqa: E402
+from dpo_core.settings import apply_offline_env, install_signal_handlers  # noqa: E402
 
 apply_offline_env()
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -24,8 +24,9 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from dpo_core import checkpoints  # noqa: E402
 from dpo_core.experiment import prepare_concurrent_evaluation  # noqa: E402
-from dpo_core.config import ConfigError, EvalConfig, build_config, parse_key_values  # noqa: E402
+from dpo_core.config import EvalConfig  # noqa: E402
 from dpo_core.report import report_artifact_markdown  # noqa: E402
+from flows.cli import exit_code, parse_config  # noqa: E402
 from tasks.caching import run_fresh_if_gone, still_there  # noqa: E402
 from tasks.training import evaluate_model, write_report  # noqa: E402
 
@@ -70,22 +71,16 @@ def dpo_evaluate(run_dirs: list[str], eval_config: EvalConfig = EvalConfig(), ou
 
 
 def main(argv: list[str]) -> int:
+    install_signal_handlers()
     run_dirs = [a for a in argv if "=" not in a]
-    try:
-        values = parse_key_values([a for a in argv if "=" in a and not a.startswith("out=")], EvalConfig)
-        config = build_config(EvalConfig, values)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    config = parse_config(EvalConfig, [a for a in argv if "=" in a and not a.startswith("out=")])
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("out=")), "reports/latest")
+    if config is None:
+        return 1
     if not run_dirs:
         print("error: name at least one experiment folder (experiments/...)", file=sys.stderr)
         return 1
-    state = dpo_evaluate(run_dirs, config, out, return_state=True)
-    if state.is_completed():
-        return 0
-    print(f"error: {state.result(raise_on_failure=False)}", file=sys.stderr)
-    return 1
+    return exit_code(dpo_evaluate(run_dirs, config, out, return_state=True))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from dpo_core.config import ConfigError, build_config, parse_key_values  # noqa: E402
 from dpo_core.pairs import PairsConfig  # noqa: E402
 from dpo_core.report import report_artifact_markdown  # noqa: E402
+from flows.cli import exit_code, parse_config  # noqa: E402
 from tasks.training import build_pairs  # noqa: E402
 
 
@@ -52,16 +52,8 @@ def dpo_pairs(config: PairsConfig) -> dict:
 
 def main(argv: list[str]) -> int:
     install_signal_handlers()
-    try:
-        config = build_config(PairsConfig, parse_key_values(argv, PairsConfig))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    state = dpo_pairs(config, return_state=True)
-    if state.is_completed():
-        return 0
-    print(f"error: {state.result(raise_on_failure=False)}", file=sys.stderr)
-    return 1
+    config = parse_config(PairsConfig, argv)
+    return 1 if config is None else exit_code(dpo_pairs(config, return_state=True))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from dpo_core.config import ConfigError, build_config, parse_key_values, run_name  # noqa: E402
+from dpo_core.config import run_name  # noqa: E402
 from dpo_core.data import DatasetNotFoundError  # noqa: E402
 from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
 from dpo_core.suite import SuiteConfig, plan, split_lists  # noqa: E402
+from flows.cli import parse_config  # noqa: E402
 from flows.evaluate import evaluate_and_report  # noqa: E402
 from flows.train import dpo_train  # noqa: E402
 from tasks.runners import task_runner_from_env  # noqa: E402
@@ -97,10 +98,8 @@ def _slug(dataset: int | str) -> str:
 
 def main(argv: list[str]) -> int:
     install_signal_handlers()
-    try:
-        config = build_config(SuiteConfig, split_lists(parse_key_values(argv, SuiteConfig)))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = parse_config(SuiteConfig, argv, prepare=split_lists)
+    if config is None:
         return 1
     state = dpo_suite(config, return_state=True)
     print(state.message or state.name)

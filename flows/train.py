@@ -25,7 +25,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from prefect import flow  # noqa: E402
 
-from dpo_core.config import ConfigError, TrainConfig, build_config, parse_key_values  # noqa: E402
+from dpo_core.config import TrainConfig  # noqa: E402
+from flows.cli import exit_code, parse_config  # noqa: E402
 from tasks.caching import run_fresh_if_gone, still_there  # noqa: E402
 from tasks.training import register_checkpoint, train_experiment, validate_dataset  # noqa: E402
 
@@ -47,17 +48,8 @@ def dpo_train(config: TrainConfig) -> dict:
 
 def main(argv: list[str]) -> int:
     install_signal_handlers()
-    try:
-        config = build_config(TrainConfig, parse_key_values(argv, TrainConfig))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    state = dpo_train(config, return_state=True)
-    if state.is_completed():
-        return 0
-    error = state.result(raise_on_failure=False)
-    print(f"error: {error}", file=sys.stderr)
-    return 1
+    config = parse_config(TrainConfig, argv)
+    return 1 if config is None else exit_code(dpo_train(config, return_state=True))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ import pytest
 
 from dpo_core import __main__ as validate_cli
 
+# Imported at collection, not inside a test: Prefect binds its console log handler to the stderr of the moment,
+# and a test's captured stream is closed afterwards.
+from flows.suite import main as suite_main  # noqa: E402
+from flows.train import main as train_main  # noqa: E402
+
 GOOD = {"prompt": "Name a colour.", "chosen": "Blue, like the sea.", "rejected": "No."}
 
 
@@ -73,18 +78,14 @@ def test_identical_after_truncation_is_refused(tmp_path, capsys, registered):
     (["dataset=1"], "model_name"),
 ])
 def test_bad_command_line_gets_one_clear_line(args, expected, capsys, tmp_path, monkeypatch):
-    from flows.train import main
-
     monkeypatch.chdir(tmp_path)
-    assert main(args) == 1
+    assert train_main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err
     assert list(tmp_path.iterdir()) == []  # no run folder, no cache entry
 
 
 def test_suite_rejects_bad_lists(capsys, tmp_path, monkeypatch):
-    from flows.suite import main
-
     monkeypatch.chdir(tmp_path)
-    assert main(["datasets=1,4"]) == 1
+    assert suite_main(["datasets=1,4"]) == 1
     assert "dataset must be 1, 2, 3" in capsys.readouterr().err
