@@ -25,6 +25,7 @@ def _group_alive(pgid: int) -> list[str]:
 def test_sigterm_stops_everything_and_the_rerun_resumes(tmp_path, registered):
     env = {**os.environ, "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"), "DPO_LOCAL_STORAGE": str(tmp_path / "s"),
            "DPO_DATA_DIR": str(ROOT / "data"), "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local",
+           "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
     env.pop("PREFECT_API_URL", None)

@@ -37,6 +37,8 @@ def test_kill_9_then_rerun_resumes_exactly(tmp_path, registered):
     def env(name: str) -> dict:
         return {**os.environ, "DPO_EXPERIMENTS_DIR": str(tmp_path / name), "DPO_LOCAL_STORAGE": str(tmp_path / "s"),
                 "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local",
+                # Its own Prefect database: a killed run's concurrency-slot lease (300 s) must not stall others.
+                "PREFECT_HOME": str(tmp_path / f"prefect-{name}"),
                 "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / f"results-{name}"),
                 "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / f"results-{name}")}
 
