@@ -517,15 +517,6 @@ class Engine:
         top_p = params.get("top_p")
         return json.dumps([source.key, -1 if top_k is None else int(top_k), 1.0 if top_p is None else float(top_p)])
 
-    def sample(self, source: SamplerSource, prompt: list[int], num_samples: int, params: dict[str, Any],
-               prompt_logprobs: bool, topk_prompt_logprobs: int = 0) -> dict[str, Any]:
-        """One sampling request (see `sample_batch`)."""
-        request = SampleRequest(prompt, num_samples, params, prompt_logprobs, topk_prompt_logprobs)
-        result = self.sample_batch(source, [request])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
     @torch.no_grad()
     def sample_batch(self, source: SamplerSource, requests: list[SampleRequest]) -> list[dict[str, Any] | Exception]:
         """Serve several sampling requests of one sampler in a single batched generation.
