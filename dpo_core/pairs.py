@@ -9,7 +9,9 @@ For each prompt, sample `num_candidates` responses from a base model, score each
   other candidates of its prompt. Among the candidates whose quality is in the top ρ fraction, chosen = argmax d;
   among the bottom ρ fraction, rejected = argmin d;
 - dataset 2, quality: chosen = argmax q, rejected = argmin q;
-- dataset 3, LLM-judge diversity: as dataset 1 with the judge's 1-10 originality score o_i in place of d_i.
+- dataset 3, LLM-judge diversity: as dataset 1 with the judge's 1-10 originality score o_i in place of d_i
+  (by default the expected rating under the judge's next-token distribution after "Rating: ", see
+  `rating_from_distribution`; `judge_scoring=text` parses a sampled reply instead).
 Ties break toward the better quality (chosen) / worse quality (rejected), then the lower index. A pair whose two
 texts are identical (after whitespace normalisation) or whose embeddings are closer than `min_distance` is
 dropped and counted. Per-prompt stages (candidates, scores) are cached on disk by content hash, so adding
@@ -24,7 +26,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -59,7 +61,11 @@ class PairsConfig(FrozenModel):
     rho: float = Field(default=0.5, gt=0, le=1)  # top / bottom quality fraction (DivPO)
     judge_model: str | None = None  # default: model_name
     judge_quality: bool = False  # quality from the judge's rubric instead of the mean-logprob proxy
-    judge_retries: int = Field(default=3, ge=1)
+    judge_retries: int = Field(default=3, ge=1)  # text scoring: ask again when a reply has no valid number
+    # distribution: expected rating under the judge's next-token distribution over "1".."10" after the prefill
+    # "Rating: " (always parseable, graded); text: the first 1-10 number of a sampled reply
+    judge_scoring: Literal["distribution", "text"] = "distribution"
+    judge_min_mass: float = Field(default=0.5, gt=0, le=1)  # distribution: least probability on the ratings
     min_distance: float = Field(default=0.02, ge=0)  # drop pairs closer than this (cosine distance)
     max_prompts: int | None = Field(default=None, ge=1)
     out_dir: str = "data"
@@ -121,6 +127,33 @@ def parse_rating(text: str) -> float | None:
         if 1 <= value <= 10:
             return float(value)
     return None
+
+
+RATING_PREFILL = "Rating: "
+
+
+def rating_from_distribution(first_token: dict[str, float], zero_after_one: float, min_mass: float
+                             ) -> tuple[float | None, float]:
+    """Expected 1-10 rating from the judge's next-token probabilities after the prefill "Rating: ".
+
+    `first_token` maps each decoded candidate first token to its probability (tokens the judge did not rank get
+    0); `zero_after_one` is P("0" | "1"), splitting the mass of "1" between the ratings 1 and 10 (tokenizers that
+    spell numbers digit by digit). Returns (rating, mass on valid ratings); the rating is None when the mass is
+    below `min_mass` (the judge was not answering with a number).
+    """
+    mass_of: dict[int, float] = {}
+    for text, prob in first_token.items():
+        text = text.strip()
+        if re.fullmatch(r"[1-9]|10", text):
+            mass_of[int(text)] = mass_of.get(int(text), 0.0) + prob
+    one = mass_of.pop(1, 0.0)
+    if one:
+        mass_of[1] = one * (1.0 - zero_after_one)
+        mass_of[10] = mass_of.get(10, 0.0) + one * zero_after_one
+    mass = sum(mass_of.values())
+    if mass < min_mass or mass <= 0:
+        return None, mass
+    return sum(r * p for r, p in mass_of.items()) / mass, mass
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,36 +268,68 @@ def logprob_quality(service_client: tinker.ServiceClient, model_name: str, candi
 
 
 def judge_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric: str, prompts: list[dict],
-                  candidates: dict[str, list[dict]], retries: int, cache: StageCache, stage: str
+                  candidates: dict[str, list[dict]], config: PairsConfig, cache: StageCache, stage: str
                   ) -> tuple[dict[str, list[float]], int]:
-    """The judge's 1-10 rating of every candidate under `rubric`; a reply without a valid number is asked again
-    (another seed) up to `retries` times, then recorded as NaN. Returns ratings and the count of failures."""
-    renderer = rendering.get_renderer(judge_model)
+    """The judge's 1-10 rating of every candidate under `rubric` (NaN where it gave none).
+
+    `distribution` scoring reads the expected rating off the judge's next-token distribution (one request per
+    candidate; no rating when less than `judge_min_mass` falls on the numbers); `text` scoring samples a reply
+    and parses its first 1-10 number, asking again (another seed) up to `judge_retries` times. Returns the
+    ratings and the count of candidates left without one."""
     by_id = {p["prompt_id"]: p for p in prompts}
     out: dict[str, list[float]] = {}
     todo: list[tuple[str, str, int]] = []
     for prompt_id, pool in candidates.items():
-        key = cache.key(stage, judge_model, rubric, by_id[prompt_id]["prompt"], [c["text"] for c in pool])
+        key = cache.key(stage, judge_model, rubric, config.judge_scoring, config.judge_min_mass,
+                        by_id[prompt_id]["prompt"], [c["text"] for c in pool])
         cached = cache.get(stage, key)
         if cached is not None:
             out[prompt_id] = cached
         else:
             out[prompt_id] = [float("nan")] * len(pool)
             todo.extend((prompt_id, key, i) for i in range(len(pool)))
-    failures = 0
-    if todo:
-        sampler = _sampler(service_client, judge_model)
+    if not todo:
+        return out, sum(math.isnan(v) for values in out.values() for v in values)
+    renderer = rendering.get_renderer(judge_model)
+    sampler = _sampler(service_client, judge_model)
+
+    def judge_input(prompt_id: str, index: int, prefill: str | None = None) -> tinker.ModelInput:
+        text = rubric.format(prompt=by_id[prompt_id]["prompt"], response=candidates[prompt_id][index]["text"])
+        with rendering.TOKENIZER_LOCK:
+            return renderer.build_generation_prompt([{"role": "user", "content": text}], prefill=prefill)
+
+    if config.judge_scoring == "distribution":
+        with rendering.TOKENIZER_LOCK:
+            one, zero = (renderer.tokenizer.encode(d, add_special_tokens=False) for d in ("1", "0"))
+        if len(one) != 1 or len(zero) != 1:
+            raise ValueError(f"judge {judge_model!r} does not spell numbers digit by digit; "
+                             "use judge_scoring=text")
+        futures = []
+        for prompt_id, _, index in todo:
+            prefix = judge_input(prompt_id, index, RATING_PREFILL).to_ints()
+            # prompt logprobs of prefix + "1" "0": top-k at the first answer position, and P("0" | "1")
+            futures.append((len(prefix), sampler.sample(
+                tinker.ModelInput.from_ints(prefix + one + zero), 1, tinker.SamplingParams(max_tokens=1),
+                include_prompt_logprobs=True, topk_prompt_logprobs=20)))
+        for (prompt_id, _, index), (position, future) in zip(todo, futures):
+            response = future.result()
+            with rendering.TOKENIZER_LOCK:
+                first = {}
+                for token, logprob in response.topk_prompt_logprobs[position] or []:
+                    word = renderer.tokenizer.decode([token])
+                    first[word] = first.get(word, 0.0) + math.exp(logprob)
+            rating, _ = rating_from_distribution(first, math.exp(response.prompt_logprobs[position + 1]),
+                                                 config.judge_min_mass)
+            if rating is not None:
+                out[prompt_id][index] = rating
+    else:
         with rendering.TOKENIZER_LOCK:
             stop = renderer.get_stop_sequences()
         remaining = list(todo)
-        for attempt in range(retries):
-            futures = []
-            for prompt_id, _, index in remaining:
-                text = rubric.format(prompt=by_id[prompt_id]["prompt"], response=candidates[prompt_id][index]["text"])
-                with rendering.TOKENIZER_LOCK:
-                    model_input = renderer.build_generation_prompt([{"role": "user", "content": text}])
-                futures.append(sampler.sample(model_input, 1, tinker.SamplingParams(
-                    max_tokens=8, temperature=0.0 if attempt == 0 else 0.7, seed=attempt, stop=stop)))
+        for attempt in range(config.judge_retries):
+            futures = [sampler.sample(judge_input(prompt_id, index), 1, tinker.SamplingParams(
+                max_tokens=8, temperature=0.0 if attempt == 0 else 0.7, seed=attempt, stop=stop))
+                for prompt_id, _, index in remaining]
             still = []
             for (prompt_id, key, index), future in zip(remaining, futures):
                 tokens = list(future.result().sequences[0].tokens)
@@ -278,10 +343,9 @@ def judge_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric
             remaining = still
             if not remaining:
                 break
-        failures = len(remaining)
-        for prompt_id, key in {(p, k) for p, k, _ in todo}:
-            cache.put(stage, key, out[prompt_id])
-    return out, failures
+    for prompt_id, key in {(p, k) for p, k, _ in todo}:
+        cache.put(stage, key, out[prompt_id])
+    return out, sum(math.isnan(v) for values in out.values() for v in values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,11 +450,11 @@ def build_pairs(service_client: tinker.ServiceClient, config: PairsConfig, cache
     candidates = sample_candidates(service_client, prompts, config, cache)
     if config.judge_quality:
         quality, quality_failures = judge_ratings(service_client, judge, QUALITY_RUBRIC, prompts, candidates,
-                                                  config.judge_retries, cache, "judge_quality")
+                                                  config, cache, "judge_quality")
     else:
         quality, quality_failures = logprob_quality(service_client, config.model_name, candidates, cache), 0
     originality, judge_failures = judge_ratings(service_client, judge, ORIGINALITY_RUBRIC, prompts, candidates,
-                                                config.judge_retries, cache, "judge_originality")
+                                                config, cache, "judge_originality")
     embedder = diversity.Embedder()
     embeddings = {pid: embedder.encode([c["text"] or " " for c in pool]) for pid, pool in candidates.items()}
     tables, summary = build_datasets(prompts, candidates, quality, originality, embeddings, config)

@@ -37,9 +37,19 @@ def test_pairs_flow_builds_three_valid_datasets(prefect_harness, project_env):
     diverse = pd.read_parquet(project_env / "out" / data.DATASET_FILES[1])
     assert (diverse["chosen_diversity"] >= diverse["rejected_diversity"]).all() or config.rho == 1
     assert (project_env / "out" / "pairs_gaps.png").exists()
+    # The judge's rating is read off its next-token distribution: every candidate gets one, on a graded scale.
+    assert summary["judge_failures"]["originality"] == 0
+    judged = pd.read_parquet(project_env / "out" / data.DATASET_FILES[3])
+    scores = pd.concat([judged["chosen_originality"], judged["rejected_originality"]])
+    assert scores.between(1, 10).all() and (scores != scores.round()).any()
 
     # One more prompt: only its candidates are sampled; the three old ones come from the stage cache.
     rows.append({"prompt_id": "q3", "prompt": "Invent a name for a robot.", "creativity_score": 0.7})
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     again = dpo_pairs(config, return_state=True).result()
     assert again["cache"]["hits"] >= 3 * 3  # candidates, quality and judge stages of the first three prompts
+
+    # Text scoring: the judge's sampled reply is parsed; failures are counted, not fatal.
+    text = dpo_pairs(config.model_copy(update={"judge_scoring": "text", "judge_retries": 1}), return_state=True)
+    assert text.is_completed(), text.message
+    assert 0 <= text.result()["judge_failures"]["originality"] <= 4 * 4

@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from dpo_core.pairs import mean_distances, parse_rating, select_by_quality, select_by_score
+from dpo_core.pairs import (
+    mean_distances,
+    parse_rating,
+    rating_from_distribution,
+    select_by_quality,
+    select_by_score,
+)
 
 NAN = math.nan
 
@@ -52,3 +58,20 @@ def test_mean_distances():
 ])
 def test_parse_rating(reply, rating):
     assert parse_rating(reply) == rating
+
+
+def test_rating_from_distribution_splits_one_between_1_and_10():
+    # P(first token): "1" 0.5, "7" 0.3, " 9" 0.1 (a spaced digit still counts), "The" 0.1; P("0" | "1") = 0.6
+    first = {"1": 0.5, "7": 0.3, " 9": 0.1, "The": 0.1}
+    rating, mass = rating_from_distribution(first, zero_after_one=0.6, min_mass=0.5)
+    # ratings: 1 -> 0.2, 10 -> 0.3, 7 -> 0.3, 9 -> 0.1 (mass 0.9)
+    assert mass == pytest.approx(0.9)
+    assert rating == pytest.approx((1 * 0.2 + 10 * 0.3 + 7 * 0.3 + 9 * 0.1) / 0.9)
+
+
+def test_rating_from_distribution_refuses_a_judge_that_is_not_rating():
+    rating, mass = rating_from_distribution({"The": 0.7, "5": 0.1, "0": 0.05, "07": 0.05, "²": 0.1}, 0.0,
+                                           min_mass=0.5)
+    assert rating is None and mass == pytest.approx(0.1)  # "0", "07" and "²" are not ratings 1-10
+    assert rating_from_distribution({"5": 1.0}, 0.9, min_mass=0.5) == (5.0, 1.0)
+    assert rating_from_distribution({}, 0.0, min_mass=0.1) == (None, 0.0)
