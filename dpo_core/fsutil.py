@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -36,16 +37,24 @@ def atomic_folder(folder: Path, replace: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         yield tmp
-        if folder.exists() and replace:
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.rename(folder, old / folder.name)
-            os.rename(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        elif not folder.exists():
+        # Several processes may finish the same folder at once (two suites evaluating one base model): each
+        # attempt moves the current folder aside and renames its own build in; losing a race just retries.
+        for attempt in range(20):
+            if folder.exists():
+                if not replace:
+                    break
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+                try:
+                    os.rename(folder, old / folder.name)
+                except FileNotFoundError:
+                    pass  # another process moved it first
+                finally:
+                    shutil.rmtree(old, ignore_errors=True)
             try:
                 os.rename(tmp, folder)
-            except OSError:
-                if not folder.exists():
+                break
+            except OSError as exc:  # another build took the name between the two renames: go again
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or attempt == 19:
                     raise
     finally:
         if tmp.exists():

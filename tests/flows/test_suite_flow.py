@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -112,3 +113,42 @@ def test_missing_dataset_is_skipped_and_a_failed_experiment_is_reported(prefect_
     assert "qwen38b" in state.message and "not served by the local server" in state.message
     assert "dataset 3" not in state.message  # missing: skipped with a warning, not a failure
     assert [r.name.split("_")[1] for r in (project_env / "experiments").glob("dataset1_*")] == ["tiny"]
+
+
+def test_suite_keeps_secrets_out_of_files_logs_parameters_and_artifacts(prefect_harness, project_env, monkeypatch):
+    """Reliability item 8: canary keys in the environment never reach anything the suite writes."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId,
+        LogFilter, LogFilterFlowRunId,
+    )
+
+    from flows.suite import dpo_suite
+
+    tinker_canary, wandb_canary = "tml-canary-suite-5e1d2c3b4a69", "wandb-canary-suite-0f1e2d3c4b5a69788796"
+    monkeypatch.setenv("TINKER_API_KEY", tinker_canary)  # present, but the backend is local
+    monkeypatch.setenv("WANDB_API_KEY", wandb_canary)
+    monkeypatch.setenv("DPO_WANDB_MODE", "offline")
+    config = SuiteConfig(datasets=[2], models=["local/tiny"], learning_rate=[1e-3], batch_size=80, max_length=128,
+                         eval_num_samples=2, eval_max_prompts=2, eval_max_tokens=4, wandb_project="canary-check",
+                         report_dir=str(project_env / "report"))
+    state = dpo_suite(config, return_state=True)
+    assert state.is_completed(), state.message
+    assert list((project_env / "experiments").rglob("*.wandb")), "the W&B run was written (offline)"
+    files = [f for f in project_env.rglob("*") if f.is_file()]
+    assert len(files) > 10
+    for file in files:
+        content = file.read_bytes()
+        assert tinker_canary.encode() not in content and wandb_canary.encode() not in content, f"leak in {file}"
+    root = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = [client.read_flow_run(root)] + client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[root])))
+        ids = [r.id for r in runs]
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+    assert len(runs) == 2 and logs and artifacts  # the suite and its dpo-train subflow
+    written = json.dumps([[r.parameters for r in runs], [log.message for log in logs],
+                          [a.data for a in artifacts], [t.task_inputs for t in task_runs]], default=str)
+    assert tinker_canary not in written and wandb_canary not in written
