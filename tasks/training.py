@@ -18,6 +18,7 @@ from dpo_core.config import EvalConfig, TrainConfig
 from dpo_core.pairs import PairsConfig
 from dpo_core.settings import Settings
 from tasks.caching import keyed_on
+from tasks.setup import task_tags
 
 TRANSIENT = (tinker.APIConnectionError, tinker.APITimeoutError, tinker.InternalServerError,
              tinker.RateLimitError, httpx.TransportError)
@@ -69,12 +70,12 @@ def _report_inputs(parameters: dict[str, Any]) -> list[str]:
     return hashes
 
 
-@task(name="validate-dataset", tags=["dpo", "validate"], cache_key_fn=keyed_on(data, extra=_dataset_file), **CACHED)
+@task(name="validate-dataset", tags=task_tags("validate"), cache_key_fn=keyed_on(data, extra=_dataset_file), **CACHED)
 def validate_dataset(dataset: int | str) -> experiment.ValidatedDataset:
     return experiment.validate_dataset(dataset, Settings())
 
 
-@task(name="train-dpo", tags=["dpo", "tinker-train"], retries=2, retry_delay_seconds=[10, 60],
+@task(name="train-dpo", tags=task_tags("tinker-train"), retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=_transient, timeout_seconds=24 * 3600,
       cache_key_fn=keyed_on(train, loss, extra=_backend), **CACHED)
 def train_experiment(config: TrainConfig, dataset: experiment.ValidatedDataset) -> dict[str, Any]:
@@ -87,14 +88,14 @@ def _registry(parameters: dict[str, Any]) -> str | None:
     return data.content_hash(registry) if registry.exists() else None
 
 
-@task(name="register-checkpoint", tags=["dpo"], cache_key_fn=keyed_on(checkpoints, extra=_registry), **CACHED)
+@task(name="register-checkpoint", tags=task_tags(), cache_key_fn=keyed_on(checkpoints, extra=_registry), **CACHED)
 def register_checkpoint(run_dir: str) -> dict[str, Any]:
     return checkpoints.final_record(run_dir)
 
 
 # No task timeout here: evaluations run in worker threads, where Prefect cannot interrupt them; the SDK's own
 # per-request timeouts and retries bound a stuck sampling call instead.
-@task(name="evaluate-diversity", tags=["dpo", "tinker-sample"], retries=2, retry_delay_seconds=[10, 60],
+@task(name="evaluate-diversity", tags=task_tags("tinker-sample"), retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=_transient,
       cache_key_fn=keyed_on(evaluate, diversity, files=("training_datasets",), extra=_eval_inputs), **CACHED)
 def evaluate_model(label: str, model_name: str, model_path: str | None, eval_config: EvalConfig,
@@ -103,7 +104,7 @@ def evaluate_model(label: str, model_name: str, model_path: str | None, eval_con
                                      tuple(training_datasets))
 
 
-@task(name="write-report", tags=["dpo"], cache_key_fn=keyed_on(report, extra=_report_inputs), **CACHED)
+@task(name="write-report", tags=task_tags(), cache_key_fn=keyed_on(report, extra=_report_inputs), **CACHED)
 def write_report(entries: list[dict[str, Any]], out_dir: str) -> str:
     return experiment.write_report(entries, out_dir)
 
@@ -117,7 +118,7 @@ def _prompts_file(parameters: dict[str, Any]) -> list[Any]:
 
 # Per-prompt stages are cached on disk inside dpo_core.pairs (adding prompts samples only the new ones); this
 # key makes an unchanged rerun a Prefect cache hit as a whole.
-@task(name="build-pairs", tags=["dpo", "tinker-sample"], retries=2, retry_delay_seconds=[10, 60],
+@task(name="build-pairs", tags=task_tags("tinker-sample"), retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=_transient, cache_key_fn=keyed_on(pairs, extra=_prompts_file), **CACHED)
 def build_pairs(config: PairsConfig) -> dict[str, Any]:
     return experiment.build_pairs(config, Settings())

@@ -14,6 +14,18 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deployments" / "dpo.sh"
 
 
+_PROBE = """
+import json
+from prefect import get_client
+with get_client(sync_client=True) as client:
+    limits = {l.tag: l.concurrency_limit for l in client.read_concurrency_limits(limit=50, offset=0)}
+    tags = {}
+    for run in client.read_task_runs():
+        tags.setdefault(run.name.rsplit("-", 1)[0], []).append(sorted(run.tags))
+print(json.dumps({"limits": limits, "tags": tags}))
+"""
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -46,6 +58,14 @@ def test_deployment_runs_to_completed_and_everything_stops(tmp_path, registered)
         assert run.returncode == 0 and "Completed" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
         assert (tmp_path / "report" / "report.md").exists()
         assert list((tmp_path / "experiments").glob("dataset2_tiny_*/checkpoints.jsonl"))
+        # On a Prefect server the tasks carry their concurrency tags and the tag limits exist.
+        probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120,
+                               env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}, cwd=ROOT)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        found = json.loads(probe.stdout.strip().splitlines()[-1])
+        assert {"tinker-train": 4, "tinker-sample": 8}.items() <= found["limits"].items()
+        assert ["dpo", "tinker-train"] in found["tags"]["train-dpo"]
+        assert ["dpo", "tinker-sample"] in found["tags"]["evaluate-diversity"]
     finally:
         down = subprocess.run(["bash", str(SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0
