@@ -61,15 +61,15 @@ def arm_suite(model: str, steps: int, batch: int, max_length: int, threads: int)
         config = TrainConfig(model_name=model, dataset="2", learning_rate=1e-5, dpo_beta=0.1, batch_size=batch,
                              num_epochs=1, lora_rank=32, max_length=max_length, seed=0)
         with local_server(settings, storage=Path(tmp) / "storage") as server:
-            service = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
-            # Load the base model before the clock starts (TRL's arm also loads it untimed).
-            service.create_sampling_client(base_model=model).result().compute_logprobs(
-                tinker.ModelInput.from_ints([1, 2, 3])).result()
-            started = time.perf_counter()
-            train(config, service, pairs, run_dir=Path(tmp) / "run", dataset_path="bench",
-                  dataset_hash=f"bench-{time.time_ns()}", reference_dir=Path(tmp) / "reference")
-            wall = time.perf_counter() - started
-            metrics = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+            with tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key) as service:
+                # Load the base model before the clock starts (TRL's arm also loads it untimed).
+                service.create_sampling_client(base_model=model).result().compute_logprobs(
+                    tinker.ModelInput.from_ints([1, 2, 3])).result()
+                started = time.perf_counter()
+                train(config, service, pairs, run_dir=Path(tmp) / "run", dataset_path="bench",
+                      dataset_hash=f"bench-{time.time_ns()}", reference_dir=Path(tmp) / "reference")
+                wall = time.perf_counter() - started
+                metrics = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     return {"wall_s": wall, "tokens": sum(m["num_tokens"] for m in metrics), "pairs": steps * batch,
             "steps": len(metrics), "peak_rss_mb": _peak_rss_mb()}
 

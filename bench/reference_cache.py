@@ -96,23 +96,24 @@ def run(model: str, pairs: int, batch: int, max_length: int, repeats: int) -> di
     reference_share = []  # the first run's extra time (its reference pass) over a run without one
     with tempfile.TemporaryDirectory() as tmp, local_server(settings, storage=Path(tmp) / "storage") as server:
         os.environ["TINKER_API_KEY"] = server.api_key  # the cookbook builds its own ServiceClient from the env
-        service = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
-        service.create_sampling_client(base_model=model).result().compute_logprobs(
-            tinker.ModelInput.from_ints([1, 2, 3])).result()  # load the model before any clock starts
-        counters = server.engine.counters
-        for round_ in range(repeats):
-            order = ["dpo-suite", "cookbook"] if round_ % 2 == 0 else ["cookbook", "dpo-suite"]
-            for arm in order:
-                work = Path(tmp) / f"{arm}-{round_}"  # a fresh reference cache each round: the sweep starts cold
-                work.mkdir()
-                tokens_before = counters["prompt_logprob_tokens"]
-                started = time.perf_counter()
-                if arm == "dpo-suite":
-                    walls = sweep_suite(service, model, batch, max_length, work)
-                    reference_share.append((walls[0] - statistics.mean(walls[1:])) / statistics.mean(walls[1:]))
-                else:
-                    sweep_cookbook(server, model, batch, max_length, work)
-                results[arm].append((time.perf_counter() - started, counters["prompt_logprob_tokens"] - tokens_before))
+        with tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key) as service:
+            service.create_sampling_client(base_model=model).result().compute_logprobs(
+                tinker.ModelInput.from_ints([1, 2, 3])).result()  # load the model before any clock starts
+            counters = server.engine.counters
+            for round_ in range(repeats):
+                order = ["dpo-suite", "cookbook"] if round_ % 2 == 0 else ["cookbook", "dpo-suite"]
+                for arm in order:
+                    work = Path(tmp) / f"{arm}-{round_}"  # a fresh reference cache each round: the sweep starts cold
+                    work.mkdir()
+                    tokens_before = counters["prompt_logprob_tokens"]
+                    started = time.perf_counter()
+                    if arm == "dpo-suite":
+                        walls = sweep_suite(service, model, batch, max_length, work)
+                        reference_share.append((walls[0] - statistics.mean(walls[1:])) / statistics.mean(walls[1:]))
+                    else:
+                        sweep_cookbook(server, model, batch, max_length, work)
+                    reference_tokens = counters["prompt_logprob_tokens"] - tokens_before
+                    results[arm].append((time.perf_counter() - started, reference_tokens))
     summary = {arm: {"wall_s": statistics.median(w for w, _ in runs), "reference_tokens": runs[0][1],
                      "runs_wall_s": [round(w, 1) for w, _ in runs]} for arm, runs in results.items()}
     summary["tokens_ratio"] = summary["dpo-suite"]["reference_tokens"] / summary["cookbook"]["reference_tokens"]

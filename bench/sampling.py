@@ -33,18 +33,18 @@ def run(model: str, prompts: int, k: int, max_tokens: int) -> dict[str, float]:
     # stop=[]: every sample runs to max_tokens, so both arms generate exactly the same number of tokens.
     params = tinker.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=0, stop=[])
     with local_server(settings, storage=Path(settings.local_storage) / "bench") as server:
-        service = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
-        sampler = service.create_sampling_client(base_model=model).result()
-        sampler.sample(inputs[0], 1, tinker.SamplingParams(max_tokens=2, seed=0)).result()  # load the model
-        started = time.perf_counter()
-        for model_input in inputs:
-            sampler.sample(model_input, k, params).result()
-        sequential = time.perf_counter() - started
-        started = time.perf_counter()
-        futures = [sampler.sample(model_input, k, params) for model_input in inputs]
-        for future in futures:
-            future.result()
-        batched = time.perf_counter() - started
+        with tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key) as service:
+            sampler = service.create_sampling_client(base_model=model).result()
+            sampler.sample(inputs[0], 1, tinker.SamplingParams(max_tokens=2, seed=0)).result()  # load the model
+            started = time.perf_counter()
+            for model_input in inputs:
+                sampler.sample(model_input, k, params).result()
+            sequential = time.perf_counter() - started
+            started = time.perf_counter()
+            futures = [sampler.sample(model_input, k, params) for model_input in inputs]
+            for future in futures:
+                future.result()
+            batched = time.perf_counter() - started
     tokens = len(inputs) * k * max_tokens
     return {"tokens": tokens, "sequential_s": sequential, "batched_s": batched,
             "sequential_tok_s": tokens / sequential, "batched_tok_s": tokens / batched,

@@ -49,4 +49,5 @@ def server(tmp_path_factory: pytest.TempPathFactory, registered: Path):
 def service_client(server):
     import tinker
 
-    return tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+    with tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key) as client:
+        yield client  # closed before the server stops: no session heartbeat left failing at exit

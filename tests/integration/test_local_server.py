@@ -195,9 +195,9 @@ def test_requests_need_the_server_key(server):
         reply = httpx.get(f"{server.base_url}/api/v1/healthz", headers=headers)
         assert reply.status_code == 401
     assert httpx.get(f"{server.base_url}/api/v1/healthz", headers={"X-API-Key": server.api_key}).json() == {"status": "ok"}
-    wrong = tinker.ServiceClient(base_url=server.base_url, api_key="tml-wrong")
-    with pytest.raises(Exception):
-        wrong.get_server_capabilities()
+    with tinker.ServiceClient(base_url=server.base_url, api_key="tml-wrong") as wrong:
+        with pytest.raises(Exception):
+            wrong.get_server_capabilities()
 
 
 def test_binds_loopback_by_default(server):
@@ -209,35 +209,36 @@ def test_restarted_server_serves_old_checkpoints(tmp_path, registered, renderer)
     prompt = renderer.build_generation_prompt(PROMPT)
     params = tinker.SamplingParams(max_tokens=6, seed=5)
     with local_server(settings) as first:
-        service = tinker.ServiceClient(base_url=first.base_url, api_key=first.api_key)
-        client = service.create_lora_training_client(base_model=TINY, rank=4).result()
-        client.forward_backward(_pairs(renderer)[:2], "cross_entropy").result()
-        client.optim_step(tinker.AdamParams(learning_rate=5e-2)).result()
-        sampler_path = client.save_weights_for_sampler("final").result().path
-        state_path = client.save_state("final").result().path
-        expected = service.create_sampling_client(model_path=sampler_path).result().sample(prompt, 1, params).result()
+        with tinker.ServiceClient(base_url=first.base_url, api_key=first.api_key) as service:
+            client = service.create_lora_training_client(base_model=TINY, rank=4).result()
+            client.forward_backward(_pairs(renderer)[:2], "cross_entropy").result()
+            client.optim_step(tinker.AdamParams(learning_rate=5e-2)).result()
+            sampler_path = client.save_weights_for_sampler("final").result().path
+            state_path = client.save_state("final").result().path
+            sampler = service.create_sampling_client(model_path=sampler_path).result()
+            expected = sampler.sample(prompt, 1, params).result()
     with local_server(settings) as second:
-        service = tinker.ServiceClient(base_url=second.base_url, api_key=second.api_key)
-        again = service.create_sampling_client(model_path=sampler_path).result().sample(prompt, 1, params).result()
-        assert again.sequences[0].tokens == expected.sequences[0].tokens
-        rest = service.create_rest_client()
-        run_id = sampler_path.split("/")[2]
-        run = rest.get_training_run(run_id).result()
-        assert run.base_model == TINY and run.lora_rank == 4
-        paths = {c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints}
-        assert {sampler_path, state_path} <= paths
-        rest.delete_checkpoint_from_tinker_path(sampler_path).result()
-        assert sampler_path not in {c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints}
+        with tinker.ServiceClient(base_url=second.base_url, api_key=second.api_key) as service:
+            again = service.create_sampling_client(model_path=sampler_path).result().sample(prompt, 1, params).result()
+            assert again.sequences[0].tokens == expected.sequences[0].tokens
+            rest = service.create_rest_client()
+            run_id = sampler_path.split("/")[2]
+            run = rest.get_training_run(run_id).result()
+            assert run.base_model == TINY and run.lora_rank == 4
+            paths = {c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints}
+            assert {sampler_path, state_path} <= paths
+            rest.delete_checkpoint_from_tinker_path(sampler_path).result()
+            assert sampler_path not in {c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints}
 
 
 def test_fault_injection_is_survived_by_the_sdk(tmp_path, registered, renderer):
     settings = Settings(cache_dir=registered, local_storage=tmp_path / "storage")
     with local_server(settings, fault_rate=0.2, fault_seed=7) as faulty:
-        service = tinker.ServiceClient(base_url=faulty.base_url, api_key=faulty.api_key)
-        client = service.create_lora_training_client(base_model=TINY, rank=4, seed=0).result()
-        data = _pairs(renderer)[:2]
-        for _ in range(3):
-            client.forward_backward(data, "cross_entropy").result()
-            client.optim_step(tinker.AdamParams(learning_rate=1e-2)).result()
-        assert faulty.app.state.fault_counts["injected"] > 0
-        assert faulty.engine.counters["forward_backward_requests"] == 3  # each step ran exactly once
+        with tinker.ServiceClient(base_url=faulty.base_url, api_key=faulty.api_key) as service:
+            client = service.create_lora_training_client(base_model=TINY, rank=4, seed=0).result()
+            data = _pairs(renderer)[:2]
+            for _ in range(3):
+                client.forward_backward(data, "cross_entropy").result()
+                client.optim_step(tinker.AdamParams(learning_rate=1e-2)).result()
+            assert faulty.app.state.fault_counts["injected"] > 0
+            assert faulty.engine.counters["forward_backward_requests"] == 3  # each step ran exactly once

@@ -44,7 +44,8 @@ def test_two_suites_at_once_get_separate_complete_runs(tmp_path, registered):
         assert [m["step"] for m in metrics] == [0, 1]  # 8 pairs / batch 4: each step exactly once
         records = [json.loads(line) for line in (run_dir / "checkpoints.jsonl").read_text().splitlines()]
         assert [r["name"] for r in records] == ["final"]
-        assert entry.status == "finished" and entry.steps_done == 2 and entry.sampler_path == records[-1]["sampler_path"]
+        assert entry.status == "finished" and entry.steps_done == 2
+        assert entry.sampler_path == records[-1]["sampler_path"]
         assert json.loads((run_dir / "config.json").read_text())["dataset_path"] == str(dataset)
         assert list((run_dir / "eval").glob("final_*/summary.json")), "each run is evaluated"
         sampler_paths.add(records[-1]["sampler_path"])

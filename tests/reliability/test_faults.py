@@ -26,16 +26,16 @@ def _run(tmp_path: Path, name: str, fault_rate: float, registered: Path, embedde
                          max_length=96, lr_schedule="constant")
     settings = Settings(cache_dir=registered, local_storage=tmp_path / name / "storage")
     with local_server(settings, fault_rate=fault_rate, fault_seed=11) as server:
-        client = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
-        train(config, client, pairs, run_dir=tmp_path / name / "run", dataset_path=str(path),
-              dataset_hash=data.content_hash(path), reference_dir=tmp_path / name / "ref")
-        eval_config = EvalConfig(num_samples=2, max_prompts=3, max_tokens=6)
-        prompts = select_prompts(data.load_eval_prompts(DATA / "eval_prompts.parquet"), eval_config)
-        sampler_path = final_record(tmp_path / name / "run")["sampler_path"]
-        sample_and_score(client, EvalTarget(name, "local/tiny", sampler_path), prompts, eval_config, embedder,
-                         tmp_path / name / "eval", progress=False)
-        if fault_rate:
-            assert server.app.state.fault_counts["injected"] > 0
+        with tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key) as client:
+            train(config, client, pairs, run_dir=tmp_path / name / "run", dataset_path=str(path),
+                  dataset_hash=data.content_hash(path), reference_dir=tmp_path / name / "ref")
+            eval_config = EvalConfig(num_samples=2, max_prompts=3, max_tokens=6)
+            prompts = select_prompts(data.load_eval_prompts(DATA / "eval_prompts.parquet"), eval_config)
+            sampler_path = final_record(tmp_path / name / "run")["sampler_path"]
+            sample_and_score(client, EvalTarget(name, "local/tiny", sampler_path), prompts, eval_config, embedder,
+                             tmp_path / name / "eval", progress=False)
+            if fault_rate:
+                assert server.app.state.fault_counts["injected"] > 0
     metrics = [m["dpo_loss"] for m in read_jsonl(tmp_path / name / "run" / "metrics.jsonl")]
     return metrics, pd.read_parquet(tmp_path / name / "eval" / "scores.parquet")
 
