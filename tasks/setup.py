@@ -22,7 +22,7 @@ def task_tags(*tags: str) -> list[str]:
     On the temporary server there are no tag limits to honour (see below), yet Prefect looks up a slot for every
     tagged task, and after an idle second that lookup costs ~2 s (measured: tagged tasks 1.8-2.4 s, untagged
     3-7 ms, Prefect 3.9.1). Untagged, a cached suite rerun drops from 15 s to a few seconds. Decided when the
-    tasks module is imported: deployment workers and the test harness set PREFECT_API_URL before that.
+    tasks module is imported: a deployment's worker has PREFECT_API_URL set before it loads the flow.
     """
     return ["dpo", *tags] if on_prefect_server() else []
 
