@@ -14,8 +14,24 @@ from dpo_core.suite import SuiteConfig
 DATA = Path(__file__).resolve().parents[2] / "data"
 
 
-def _task_states(flow_run_id) -> dict[str, list[str]]:
-    """Task name -> state names of every task run under a flow run (subflows included)."""
+def _task_states(flow_run_id, settle_s: float = 30.0) -> dict[str, list[str]]:
+    """Task name -> final state names of every task run under a flow run (subflows included).
+
+    Task states reach the server as events, a moment after the flow returns; read until none is still
+    Pending/Running (or `settle_s` passes, leaving the test to show what it saw).
+    """
+    import time
+
+    deadline = time.monotonic() + settle_s
+    while True:
+        states = _read_task_states(flow_run_id)
+        unsettled = any(s in ("Pending", "Running", "Scheduled") for names in states.values() for s in names)
+        if not unsettled or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
+def _read_task_states(flow_run_id) -> dict[str, list[str]]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
