@@ -11,6 +11,7 @@ sensitive than comparing two unpaired confidence intervals. Three pieces:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,14 +64,22 @@ def sign_flip_permutation_p(differences: Sequence[float] | np.ndarray, rounds: i
         return float("nan")
     observed = abs(values.mean())
     if n <= exact_max_n:
-        patterns = (np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1
-        flipped_means = np.abs(((1 - 2 * patterns) * values).mean(axis=1))
+        flipped_means = np.abs(_all_sign_patterns(n) @ values) / n
         return float(np.mean(flipped_means >= observed - _TIE_TOLERANCE))
     rng = np.random.default_rng(seed)
     signs = rng.choice(np.array([-1.0, 1.0]), size=(rounds, n))
     extreme = int(np.sum(np.abs((signs * values).mean(axis=1)) >= observed - _TIE_TOLERANCE))
     # The observed labelling counts as one of the permutations, so a sampled p-value is never 0.
     return (extreme + 1) / (rounds + 1)
+
+
+@functools.lru_cache(maxsize=4)
+def _all_sign_patterns(n: int) -> np.ndarray:
+    """Every +-1 vector of length n, one per row (2**n rows); cached because a report tests many metrics at one n."""
+    bits = (np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1
+    patterns = (1 - 2 * bits).astype(np.float64)
+    patterns.flags.writeable = False
+    return patterns
 
 
 def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
