@@ -92,7 +92,8 @@ def paired_table(scores: Mapping[str, pd.DataFrame], comparisons: Sequence[Compa
     for comparison in comparisons:
         model, reference = scores[comparison.model], scores[comparison.reference]
         paired = model.merge(reference, on="prompt_id", suffixes=("@model", "@reference"))
-        creativity = paired["creativity_score@model"] if "creativity_score@model" in paired else paired["creativity_score"]
+        creativity_column = "creativity_score@model" if "creativity_score@model" in paired else "creativity_score"
+        creativity = paired[creativity_column]
         paired["scope_bucket"] = assign_buckets(creativity.to_numpy(dtype=float), bucket_edges, bucket_names)
         families = [(FAMILY_DIVERSITY, metrics), (FAMILY_CONTEXT, context_metrics)]
         if samples is not None:
@@ -205,10 +206,12 @@ def findings_markdown(table: pd.DataFrame, higher_is_more_diverse: Mapping[str, 
              + "; lower for " + (", ".join(m for m in shown if not higher_is_more_diverse[m]) or "none") + ".", ""]
     if table.empty:
         return "\n".join(lines + ["No trained model had a reference to compare with.", ""])
-    for dataset in sorted(table["dataset"].dropna().unique(), key=str):
-        name = dataset_names.get(str(dataset))
-        lines += [f"### Dataset {dataset}" + (f" ({name})" if name else ""), ""]
-        part = table[table["dataset"] == dataset]
+    datasets = table["dataset"].map(lambda value: None if pd.isna(value) else str(value))
+    for dataset in sorted(set(datasets), key=lambda value: (value is None, value or "")):
+        name = dataset_names.get(dataset)
+        heading = f"### Dataset {dataset}" + (f" ({name})" if name else "")
+        lines += ["### Other comparisons" if dataset is None else heading, ""]
+        part = table[datasets.map(lambda value: value == dataset)]
         for _, rows in part.groupby(["model", "versus"], sort=False):
             lines.append("- " + comparison_sentence(rows, higher_is_more_diverse, quality_metric, length_metric))
         lines.append("")

@@ -46,7 +46,8 @@ def _as_frame(samples: SampleRows) -> pd.DataFrame:
     frame = samples if isinstance(samples, pd.DataFrame) else pd.DataFrame(list(samples))
     missing = {"prompt_id", "text"} - set(frame.columns)
     if missing:
-        raise ValueError(f"sample rows need columns prompt_id and text (as in samples.jsonl); missing {sorted(missing)}")
+        raise ValueError("sample rows need columns prompt_id and text (as in samples.jsonl); "
+                         f"missing {sorted(missing)}")
     # Compression depends on the order samples are joined in: fix it so every run scores the same text.
     return frame.sort_values(["prompt_id", "sample_index"] if "sample_index" in frame.columns else ["prompt_id"],
                              kind="stable")

@@ -55,7 +55,8 @@ def planted() -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
 
 def test_plan_pairs_each_trained_model_with_its_base_and_its_quality_twin():
     entries = [Entry("base-a", "A"), Entry("base-b", "B"),
-               Entry("d1-a", "A", "1", 1e-4, 0.1), Entry("d2-a", "A", "2", 1e-4, 0.1), Entry("d3-a", "A", "3", 1e-4, 0.1),
+               Entry("d1-a", "A", "1", 1e-4, 0.1), Entry("d2-a", "A", "2", 1e-4, 0.1),
+               Entry("d3-a", "A", "3", 1e-4, 0.1),
                Entry("d1-a-beta", "A", "1", 1e-4, 0.2), Entry("d1-b", "B", "1", 1e-4, 0.1)]
     planned = {(c.model, c.reference, c.versus, c.dataset) for c in plan_comparisons(entries)}
     assert planned == {("d1-a", "base-a", "base", "1"), ("d1-a", "d2-a", "dataset 2", "1"),
@@ -166,3 +167,16 @@ def test_length_control_removes_a_change_that_is_only_length():
     assert "distinct_1 all" in sentence and "no longer moves: a length effect" in sentence
     lengths = mean_lengths(scores).set_index("label")
     assert lengths.loc["long", "mean_words"] == 36.0 and np.isnan(lengths.loc["long", "mean_tokens"])
+
+
+def test_an_empty_sample_leaves_its_prompt_out_of_the_length_controlled_test_only():
+    samples = {"short": length_only_samples(12, seed=5), "long": length_only_samples(36, seed=6)}
+    samples["long"].loc[0, "text"] = ""  # prompt p00: nothing left to compare at equal length
+    scores = {label: scores_of(frame) for label, frame in samples.items()}
+
+    table = paired_table(scores, [Comparison("long", "short", "base")], metrics=("distinct_1",), context_metrics=(),
+                         samples=samples, permutation_rounds=2000)
+
+    pairs = table[table["scope"] == "all"].set_index("family")["num_pairs"]
+    assert dict(pairs) == {"diversity": 20, "length-controlled": 19}
+    assert "### Other comparisons" in findings_markdown(table)  # a comparison without a dataset still reads
