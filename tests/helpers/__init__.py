@@ -1,0 +1,1 @@
+"""Test helpers shared across test folders (no fixtures here: plain functions and context managers)."""
