@@ -184,7 +184,7 @@ def test_user_errors_are_raised_not_retried(service_client):
     "file:///etc/passwd", "tinker://run/other/x",
 ])
 def test_paths_outside_storage_are_refused(server, path):
-    from dpo_core.local.engine import UserError
+    from dpo_core.local.validation import UserError
 
     with pytest.raises(UserError):
         server.engine.checkpoint_dir(path)
