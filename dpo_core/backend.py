@@ -90,6 +90,18 @@ def current_backend() -> Backend | None:
         return _ACTIVE[-1] if _ACTIVE else None
 
 
+@contextlib.contextmanager
+def shared_backend() -> Iterator[Backend]:
+    """Enter a `Backend` unless one already is: flows use this, so a subflow run inside a suite run (same
+    process) shares the suite's servers, and a flow run alone (a deployment) still gets a bounded one."""
+    active = current_backend()
+    if active is not None:
+        yield active
+        return
+    with Backend() as entered:
+        yield entered
+
+
 def _server_key(settings: Settings) -> tuple:
     return (str(Path(settings.local_storage).resolve()), str(settings.cache_dir), _frozen(settings.local_models),
             settings.local_device, settings.local_threads, settings.local_fault_rate)

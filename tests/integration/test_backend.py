@@ -114,3 +114,11 @@ def test_one_renderer_serves_many_threads_at_once(registered):
         thread.join()
     assert errors == []
     assert [results[i] for i in range(len(conversations))] == expected
+
+
+def test_shared_backend_reuses_the_entered_one():
+    with backend.shared_backend() as outer:
+        with backend.shared_backend() as inner:  # a subflow inside a suite run
+            assert inner is outer
+        assert backend.current_backend() is outer  # the inner block did not end the outer lifetime
+    assert backend.current_backend() is None
