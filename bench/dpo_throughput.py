@@ -82,13 +82,14 @@ def arm_trl(model: str, steps: int, batch: int, max_length: int, threads: int) -
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_core.local import models
-    from dpo_core.local.engine import LORA_ALPHA, TARGETS_ATTN, TARGETS_MLP
+    from dpo_core import models
+    from dpo_core.local.store import load_model
+    from dpo_core.local.trainer import LORA_ALPHA, TARGETS_ATTN, TARGETS_MLP
     from dpo_core.settings import Settings
 
     torch.set_num_threads(threads)
     settings = Settings()
-    base = models.load_model(model, settings.cache_dir, settings.local_models)
+    base = load_model(model, settings.cache_dir, settings.local_models)
     tokenizer = AutoTokenizer.from_pretrained(str(models.tokenizer_dir(model, settings.cache_dir,
                                                                        settings.local_models)))
     rows = [{"prompt": [dict(m) for m in p.prompt], "chosen": [dict(m) for m in p.chosen],

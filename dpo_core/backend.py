@@ -1,8 +1,10 @@
-"""Build the `tinker.ServiceClient` an entry point hands down: Tinker's cloud, or the local server."""
+"""Build the `tinker.ServiceClient` an entry point hands down: Tinker's cloud, or the local server.
+
+The only module of the client library that starts the local server (`dpo_core.local`); `Backend` bounds its
+lifetime."""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import difflib
 import logging
@@ -34,25 +36,75 @@ class UnsupportedModelError(ValueError):
     """The backend does not serve the requested base model; the message lists what it does serve."""
 
 
-_SHARED: dict[tuple, Any] = {}
-_SHARED_LOCK = threading.Lock()
+class Backend:
+    """The lifetime of the local server(s) of an entry point: entered once, they stop when it exits.
+
+        with Backend():                                  # e.g. in flows/suite.py's __main__
+            dpo_suite(config)                            # every service_client(settings) inside, from any
+                                                         # thread, shares one server per settings
+    A server starts on the first `service_client` that needs it (never, on Tinker), so every task of a flow
+    run loads each model once and concurrent sampling requests are batched together. Without an entered
+    `Backend`, each `service_client` block runs its own server for its own duration.
+    """
+
+    def __init__(self) -> None:
+        self._servers: dict[tuple, Any] = {}
+        self._stack = contextlib.ExitStack()
+        self._lock = threading.Lock()
+
+    def local_server(self, settings: Settings) -> Any:
+        """The running local server for these settings (started on first use): `.base_url`, `.api_key`."""
+        from dpo_core.local.launcher import local_server
+
+        key = _server_key(settings)
+        with self._lock:
+            if key not in self._servers:
+                self._servers[key] = self._stack.enter_context(local_server(settings))
+            return self._servers[key]
+
+    def __enter__(self) -> Backend:
+        with _ACTIVE_LOCK:
+            _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with _ACTIVE_LOCK:
+            _ACTIVE.remove(self)
+        self.close()
+
+    def close(self) -> None:
+        """Stop every server this backend started."""
+        with self._lock:
+            self._servers.clear()
+            self._stack.close()
 
 
-def _shared_local_server(settings: Settings) -> Any:
-    """One local server per process and settings, shared by every task of a flow run: models load once and
-    concurrent sampling requests are batched together. Stopped when the process exits."""
-    from dpo_core import rendering
-    from dpo_core.local.launcher import local_server
+# Process-wide on purpose: Prefect runs tasks in worker threads, which must find the entry point's Backend.
+_ACTIVE: list[Backend] = []
+_ACTIVE_LOCK = threading.Lock()
 
-    key = (str(Path(settings.local_storage).resolve()), str(settings.cache_dir), _frozen(settings.local_models),
-           settings.local_device, settings.local_threads, settings.local_fault_rate)
-    with _SHARED_LOCK:
-        if key not in _SHARED:
-            rendering.register_builtin(settings.cache_dir, settings.local_models)
-            context = local_server(settings)
-            _SHARED[key] = context.__enter__()
-            atexit.register(context.__exit__, None, None, None)
-        return _SHARED[key]
+
+def current_backend() -> Backend | None:
+    """The innermost entered `Backend`, if any."""
+    with _ACTIVE_LOCK:
+        return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def shared_backend() -> Iterator[Backend]:
+    """Enter a `Backend` unless one already is: flows use this, so a subflow run inside a suite run (same
+    process) shares the suite's servers, and a flow run alone (a deployment) still gets a bounded one."""
+    active = current_backend()
+    if active is not None:
+        yield active
+        return
+    with Backend() as entered:
+        yield entered
+
+
+def _server_key(settings: Settings) -> tuple:
+    return (str(Path(settings.local_storage).resolve()), str(settings.cache_dir), _frozen(settings.local_models),
+            settings.local_device, settings.local_threads, settings.local_fault_rate)
 
 
 def _frozen(mapping: dict) -> tuple:
@@ -60,27 +112,38 @@ def _frozen(mapping: dict) -> tuple:
 
 
 @contextlib.contextmanager
-def service_client(settings: Settings) -> Iterator[tinker.ServiceClient]:
-    """Tinker when a key is configured (or backend=tinker), else this process's local server on loopback.
+def service_client(settings: Settings, backend: Backend | None = None) -> Iterator[tinker.ServiceClient]:
+    """Tinker when a key is configured (or backend=tinker), else a local server on loopback: the one of
+    `backend` (default: the entered `Backend`), or, with none entered, one for the duration of this block.
 
     The client's session is closed on exit (the local server then frees its training models)."""
     apply_offline_env()
     quiet_sdk_polling()
-    if settings.resolved_backend() == "tinker":
-        if settings.tinker_api_key is None:
-            raise ValueError("backend 'tinker' needs TINKER_API_KEY (or use DPO_BACKEND=local)")
-        client = tinker.ServiceClient(api_key=settings.tinker_api_key.get_secret_value(),
-                                      base_url=settings.tinker_base_url)
-    else:
-        server = _shared_local_server(settings)
-        client = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
-    status = "errored"
-    try:
-        yield client
-        status = "success"
-    finally:
-        with contextlib.suppress(Exception):
-            client.close(status).result(timeout=30)
+    with contextlib.ExitStack() as stack:
+        if settings.resolved_backend() == "tinker":
+            if settings.tinker_api_key is None:
+                raise ValueError("backend 'tinker' needs TINKER_API_KEY (or use DPO_BACKEND=local)")
+            client = tinker.ServiceClient(api_key=settings.tinker_api_key.get_secret_value(),
+                                          base_url=settings.tinker_base_url)
+        else:
+            from dpo_core import rendering
+
+            # Models named by these settings (perhaps built in code, not from the environment) render offline.
+            rendering.register_models(settings.cache_dir, settings.local_models)
+            if backend is None:
+                backend = current_backend()
+            if backend is None:  # private to this block: not entered, so no other thread finds it
+                backend = Backend()
+                stack.callback(backend.close)
+            server = backend.local_server(settings)
+            client = tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key)
+        status = "errored"
+        try:
+            yield client
+            status = "success"
+        finally:
+            with contextlib.suppress(Exception):
+                client.close(status).result(timeout=30)
 
 
 def check_model_supported(client: tinker.ServiceClient, model_name: str, backend: str) -> None:

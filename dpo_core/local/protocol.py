@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from tinker.proto import tinker_public_pb2 as pb
 
-from dpo_core.local.engine import Datum, UserError
+from dpo_core.local.trainer import Datum
+from dpo_core.local.validation import UserError
 
 PROTOBUF = "application/x-protobuf"
 

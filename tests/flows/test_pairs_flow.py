@@ -7,7 +7,7 @@ import json
 import pandas as pd
 
 from dpo_core import data
-from dpo_core.local.models import SMOLLM2
+from dpo_core.models import SMOLLM2
 from dpo_core.pairs import PairsConfig
 
 

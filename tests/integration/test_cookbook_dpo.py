@@ -13,7 +13,7 @@ from tinker_cookbook.preference.preference_datasets import ComparisonDatasetBuil
 from tinker_cookbook.preference.types import Comparison, LabeledComparison
 from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
 
-from dpo_core.local.models import SMOLLM2_RENDERER
+from dpo_core.models import SMOLLM2_RENDERER
 
 TINY = "local/tiny"
 

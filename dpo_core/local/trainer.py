@@ -1,0 +1,278 @@
+"""LoRA training models of the local server: create, forward/backward, AdamW steps, save and load.
+
+Only the `cross_entropy` loss (`sum_t -logprob_t * weight_t`) is served: `forward_backward_custom` and DPO need
+no other. Speed notes (measured on 2 vCPUs, see bench/):
+- per-token logprobs are `gather - logsumexp` (cross_entropy on transposed logits was ~4x slower);
+- `forward_backward_custom` sends a forward-only pass and then a forward_backward over the same datums: the
+  first pass keeps its autograd graph (up to `graph_cache_tokens`), so the second runs only backward;
+- a request's datums run in micro-batches of at most `micro_batch_tokens` padded tokens, gradients accumulate.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpo_core.local import ids
+from dpo_core.local.checkpoints import CheckpointStore
+from dpo_core.local.store import ModelStore
+from dpo_core.local.validation import UserError, check_datums, check_loss_fn
+from dpo_core.models import MODEL_LOAD_LOCK
+
+TARGETS_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TARGETS_MLP = ["gate_proj", "up_proj", "down_proj"]
+LORA_ALPHA = 32  # fixed alpha: the effective scale is alpha / rank, as in Tinker's LoRA
+DEFAULT_LORA = {"rank": 32, "seed": None, "train_mlp": True, "train_attn": True, "train_unembed": True}
+
+
+@dataclass
+class Datum:
+    tokens: list[int]
+    target_tokens: np.ndarray  # int64 [N]
+    weights: np.ndarray  # float32 [N]
+
+
+@dataclass
+class TrainingModel:
+    model_id: str
+    base_model: str
+    lora: dict[str, Any]
+    module: Any  # peft model
+    optimizer: torch.optim.Optimizer
+    created: float = field(default_factory=time.time)
+    last_request: float = field(default_factory=time.time)
+    version: int = 0  # bumped whenever the weights change: invalidates kept graphs
+    steps: int = 0
+    kept_graphs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    kept_version: int = -1
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """A detached copy of the LoRA weights (peft's key layout)."""
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.module).items()}
+
+
+def new_optimizer(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with placeholder hyperparameters: every `optim_step` sets the ones the client sent."""
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+
+
+class Trainer:
+    """The live LoRA training models, keyed by model id (= training run id)."""
+
+    def __init__(self, store: ModelStore, checkpoints: CheckpointStore, counters: dict[str, int],
+                 micro_batch_tokens: int = 2048, graph_cache_tokens: int = 16384):
+        self.store, self.checkpoints, self.counters = store, checkpoints, counters
+        self.micro_batch_tokens = micro_batch_tokens
+        self.graph_cache_tokens = graph_cache_tokens
+        self.models: dict[str, TrainingModel] = {}
+
+    # ------------------------------------------------------------------ lifetime
+    def get(self, model_id: str) -> TrainingModel:
+        if model_id not in self.models:
+            raise UserError(f"unknown model_id {model_id!r} (the local server may have restarted: "
+                            "resume from a saved state path)")
+        entry = self.models[model_id]
+        entry.last_request = time.time()
+        self.store.use_threads_for(entry.base_model)
+        return entry
+
+    def create(self, model_id: str, base_model: str, lora: dict[str, Any] | None) -> str:
+        from peft import LoraConfig, get_peft_model
+
+        lora = {**DEFAULT_LORA, **(lora or {})}
+        if int(lora["rank"]) < 1:
+            raise UserError(f"lora rank must be >= 1, got {lora['rank']}")
+        base = self.store.base(base_model)
+        targets = (TARGETS_ATTN if lora["train_attn"] else []) + (TARGETS_MLP if lora["train_mlp"] else [])
+        # A tied unembedding shares the input embedding's weight; peft cannot adapt one without the other,
+        # so train_unembed only applies to models with a separate lm_head.
+        if lora["train_unembed"] and not getattr(base.config, "tie_word_embeddings", False):
+            targets.append("lm_head")
+        if not targets:
+            raise UserError("lora_config trains nothing: enable train_attn, train_mlp or train_unembed")
+        config = LoraConfig(r=int(lora["rank"]), lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                            target_modules=targets, bias="none")
+        seed = lora.get("seed")
+        with MODEL_LOAD_LOCK, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0 if seed is None else int(seed))
+            module = get_peft_model(copy.deepcopy(base), config)
+        module.eval()  # no dropout anywhere; LoRA params still train
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.models[model_id] = TrainingModel(model_id, base_model, lora, module, new_optimizer(params))
+        return model_id
+
+    def create_from_checkpoint(self, model_id: str, tinker_path: str, with_optimizer: bool) -> str:
+        meta = self.checkpoints.read_meta(tinker_path)
+        self.create(model_id, meta["base_model"], meta["lora"])
+        self.load(model_id, tinker_path, with_optimizer)
+        return model_id
+
+    def unload(self, model_id: str) -> None:
+        self.models.pop(model_id, None)
+
+    def release_session(self, session_id: str) -> int:
+        """Drop the training models a finished session created; returns how many."""
+        owned = [m for m in self.models if ids.belongs_to(session_id, m)]
+        for model_id in owned:
+            del self.models[model_id]
+        return len(owned)
+
+    # ------------------------------------------------------------------ forward / backward
+    def _micro_batches(self, data: list[Datum]) -> list[list[int]]:
+        """Group datum indices so each group's padded size stays under the micro-batch token budget."""
+        groups: list[list[int]] = []
+        current: list[int] = []
+        longest = 0
+        for index, datum in enumerate(data):
+            length = len(datum.tokens)
+            if current and max(longest, length) * (len(current) + 1) > self.micro_batch_tokens:
+                groups.append(current)
+                current, longest = [], 0
+            current.append(index)
+            longest = max(longest, length)
+        if current:
+            groups.append(current)
+        return groups
+
+    def _logprobs(self, module: Any, data: list[Datum], indices: list[int]) -> list[torch.Tensor]:
+        """Per-token logprobs of each datum's target tokens (gather - logsumexp)."""
+        longest = max(len(data[i].tokens) for i in indices)
+        # Right padding needs no attention mask: causal attention never looks ahead at the pads.
+        input_ids = torch.zeros((len(indices), longest), dtype=torch.long)
+        targets = torch.zeros((len(indices), longest), dtype=torch.long)
+        for row, i in enumerate(indices):
+            n = len(data[i].tokens)
+            input_ids[row, :n] = torch.tensor(data[i].tokens, dtype=torch.long)
+            targets[row, :n] = torch.from_numpy(data[i].target_tokens.astype(np.int64))
+        input_ids, targets = input_ids.to(self.store.device), targets.to(self.store.device)
+        logits = module(input_ids=input_ids, use_cache=False).logits.float()
+        logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return [logprobs[row, : len(data[i].tokens)] for row, i in enumerate(indices)]
+
+    @staticmethod
+    def _graph_key(data: list[Datum], indices: list[int]) -> str:
+        digest = hashlib.sha256()
+        for i in indices:
+            digest.update(np.asarray(data[i].tokens, dtype=np.int64).tobytes())
+            digest.update(b"|")
+            digest.update(data[i].target_tokens.astype(np.int64).tobytes())
+            digest.update(b"#")
+        return digest.hexdigest()
+
+    def forward_backward(self, model_id: str, data: list[Datum], loss_fn: str, forward_only: bool
+                         ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Per-datum target logprobs and `loss:sum`; with `forward_only=False` also accumulates gradients."""
+        check_loss_fn(loss_fn)
+        check_datums(data)
+        entry = self.get(model_id)
+        vocab = self.store.base(entry.base_model).config.vocab_size
+        for index, datum in enumerate(data):
+            if max(datum.tokens, default=0) >= vocab or int(datum.target_tokens.max(initial=0)) >= vocab:
+                raise UserError(f"datum {index}: token id out of range for {entry.base_model} (vocab {vocab})")
+        if entry.kept_version != entry.version:
+            entry.kept_graphs.clear()
+        if forward_only:
+            return self._forward(entry, data)
+        outputs: list[np.ndarray | None] = [None] * len(data)
+        total_loss = 0.0
+        self.counters["forward_backward_requests"] += 1
+        for indices in self._micro_batches(data):
+            kept = entry.kept_graphs.pop(self._graph_key(data, indices), None)
+            if kept is not None:
+                self.counters["graph_reuse_microbatches"] += 1
+                logprobs = kept
+            else:
+                logprobs = self._logprobs(entry.module, data, indices)
+            loss = logprobs[0].new_zeros(())
+            for i, lp in zip(indices, logprobs):
+                weights = torch.from_numpy(data[i].weights.astype(np.float32)).to(lp.device)
+                loss = loss + (-(lp * weights).sum())
+                outputs[i] = lp.detach().float().cpu().numpy()
+            loss.backward()
+            total_loss += float(loss.detach())
+            self.counters["trained_tokens"] += sum(len(data[i].tokens) for i in indices)
+        entry.kept_graphs.clear()
+        return outputs, {"loss:sum": total_loss}
+
+    def _forward(self, entry: TrainingModel, data: list[Datum]) -> tuple[list[np.ndarray], dict[str, float]]:
+        """A forward-only pass that keeps its graphs (within budget) for the backward that usually follows."""
+        outputs: list[np.ndarray | None] = [None] * len(data)
+        total_loss = 0.0
+        self.counters["forward_requests"] += 1
+        entry.kept_graphs.clear()
+        budget = self.graph_cache_tokens
+        for indices in self._micro_batches(data):
+            tokens = sum(len(data[i].tokens) for i in indices)
+            keep = tokens <= budget
+            with torch.set_grad_enabled(keep):
+                logprobs = self._logprobs(entry.module, data, indices)
+            if keep:
+                budget -= tokens
+                entry.kept_graphs[self._graph_key(data, indices)] = logprobs
+                entry.kept_version = entry.version
+            for i, lp in zip(indices, logprobs):
+                weights = torch.from_numpy(data[i].weights.astype(np.float32)).to(lp.device)
+                total_loss += float(-(lp.detach() * weights).sum())
+                outputs[i] = lp.detach().float().cpu().numpy()
+        return outputs, {"loss:sum": total_loss}
+
+    def optim_step(self, model_id: str, adam: dict[str, Any]) -> dict[str, float]:
+        entry = self.get(model_id)
+        entry.kept_graphs.clear()
+        params = entry.trainable()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, max_norm=float(adam.get("grad_clip_norm") or 0.0) or float("inf")
+        )
+        for group in entry.optimizer.param_groups:
+            group["lr"] = float(adam.get("learning_rate", 1e-4))
+            group["betas"] = (float(adam.get("beta1", 0.9)), float(adam.get("beta2", 0.95)))
+            group["eps"] = float(adam.get("eps", 1e-12))
+            group["weight_decay"] = float(adam.get("weight_decay", 0.0))
+        entry.optimizer.step()
+        entry.optimizer.zero_grad(set_to_none=True)
+        entry.version += 1
+        entry.steps += 1
+        return {"grad_norm:mean": float(grad_norm)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, model_id: str, kind: str, name: str, with_optimizer: bool, overwrite: bool) -> str:
+        """Write the model's LoRA weights (and optimizer state) to `tinker://<model_id>/<kind>/<name>`."""
+        from peft import get_peft_model_state_dict
+
+        entry = self.get(model_id)
+        meta = {"base_model": entry.base_model, "lora": entry.lora, "model_id": entry.model_id, "steps": entry.steps}
+        return self.checkpoints.write(
+            entry.model_id, kind, name, meta=meta, adapter_state=get_peft_model_state_dict(entry.module),
+            optimizer_state=entry.optimizer.state_dict() if with_optimizer else None, overwrite=overwrite)
+
+    def load(self, model_id: str, tinker_path: str, with_optimizer: bool) -> None:
+        """Replace the model's LoRA weights (and, with `with_optimizer`, its Adam moments) from a checkpoint."""
+        from peft import set_peft_model_state_dict
+
+        entry = self.get(model_id)
+        meta = self.checkpoints.read_meta(tinker_path)
+        if meta["base_model"] != entry.base_model or int(meta["lora"]["rank"]) != int(entry.lora["rank"]):
+            raise UserError(f"checkpoint {tinker_path} is for {meta['base_model']} rank {meta['lora']['rank']}, "
+                            f"not {entry.base_model} rank {entry.lora['rank']}")
+        if with_optimizer and self.checkpoints.resolve(tinker_path).kind != "weights":
+            raise UserError(f"{tinker_path} is a sampler checkpoint: it has no optimizer state")
+        result = set_peft_model_state_dict(entry.module, self.checkpoints.load_adapter(tinker_path, self.store.device))
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"checkpoint {tinker_path} does not match the model's LoRA layout")
+        entry.optimizer = new_optimizer(entry.trainable())
+        if with_optimizer:
+            entry.optimizer.load_state_dict(self.checkpoints.load_optimizer(tinker_path, self.store.device))
+        entry.steps = int(meta.get("steps", 0))
+        entry.version += 1
+        entry.kept_graphs.clear()
