@@ -24,7 +24,7 @@ from typing import Any
 
 from dpo_core import lineup
 from dpo_core.fsutil import atomic_folder
-from dpo_core.local.models import MODEL_LOAD_LOCK, ModelSpec, package_dir
+from dpo_core.models import MODEL_LOAD_LOCK, ModelSpec, package_dir
 
 QWEN3_8B = "Qwen/Qwen3-8B"
 STANDIN_KIND = "qwen3_standin"
@@ -166,7 +166,7 @@ def _write_model_folder(name: str, out: Path) -> None:
 
 
 def load_model(name: str, cache_dir: Path, dtype: Any = None, device: str = "cpu") -> Any:
-    """The stand-in as a frozen base causal LM in eval mode, like `dpo_core.local.models.load_model`."""
+    """The stand-in as a frozen base causal LM in eval mode, like `dpo_core.local.store.load_model`."""
     folder = model_dir(name, cache_dir)
     with MODEL_LOAD_LOCK:
         import torch

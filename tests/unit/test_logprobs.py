@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from dpo_core.local import models
+from dpo_core import models
+from dpo_core.local import store
 from dpo_core.local.logprobs import (causal_lm_token_logprobs, final_hidden_states, prompt_logprobs,
                                      token_logprobs)
 
@@ -17,7 +19,7 @@ CHUNK = 16  # much smaller than the 2 x 37 positions below, so every test crosse
 
 def tied_model() -> torch.nn.Module:
     """The repo's own `local/tiny` (Llama layout, tied embeddings, SmolLM2 vocab), in fp32."""
-    return models.load_model(models.TINY, cache_dir=models.Path("/nonexistent"))
+    return store.load_model(models.TINY, cache_dir=Path("/nonexistent"))
 
 
 def untied_model() -> torch.nn.Module:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from dpo_core.local import models
+from dpo_core import models
+from dpo_core.local import store
 from dpo_core.local.logprobs import causal_lm_token_logprobs
 from dpo_core.local.lora_merge import SplitPrecisionLinear, adapted_layers, fp32_masters, lora_delta, merge_lora
 
@@ -25,7 +26,7 @@ DELTA_STD = 1e-4
 
 def bf16_base() -> torch.nn.Module:
     """`local/tiny` with its adapted weights rescaled to mean |w| = 0.03, stored in bf16 like the CUDA engine's."""
-    model = models.load_model(models.TINY, cache_dir=Path("/nonexistent"))
+    model = store.load_model(models.TINY, cache_dir=Path("/nonexistent"))
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.rpartition(".")[2] in TARGETS:
@@ -149,7 +150,7 @@ def test_bf16_sampler_matches_the_bf16_trainer_and_differs_from_the_base():
 
 
 def test_fp32_layers_merge_in_place_and_masters_override_the_layers_own_weights():
-    fp32 = models.load_model(models.TINY, cache_dir=Path("/nonexistent"))
+    fp32 = store.load_model(models.TINY, cache_dir=Path("/nonexistent"))
     state = adapter_state(fp32, DELTA_STD)
     masters = fp32_masters(fp32, state)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
