@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     local_graph_cache_tokens: int = 16384  # tokens whose autograd graph is kept between forward and backward
     local_models: dict[str, Path] = {}  # extra base models: name -> local HF model folder
     local_fault_rate: float = 0.0
+    # "tinker": the server answers like Tinker today (its lineup; Qwen3-8B backed by a tiny Qwen3 model with the
+    # real Qwen3 tokenizer) so a cloud run can be rehearsed offline; "" serves the local models.
+    local_stand_in: Literal["", "tinker"] = ""
 
     # --- Weights & Biases ---
     wandb_project: str | None = None

@@ -1,4 +1,5 @@
-"""`python -m dpo_core.local serve [--host 127.0.0.1] [--port N] [--storage DIR] [--api-key tml-...]`."""
+"""`python -m dpo_core.local serve [--host 127.0.0.1] [--port N] [--storage DIR] [--api-key tml-...]
+[--stand-in tinker]`."""
 
 from __future__ import annotations
 
@@ -22,9 +23,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="key clients must send (default: $TINKER_API_KEY if it is set, else generated)")
     serve.add_argument("--fault-rate", type=float, default=None,
                        help="answer this fraction of requests with a transient 429/5xx (reliability tests)")
+    serve.add_argument("--stand-in", choices=["tinker"], default=None,
+                       help="answer like Tinker today: its model lineup, Qwen/Qwen3-8B trained and sampled on a tiny "
+                            "random-init Qwen3 with the real tokenizer (rehearse a cloud run offline)")
     args = parser.parse_args(argv)
     apply_offline_env()
     settings = Settings()
+    if args.stand_in:
+        settings = settings.model_copy(update={"local_stand_in": args.stand_in})
     api_key = args.api_key or os.environ.get("TINKER_API_KEY")
     if api_key is not None and not api_key.startswith("tml-"):
         print("error: --api-key must start with 'tml-' (the tinker SDK refuses other keys)", file=sys.stderr)

@@ -38,6 +38,7 @@ class Engine:
         micro_batch_tokens: int = 2048,
         graph_cache_tokens: int = 16384,
         merged_cache_size: int = 4,  # one per concurrent evaluation (the suite runs 4), else they thrash
+        stand_in: str = "",
     ):
         # Counters for tests and benchmarks (e.g. "reference logprobs computed once per sweep").
         self.counters: dict[str, int] = {
@@ -45,7 +46,7 @@ class Engine:
             "sample_requests": 0, "prompt_logprob_requests": 0, "prompt_logprob_tokens": 0,
             "sampled_tokens": 0, "trained_tokens": 0,
         }
-        self.store = ModelStore(cache_dir, local_models, device=device, threads=threads)
+        self.store = ModelStore(cache_dir, local_models, device=device, threads=threads, stand_in=stand_in)
         self.checkpoints = CheckpointStore(storage)
         self.trainer = Trainer(self.store, self.checkpoints, self.counters, micro_batch_tokens, graph_cache_tokens)
         self.sampler = Sampler(self.store, self.checkpoints, self.counters, merged_cache_size)
@@ -83,7 +84,7 @@ class Engine:
             "type": "get_info", "model_id": model_id, "is_lora": True, "lora_rank": int(entry.lora["rank"]),
             "model_name": entry.base_model,
             "model_data": {"model_name": entry.base_model, "arch": arch,
-                           "tokenizer_id": str(self.store.tokenizer_dir(entry.base_model))},
+                           "tokenizer_id": self.store.tokenizer_id(entry.base_model)},
         }
 
     def forward_backward(self, model_id: str, data: list[Datum], loss_fn: str, forward_only: bool

@@ -35,6 +35,7 @@ def build_engine(settings: Settings, storage: Path | None = None) -> Engine:
         threads=settings.local_threads,
         micro_batch_tokens=settings.local_micro_batch_tokens,
         graph_cache_tokens=settings.local_graph_cache_tokens,
+        stand_in=settings.local_stand_in,
     )
 
 

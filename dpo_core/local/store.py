@@ -15,6 +15,7 @@ import torch
 
 from dpo_core import models as catalog
 from dpo_core.fsutil import atomic_folder
+from dpo_core.local import standin
 from dpo_core.local.validation import UserError
 from dpo_core.models import MODEL_LOAD_LOCK, ModelSpec, get_spec
 
@@ -23,8 +24,10 @@ class ModelStore:
     """The frozen base models and tokenizers one server process serves, loaded on first use."""
 
     def __init__(self, cache_dir: Path, local_models: dict[str, Path] | None = None, device: str = "auto",
-                 threads: int = 0):
+                 threads: int = 0, stand_in: str = ""):
         self.cache_dir = Path(cache_dir)
+        # "tinker": answer like Tinker today (its lineup; Qwen3-8B backed by a tiny Qwen3 with the real tokenizer)
+        self.stand_in = stand_in
         self.local_models = dict(local_models or {})
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,35 +39,58 @@ class ModelStore:
         self._lock = threading.Lock()  # the HTTP thread loads too (create_sampling_session)
 
     def served_models(self) -> list[ModelSpec]:
-        return list(catalog.model_specs(self.local_models).values())
+        return list(self._specs().values())
+
+    def _specs(self) -> dict[str, ModelSpec]:
+        return standin.lineup_specs() if self.stand_in == "tinker" else catalog.model_specs(self.local_models)
+
+    def spec(self, name: str) -> ModelSpec:
+        """The spec of a model this server can load; a `UserError` saying why not otherwise."""
+        if self.stand_in == "tinker":
+            spec = self._specs().get(name)
+            if spec is None or spec.kind != standin.STANDIN_KIND:
+                try:
+                    standin.require_backed(name)
+                except standin.StandInUnavailable as exc:
+                    raise UserError(str(exc)) from None
+            return spec
+        try:
+            return get_spec(name, self.local_models)
+        except KeyError as exc:
+            raise UserError(str(exc.args[0])) from None
 
     def base(self, name: str) -> Any:
         """The frozen base model `name`; a `UserError` naming what is served when it is not."""
         with self._lock:
             if name not in self._bases:
-                try:
-                    get_spec(name, self.local_models)
-                except KeyError as exc:
-                    raise UserError(str(exc.args[0])) from None
-                self._bases[name] = load_model(name, self.cache_dir, self.local_models, dtype=self.dtype,
-                                               device=self.device)
+                spec = self.spec(name)
+                with MODEL_LOAD_LOCK:
+                    self._bases[name] = _load_model(spec, self.cache_dir, self.dtype, self.device)
         self.use_threads_for(name)
         return self._bases[name]
 
     def tokenizer(self, name: str) -> Any:
         with self._lock:
             if name not in self._tokenizers:
-                self._tokenizers[name] = catalog.load_tokenizer(name, self.cache_dir, self.local_models)
+                if self.spec(name).kind == standin.STANDIN_KIND:
+                    self._tokenizers[name] = standin.load_tokenizer(name)
+                else:
+                    self._tokenizers[name] = catalog.load_tokenizer(name, self.cache_dir, self.local_models)
             return self._tokenizers[name]
 
-    def tokenizer_dir(self, name: str) -> Path:
-        return catalog.tokenizer_dir(name, self.cache_dir, self.local_models)
+    def tokenizer_id(self, name: str) -> str:
+        """What `get_info` reports: Tinker's models by HF repo id (the client loads them by name, as on
+        Tinker), local ones as a folder that loads offline."""
+        if self.spec(name).kind == standin.STANDIN_KIND:
+            return name
+        return str(catalog.tokenizer_dir(name, self.cache_dir, self.local_models))
 
     def use_threads_for(self, base_model: str) -> None:
         """CPU threads for work on `base_model`: the tiny model runs fastest on one."""
         if self.device != "cpu":
             return
-        wanted = self.threads or (1 if base_model == catalog.TINY else 2)
+        tiny = base_model == catalog.TINY or self.stand_in == "tinker"
+        wanted = self.threads or (1 if tiny else 2)
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 
@@ -79,6 +105,8 @@ def load_model(name: str, cache_dir: Path, local_models: dict[str, Path] | None 
 def _load_model(spec: ModelSpec, cache_dir: Path, dtype: Any, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
+    if spec.kind == standin.STANDIN_KIND:
+        return standin.load_model(spec.name, cache_dir, dtype, device)
     if spec.kind == "tiny":
         model = _tiny_model()
     elif spec.kind == "smollm2":
