@@ -58,6 +58,9 @@ class Engine:
     def served_models(self) -> list[ModelSpec]:
         return self.store.served_models()
 
+    def can_load(self, spec: ModelSpec) -> bool:
+        return self.store.can_load(spec)
+
     # ------------------------------------------------------------------ training models
     def create_model(self, model_id: str, base_model: str, lora: dict[str, Any] | None) -> str:
         return self.trainer.create(model_id, base_model, lora)

@@ -125,9 +125,11 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
 
     @app.get("/api/v1/get_server_capabilities")
     async def capabilities():
+        # The stand-in lists Tinker's whole lineup but marks what it cannot back as neither trainable nor sampleable.
         return {"supported_models": [
-            {"model_name": spec.name, "max_context_length": spec.max_context_length, "trainable": True,
-             "sampleable": True} for spec in engine.served_models()
+            {"model_name": spec.name, "max_context_length": spec.max_context_length,
+             "trainable": engine.can_load(spec), "sampleable": engine.can_load(spec)}
+            for spec in engine.served_models()
         ]}
 
     # ------------------------------------------------------------------ training

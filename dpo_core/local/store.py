@@ -44,6 +44,11 @@ class ModelStore:
     def _specs(self) -> dict[str, ModelSpec]:
         return standin.lineup_specs() if self.stand_in == "tinker" else catalog.model_specs(self.local_models)
 
+    @staticmethod
+    def can_load(spec: ModelSpec) -> bool:
+        """False for a name listed only to answer like Tinker (the stand-in has no tokenizer for it)."""
+        return spec.kind != standin.UNBACKED_KIND
+
     def spec(self, name: str) -> ModelSpec:
         """The spec of a model this server can load; a `UserError` saying why not otherwise."""
         if self.stand_in == "tinker":

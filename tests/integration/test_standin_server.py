@@ -27,6 +27,8 @@ def test_capabilities_are_tinkers_lineup_without_retired_models(standin_client):
     capabilities = standin_client.create_rest_client().get_server_capabilities().result()
     served = {m.model_name for m in capabilities.supported_models}
     assert served == set(lineup.served_names())
+    trainable = {m.model_name for m in capabilities.supported_models if m.trainable and m.sampleable}
+    assert trainable == set(standin.backed_names()) == {QWEN3_8B}
     assert "Qwen/Qwen3-4B-Instruct-2507" not in served and "Qwen/Qwen3-30B-A3B-Instruct-2507" not in served
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" not in served and "local/tiny" not in served
 
