@@ -37,6 +37,7 @@ from dpo_core import diversity, rendering
 from dpo_core.config import LOCAL_DEFAULT_MODEL, FrozenModel
 from dpo_core.data import DATASET_FILES, DatasetError, read_table
 from dpo_core.fsutil import atomic_write_bytes
+from dpo_core.sampling import Completion, Sampler
 
 CRITERIA = {1: "embedding_diversity", 2: "quality", 3: "llm_judge_diversity"}
 ORIGINALITY_RUBRIC = (
@@ -203,67 +204,48 @@ class StageCache:
         atomic_write_bytes(self.root / stage / f"{key}.json", json.dumps(value).encode())
 
 
-def _sampler(service_client: tinker.ServiceClient, model_name: str) -> Any:
-    client = service_client.create_sampling_client(base_model=model_name)
-    return client.result() if hasattr(client, "result") else client
-
-
 def sample_candidates(service_client: tinker.ServiceClient, prompts: list[dict], config: PairsConfig,
                       cache: StageCache) -> dict[str, list[dict]]:
     """prompt_id -> candidates [{text, tokens, prompt_tokens}]; all uncached prompts in flight at once."""
-    renderer = rendering.get_renderer(config.model_name)
     params = {"model": config.model_name, "k": config.num_candidates, "t": config.temperature,
               "max_tokens": config.max_tokens, "seed": config.seed}
-    out, pending = {}, []
-    sampler = None
+    out, todo = {}, []
     for prompt in prompts:
         key = cache.key("candidates", params, prompt["prompt"])
         cached = cache.get("candidates", key)
         if cached is not None:
             out[prompt["prompt_id"]] = cached
-            continue
-        sampler = sampler or _sampler(service_client, config.model_name)
-        with rendering.TOKENIZER_LOCK:
-            model_input = renderer.build_generation_prompt([{"role": "user", "content": prompt["prompt"]}])
-            stop = renderer.get_stop_sequences()
-        future = sampler.sample(model_input, config.num_candidates, tinker.SamplingParams(
-            max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed, stop=stop))
-        pending.append((prompt, key, model_input.to_ints(), future))
-    from tinker_cookbook.renderers import get_text_content
-
-    for prompt, key, prompt_tokens, future in pending:
-        candidates = []
-        for sequence in future.result().sequences:
-            with rendering.TOKENIZER_LOCK:
-                message, _ = renderer.parse_response(list(sequence.tokens))
-            candidates.append({"text": get_text_content(message), "tokens": list(sequence.tokens),
-                               "prompt_tokens": prompt_tokens})
-        cache.put("candidates", key, candidates)
-        out[prompt["prompt_id"]] = candidates
+        else:
+            todo.append((prompt, key))
+    if todo:
+        sampler = Sampler(config.model_name, temperature=config.temperature, max_tokens=config.max_tokens,
+                          seed=config.seed, service_client=service_client)
+        pools = sampler.sample_many([prompt["prompt"] for prompt, _ in todo], config.num_candidates)
+        for (prompt, key), pool in zip(todo, pools):
+            candidates = [{"text": c.text, "tokens": c.tokens, "prompt_tokens": c.prompt_tokens} for c in pool]
+            cache.put("candidates", key, candidates)
+            out[prompt["prompt_id"]] = candidates
     return out
 
 
 def logprob_quality(service_client: tinker.ServiceClient, model_name: str, candidates: dict[str, list[dict]],
                     cache: StageCache) -> dict[str, list[float]]:
     """Mean token logprob of each candidate under the base model (NaN for an empty candidate)."""
-    sampler, out, pending = None, {}, []
+    out, todo = {}, []
     for prompt_id, pool in candidates.items():
         key = cache.key("logprob", model_name, pool)
         cached = cache.get("quality", key)
         if cached is not None:
             out[prompt_id] = cached
-            continue
-        sampler = sampler or _sampler(service_client, model_name)
-        futures = [sampler.compute_logprobs(tinker.ModelInput.from_ints(c["prompt_tokens"] + c["tokens"]))
-                   if c["tokens"] else None for c in pool]
-        pending.append((prompt_id, key, pool, futures))
-    for prompt_id, key, pool, futures in pending:
-        scores = []
-        for candidate, future in zip(pool, futures):
-            values = future.result()[len(candidate["prompt_tokens"]):] if future is not None else []
-            scores.append(float(np.mean(values)) if values else float("nan"))
-        cache.put("quality", key, scores)
-        out[prompt_id] = scores
+        else:
+            todo.append((prompt_id, key, pool))
+    if todo:
+        base = Sampler(model_name, service_client=service_client)
+        flat = [Completion(c["text"], c["tokens"], c["prompt_tokens"]) for _, _, pool in todo for c in pool]
+        scores = iter(base.mean_logprobs(flat))
+        for prompt_id, key, pool in todo:
+            out[prompt_id] = [next(scores) for _ in pool]
+            cache.put("quality", key, out[prompt_id])
     return out
 
 
@@ -291,7 +273,7 @@ def judge_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric
     if not todo:
         return out, sum(math.isnan(v) for values in out.values() for v in values)
     renderer = rendering.get_renderer(judge_model)
-    sampler = _sampler(service_client, judge_model)
+    sampler = service_client.create_sampling_client(base_model=judge_model).result()
 
     def judge_input(prompt_id: str, index: int, prefill: str | None = None) -> tinker.ModelInput:
         text = rubric.format(prompt=by_id[prompt_id]["prompt"], response=candidates[prompt_id][index]["text"])
