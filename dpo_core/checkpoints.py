@@ -70,7 +70,7 @@ def list_experiments(experiments_dir: str | Path) -> list[ExperimentStatus]:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and p.name != "base_models") if root.exists() else []
     for run_dir in folders:
-        config = RunConfig.read(run_dir).train_config if (run_dir / "config.json").exists() else None
+        config = RunConfig.read_train_config(run_dir) if (run_dir / "config.json").exists() else None
         records = [r for r in read_checkpoints(run_dir) if r.state_path]
         metrics = read_jsonl(run_dir / "metrics.jsonl")
         finished = bool(records) and records[-1].name == "final"

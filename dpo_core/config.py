@@ -151,7 +151,7 @@ def _read_identity(run_dir: Path) -> dict[str, Any] | None:
     from dpo_core.records import RunConfig  # records builds on this module's TrainConfig
 
     try:
-        return identity(RunConfig.read(run_dir).train_config)
+        return identity(RunConfig.read_train_config(run_dir))
     except (ValueError, ValidationError):
         return {"__unknown__": True}
 

@@ -43,6 +43,21 @@ class RunConfig(FrozenModel):
             raise FileNotFoundError(f"{run_dir} is not an experiment folder (no config.json)")
         return cls.model_validate_json(path.read_text())
 
+    @classmethod
+    def read_train_config(cls, run_dir: str | Path) -> TrainConfig:
+        """Only the TrainConfig of `<run_dir>/config.json`: all a folder's identity needs, so a config.json
+        written by hand (or by an older version) with just `train_config` still identifies its experiment."""
+        path = Path(run_dir) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} is not an experiment folder (no config.json)")
+        return _TrainConfigOnly.model_validate_json(path.read_text()).train_config
+
+
+class _TrainConfigOnly(FrozenModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    train_config: TrainConfig
+
 
 class TrainOutcome(FrozenModel):
     """What training one experiment produced: where, how far, and its final checkpoint."""
