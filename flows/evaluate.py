@@ -17,10 +17,11 @@ from prefect import flow  # noqa: E402
 
 from dpo_core.config import EvalConfig  # noqa: E402
 from dpo_core.settings import install_signal_handlers  # noqa: E402
+from flows.artifacts import publish_report  # noqa: E402
 from flows.cli import exit_code, parse_config  # noqa: E402
 from tasks.caching import file_exists, results_fresh_if_gone, run_fresh_if_gone, still_there  # noqa: E402
 from tasks.evaluate import evaluate_model, plan_evaluation  # noqa: E402
-from tasks.report import publish_report, report_entries, write_report  # noqa: E402
+from tasks.report import write_report  # noqa: E402
 
 
 def evaluate_and_report(run_dirs: list[str], eval_config: EvalConfig, out_dir: str) -> str:
@@ -30,7 +31,7 @@ def evaluate_and_report(run_dirs: list[str], eval_config: EvalConfig, out_dir: s
     eval_dirs = results_fresh_if_gone(evaluate_model, still_there("eval_dir", "summary.json"),
                                       [{"request": r, "eval_config": eval_config} for r in requests])
     # --- report: tables and plots, also as a Prefect artifact ---
-    report_path = run_fresh_if_gone(write_report, file_exists, report_entries(requests, eval_dirs), out_dir)
+    report_path = run_fresh_if_gone(write_report, file_exists, requests, eval_dirs, out_dir)
     publish_report(report_path)
     return report_path
 

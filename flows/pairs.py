@@ -19,8 +19,9 @@ from prefect import flow  # noqa: E402
 
 from dpo_core.pairs import PairsConfig  # noqa: E402
 from dpo_core.settings import install_signal_handlers  # noqa: E402
+from flows.artifacts import publish_pairs  # noqa: E402
 from flows.cli import exit_code, parse_config  # noqa: E402
-from tasks.pairs import build_pairs, publish_pairs  # noqa: E402
+from tasks.pairs import build_pairs  # noqa: E402
 
 
 @flow(name="dpo-pairs", log_prints=True)

@@ -15,19 +15,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import flows.bootstrap  # noqa: E402,F401  (before Prefect is imported)
 
 from prefect import flow, get_run_logger  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from dpo_core.data import DatasetNotFoundError  # noqa: E402
 from dpo_core.plan import SuiteConfig, split_lists  # noqa: E402
 from dpo_core.settings import install_signal_handlers  # noqa: E402
+from flows.artifacts import publish_checkpoints, publish_validation  # noqa: E402
 from flows.cli import parse_config  # noqa: E402
 from flows.evaluate import evaluate_and_report  # noqa: E402
 from flows.train import dpo_train  # noqa: E402
 from tasks.plan import plan_experiments  # noqa: E402
 from tasks.runners import task_runner_from_env  # noqa: E402
 from tasks.setup import ensure_concurrency_limits  # noqa: E402
-from tasks.train import publish_checkpoints  # noqa: E402
 from tasks.validate import validate_dataset  # noqa: E402
 
 
@@ -44,8 +43,7 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
         state = validate_dataset(dataset, return_state=True)
         if state.is_completed():
             validated[dataset] = result = state.result()
-            create_markdown_artifact(key=f"validation-{_slug(dataset)}", markdown=result.report_markdown,
-                                     description=f"Validation report of dataset {dataset}")
+            publish_validation(dataset, result.report_markdown)
             continue
         error = state.result(raise_on_failure=False)
         if isinstance(error, DatasetNotFoundError):
@@ -81,10 +79,6 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
     if failures:
         return Failed(message="; ".join(f"{k}: {v}" for k, v in failures.items()), data=summary)
     return Completed(message=f"{len(finished)} experiments; report {report_path}", data=summary)
-
-
-def _slug(dataset: int | str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in str(dataset).lower())[-40:].strip("-") or "dataset"
 
 
 def main(argv: list[str]) -> int:

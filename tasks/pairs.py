@@ -28,23 +28,3 @@ def _prompts_file(parameters: dict[str, Any]) -> list[Any]:
 def build_pairs(config: PairsConfig) -> dict[str, Any]:
     return experiment.build_pairs(config, Settings())
 
-
-@task(name="publish-pairs", tags=task_tags())
-def publish_pairs(summary: dict[str, Any], out_dir: str) -> None:
-    """Yield per criterion (a table artifact) and the gap plot (a markdown artifact), also printed."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
-    from dpo_core.report import report_artifact_markdown
-
-    rows = [{"dataset": n, **v} for n, v in summary["per_dataset"].items()]
-    create_table_artifact(key="dpo-pairs-yield", table=rows, description="Pairs per criterion, drops, mean gaps")
-    plot = Path(out_dir) / "pairs_gaps.png"
-    if plot.exists():
-        note = plot.with_suffix(".md")
-        note.write_text(f"# dpo-pairs\n\n![gaps]({plot.name})\n")
-        create_markdown_artifact(key="dpo-pairs-gaps", markdown=report_artifact_markdown(note))
-        note.unlink()
-    for row in rows:
-        print(f"dataset {row['dataset']} ({row['criterion']}): {row['pairs']} pairs, "
-              f"{row['dropped_too_close']} dropped as too close, {row['no_pair']} prompts without a pair")
-    print(f"judge parse failures: {summary['judge_failures']}; files: {summary['files']}")

@@ -32,12 +32,3 @@ def _registry(parameters: dict[str, Any]) -> str | None:
 def register_checkpoint(run_dir: str) -> CheckpointRecord:
     return checkpoints.final_record(run_dir)
 
-
-@task(name="publish-checkpoints", tags=task_tags())
-def publish_checkpoints(outcomes: list[TrainOutcome]) -> None:
-    """Where the weights are: a table artifact of the final checkpoints' tinker:// paths."""
-    from prefect.artifacts import create_table_artifact
-
-    create_table_artifact(key="dpo-checkpoints", description="Final checkpoints (tinker:// paths)", table=[
-        {"experiment": Path(o.run_dir).name, "steps": o.steps, "sampler_path": o.final.sampler_path,
-         "state_path": o.final.state_path} for o in outcomes])
