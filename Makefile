@@ -14,7 +14,7 @@ export TINKER_TELEMETRY := 0
 export WANDB_SILENT := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install test suite validate serve clean
+.PHONY: install test test-fast suite validate serve clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ $(STAMP): $(PY) pyproject.toml Makefile
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast lane: unit tests only (no server, no model, no Prefect), under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 suite: $(STAMP)
 	$(PY) flows/suite.py $(ARGS)

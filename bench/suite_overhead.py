@@ -59,32 +59,24 @@ def workspace(name: str) -> dict[str, str]:
 
 def direct(config) -> tuple[float, int]:
     """The suite's steps as plain function calls (no Prefect)."""
-    from dpo_core import checkpoints, experiment
+    from dpo_core import experiment
+    from dpo_core.plan import plan
     from dpo_core.settings import Settings
-    from dpo_core.suite import plan
 
     started = time.perf_counter()
     settings = Settings()
     experiments, eval_config = plan(config, settings.resolved_backend())
-    validated = {d: experiment.validate_dataset(d, settings) for d in config.datasets}
+    for dataset in config.datasets:
+        experiment.validate_dataset(dataset, settings)
     finished = []
     for train_config in experiments:
         dataset = experiment.validate_dataset(train_config.dataset, settings)  # the train subflow validates too
-        result = experiment.train_experiment(train_config, settings, dataset)
-        finished.append((result, train_config, checkpoints.final_record(result["run_dir"])))
-    base_models = list(dict.fromkeys(c.model_name for c in experiments))
-    datasets = tuple(dict.fromkeys(v.path for v in validated.values()))
-    calls = [(f"{m} (base)", m, None, eval_config, settings, None, datasets) for m in base_models]
-    calls += [(Path(r["run_dir"]).name, c.model_name, f["sampler_path"], eval_config, settings, r["run_dir"],
-               (validated[c.dataset].path,)) for r, c, f in finished]
+        finished.append(experiment.train_experiment(train_config, settings, dataset).run_dir)
+    calls = experiment.plan_evaluation(finished)
     experiment.prepare_concurrent_evaluation()
     with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-        eval_dirs = list(pool.map(lambda call: experiment.evaluate_model(*call), calls))
-    entries = [{"label": call[0], "model_name": call[1], "eval_dir": d}
-               for call, d in zip(calls[:len(base_models)], eval_dirs)]
-    entries += [{"label": Path(r["run_dir"]).name, "model_name": c.model_name, "eval_dir": d,
-                 "dataset": str(c.dataset), "learning_rate": c.learning_rate, "dpo_beta": c.dpo_beta,
-                 "run_dir": r["run_dir"]} for (r, c, _), d in zip(finished, eval_dirs[len(base_models):])]
+        eval_dirs = list(pool.map(lambda request: experiment.evaluate_model(request, eval_config, settings), calls))
+    entries = experiment.report_entries(calls, eval_dirs)
     experiment.write_report(entries, str(Path(settings.experiments_dir) / "report"))
     tasks = len(config.datasets) + 3 * len(experiments) + len(calls) + 1
     return time.perf_counter() - started, tasks
@@ -105,7 +97,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="dataset 1 only, 2 eval prompts x 2 samples")
     parser.add_argument("--model", default="local/tiny")
     args = parser.parse_args()
-    from dpo_core.suite import SuiteConfig
+    from dpo_core.plan import SuiteConfig
 
     fields = dict(datasets=[1, 2, 3], models=[args.model], batch_size=8, max_length=128, eval_num_samples=4,
                   eval_max_prompts=8, eval_max_tokens=16)

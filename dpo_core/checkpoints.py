@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpo_core.records import CheckpointRecord, RunConfig
+
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All complete records; a torn last line (a crash mid-write) is ignored, everything before it kept."""
@@ -32,9 +34,14 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-def final_record(run_dir: str | Path) -> dict[str, Any]:
+def read_checkpoints(run_dir: str | Path) -> list[CheckpointRecord]:
+    """Every complete row of `<run_dir>/checkpoints.jsonl`, oldest first."""
+    return [CheckpointRecord.model_validate(r) for r in read_jsonl(Path(run_dir) / "checkpoints.jsonl")]
+
+
+def final_record(run_dir: str | Path) -> CheckpointRecord:
     """The last `final` row of an experiment's checkpoints.jsonl."""
-    records = [r for r in read_jsonl(Path(run_dir) / "checkpoints.jsonl") if r.get("name") == "final"]
+    records = [r for r in read_checkpoints(run_dir) if r.name == "final"]
     if not records:
         raise FileNotFoundError(f"{run_dir} has no final checkpoint yet (checkpoints.jsonl has no 'final' row)")
     return records[-1]
@@ -42,7 +49,7 @@ def final_record(run_dir: str | Path) -> dict[str, Any]:
 
 def final_sampler_path(run_dir: str | Path) -> str:
     """What inference needs: the `sampler_path` of the final checkpoint."""
-    return final_record(run_dir)["sampler_path"]
+    return final_record(run_dir).sampler_path
 
 
 @dataclass(frozen=True)
@@ -63,16 +70,15 @@ def list_experiments(experiments_dir: str | Path) -> list[ExperimentStatus]:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                      and p.name != "base_models") if root.exists() else []
     for run_dir in folders:
-        config_file = run_dir / "config.json"
-        config = json.loads(config_file.read_text()).get("train_config", {}) if config_file.exists() else {}
-        records = [r for r in read_jsonl(run_dir / "checkpoints.jsonl") if r.get("state_path")]
+        config = RunConfig.read_train_config(run_dir) if (run_dir / "config.json").exists() else None
+        records = [r for r in read_checkpoints(run_dir) if r.state_path]
         metrics = read_jsonl(run_dir / "metrics.jsonl")
-        finished = bool(records) and records[-1].get("name") == "final"
+        finished = bool(records) and records[-1].name == "final"
         status = "finished" if finished else ("interrupted" if metrics or records else "not started")
         found.append(ExperimentStatus(
             name=run_dir.name, path=str(run_dir), status=status,
-            steps_done=max([int(r.get("step", 0)) for r in records] + [len(metrics)]),
-            model_name=config.get("model_name"), dataset=None if not config else str(config.get("dataset")),
-            sampler_path=records[-1]["sampler_path"] if finished else None,
+            steps_done=max([r.step for r in records] + [len(metrics)]),
+            model_name=config.model_name if config else None, dataset=str(config.dataset) if config else None,
+            sampler_path=records[-1].sampler_path if finished else None,
         ))
     return found

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -116,7 +115,8 @@ def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | N
                    taken: frozenset[str] | set[str] = frozenset()) -> Path:
     """Pick the run folder. Never overwrites another experiment.
 
-    - explicit `log_path`: used as is (resumed if it holds the same experiment, refused if not);
+    - explicit `log_path`: used as is (resumed if it holds the same experiment and `resume` is on, refused if
+      not: a folder is never overwritten);
     - otherwise `experiments/<run_name>`; if that folder exists with the same experiment and
       `resume` is on, it is reused (resumed); else the first free `<run_name>_2`, `_3`, ...
     Names in `taken` (folders another running process holds) are passed over.
@@ -129,6 +129,9 @@ def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | N
                 f"log_path {path} holds a different experiment (config.json differs); "
                 "choose another log_path or delete that folder"
             )
+        if existing is not None and not config.resume:
+            raise ConfigError(f"log_path {path} already holds this experiment and resume=false; "
+                              "set resume=true to continue it, or choose another log_path")
         return path
     base = run_name(config, date)
     candidate = experiments_dir / base
@@ -145,10 +148,11 @@ def _read_identity(run_dir: Path) -> dict[str, Any] | None:
     config_file = run_dir / "config.json"
     if not config_file.exists():
         return None if not run_dir.exists() or not any(run_dir.iterdir()) else {"__unknown__": True}
+    from dpo_core.records import RunConfig  # records builds on this module's TrainConfig
+
     try:
-        saved = json.loads(config_file.read_text())["train_config"]
-        return identity(TrainConfig.model_validate(saved))
-    except (KeyError, ValueError, ValidationError):
+        return identity(RunConfig.read_train_config(run_dir))
+    except (ValueError, ValidationError):
         return {"__unknown__": True}
 
 

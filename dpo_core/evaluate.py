@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import tinker
-from tinker_cookbook.renderers import get_text_content
 
-from dpo_core import diversity, rendering
+from dpo_core import diversity
 from dpo_core.config import EvalConfig
 from dpo_core.data import EvalPrompt
 from dpo_core.fsutil import atomic_folder
+from dpo_core.sampling import Sampler
 
 BUCKETS = ("low", "mid", "high")
 METRICS = ("distinct_1", "distinct_2", "self_bleu", "compression_ratio", "embedding_distance", "vendi",
@@ -79,54 +79,20 @@ def sample_and_score(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Sample, score and write the three files for one model; returns the summary."""
-    renderer = rendering.get_renderer(target.model_name)
-    client = (service_client.create_sampling_client(model_path=target.model_path) if target.model_path
-              else service_client.create_sampling_client(base_model=target.model_name))
-    client = client.result() if hasattr(client, "result") else client
-    base = service_client.create_sampling_client(base_model=target.model_name) if config.quality else None
-    base = base.result() if hasattr(base, "result") else base
-    with rendering.TOKENIZER_LOCK:
-        stop = renderer.get_stop_sequences()
-        model_inputs = [renderer.build_generation_prompt([{"role": "user", "content": p.prompt}]) for p in prompts]
-    params = tinker.SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, top_p=config.top_p,
-                                   seed=config.seed, stop=stop)
-
-    results: list[Any] = [None] * len(prompts)
-    bar = _progress(len(prompts), f"sampling {target.label}", progress)
-    # Bounded concurrency: a window of requests in flight (each one asks for all k samples at once).
-    window: list[tuple[int, Any]] = []
-    for index, model_input in enumerate(model_inputs):
-        window.append((index, client.sample(model_input, config.num_samples, params)))
-        if len(window) >= config.concurrency:
-            done_index, future = window.pop(0)
-            results[done_index] = future.result()
-            bar.update(1)
-    for done_index, future in window:
-        results[done_index] = future.result()
-        bar.update(1)
-    bar.close()
-
-    samples: list[dict[str, Any]] = []
-    for prompt, model_input, response in zip(prompts, model_inputs, results):
-        for sample_index, sequence in enumerate(response.sequences):
-            tokens = list(sequence.tokens)
-            with rendering.TOKENIZER_LOCK:
-                message, _ = renderer.parse_response(tokens)
-            samples.append({"prompt_id": prompt.prompt_id, "sample_index": sample_index,
-                            "text": get_text_content(message), "num_tokens": len(tokens),
-                            "stop_reason": sequence.stop_reason, "_prompt_tokens": model_input.to_ints(),
-                            "_tokens": tokens})
-    if base is not None:
-        futures = [base.compute_logprobs(tinker.ModelInput.from_ints(s["_prompt_tokens"] + s["_tokens"]))
-                   if s["_tokens"] else None for s in samples]
-        for sample, future in zip(samples, futures):
-            if future is None:
-                sample["quality_logprob"] = float("nan")
-                continue
-            logprobs = future.result()[len(sample["_prompt_tokens"]):]
-            sample["quality_logprob"] = float(np.mean(logprobs)) if logprobs else float("nan")
-    for sample in samples:
-        del sample["_prompt_tokens"], sample["_tokens"]
+    sampler = Sampler(target.model_name, target.model_path, config.temperature, config.max_tokens,
+                      top_p=config.top_p, seed=config.seed, service_client=service_client)
+    # Each request asks for all k samples of one prompt; a window of `concurrency` requests in flight.
+    pools = sampler.sample_many([p.prompt for p in prompts], config.num_samples, concurrency=config.concurrency,
+                                progress=f"sampling {target.label}" if progress else None)
+    completions = [c for pool in pools for c in pool]
+    samples: list[dict[str, Any]] = [
+        {"prompt_id": prompt.prompt_id, "sample_index": index, "text": c.text, "num_tokens": len(c.tokens),
+         "stop_reason": c.stop_reason}
+        for prompt, pool in zip(prompts, pools) for index, c in enumerate(pool)]
+    if config.quality:
+        base = Sampler(target.model_name, service_client=service_client)
+        for sample, score in zip(samples, base.mean_logprobs(completions)):
+            sample["quality_logprob"] = score
 
     texts = [s["text"] for s in samples]
     vectors = embedder.encode(texts) if embedder is not None else None
@@ -136,7 +102,7 @@ def sample_and_score(
         own = [samples[i] for i in indices]
         scores = diversity.score_samples([s["text"] for s in own], None if vectors is None else vectors[indices],
                                          [s["num_tokens"] for s in own])
-        if base is not None:
+        if config.quality:
             scores["quality_logprob"] = float(np.nanmean([s["quality_logprob"] for s in own]))
         rows.append({"prompt_id": prompt.prompt_id, "creativity_score": prompt.creativity_score,
                      "bucket": bucket_of(prompt.creativity_score, config.bucket_edges), **scores})
@@ -178,9 +144,3 @@ def _write_outputs(out_dir: Path, samples: list[dict], table: pd.DataFrame, summ
         (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
         table.to_parquet(tmp / "scores.parquet", index=False)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-
-
-def _progress(total: int, label: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=label, unit="prompt", disable=not enabled, dynamic_ncols=True)

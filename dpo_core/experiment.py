@@ -1,18 +1,25 @@
-"""One DPO experiment end to end, as plain functions the Prefect tasks wrap: validate, train, register."""
+"""The study's stages as plain functions the Prefect tasks wrap: validate, train, evaluate, report, pairs.
+
+Each takes typed records and `Settings` and returns a typed record or a path, so a notebook can run the same
+steps without Prefect."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dpo_core import data
 from dpo_core.backend import check_model_supported, service_client
-from dpo_core.config import ConfigError, EvalConfig, FrozenModel, TrainConfig, choose_run_dir, model_slug, run_name
+from dpo_core.checkpoints import final_record
+from dpo_core.config import ConfigError, EvalConfig, FrozenModel, TrainConfig, choose_run_dir, model_slug
 from dpo_core.logging_sinks import build_sinks
+from dpo_core.records import RunConfig, TrainOutcome
+from dpo_core.report import ReportEntry
 from dpo_core.settings import Settings
-from dpo_core.train import TrainResult, train
+from dpo_core.train import train
 
 
 class ValidatedDataset(FrozenModel):
@@ -22,16 +29,18 @@ class ValidatedDataset(FrozenModel):
     report_markdown: str
 
 
-def validate_dataset(dataset: int | str, settings: Settings, max_length: int | None = None) -> ValidatedDataset:
-    """Strict validation at the door; raises DatasetError / DatasetNotFoundError with file, row, column."""
+def validate_dataset(dataset: int | str, settings: Settings) -> ValidatedDataset:
+    """Strict validation at the door; raises DatasetError / DatasetNotFoundError with file, row, column.
+
+    Token lengths are checked by training itself, with the run's renderer and max_length."""
     path = data.resolve_dataset(dataset, settings.data_dir)
-    _, report = data.validate(path, max_length=None)
+    _, report = data.validate(path)
     return ValidatedDataset(path=str(path), sha256=data.content_hash(path), rows=report.rows,
                             report_markdown=report.to_markdown())
 
 
-def train_experiment(config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> dict[str, Any]:
-    """Train (or resume, or report finished) one experiment; returns JSON-friendly facts about the run."""
+def train_experiment(config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> TrainOutcome:
+    """Train (or resume, or report finished) one experiment; returns where it is and its final checkpoint."""
     experiments_dir = Path(settings.experiments_dir)
     lock_dir = Path(settings.cache_dir) / "run-locks" / hashlib.sha256(
         str(experiments_dir.resolve()).encode()).hexdigest()[:16]
@@ -65,21 +74,17 @@ def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path) ->
             taken.add(run_dir.name)
 
 
-def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> dict[str, Any]:
+def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> TrainOutcome:
     pairs = data.load_pairs(Path(dataset.path))
     if data.content_hash(Path(dataset.path)) != dataset.sha256:
         raise ValueError(f"{dataset.path} changed after validation; rerun to validate it again")
-    wandb_name = config.wandb_name or (run_dir.name if config.wandb_project else None)
     with service_client(settings) as client:
         check_model_supported(client, config.model_name, settings.resolved_backend())
-        with build_sinks(config, settings, wandb_name, run_dir) as sinks:
-            result: TrainResult = train(
+        with build_sinks(config, settings, run_dir) as sinks:
+            return train(
                 config, client, pairs, run_dir=run_dir, dataset_path=dataset.path, dataset_hash=dataset.sha256,
                 reference_dir=Path(settings.cache_dir) / "reference", metrics_sinks=sinks,
             )
-    return {"run_dir": str(result.run_dir), "steps": result.steps, "sampler_path": result.final_sampler_path,
-            "state_path": result.final_state_path, "already_finished": result.already_finished,
-            "name": run_dir.name, "default_name": run_name(config)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,8 +113,47 @@ def prepare_concurrent_evaluation() -> None:
         getattr(transformers, name)
 
 
-def evaluate_model(label: str, model_name: str, model_path: str | None, eval_config: EvalConfig, settings: Settings,
-                   run_dir: str | None = None, training_datasets: tuple[str, ...] = ()) -> str:
+class EvalRequest(FrozenModel):
+    """One model to evaluate: a base model (no model_path, no run_dir) or an experiment's final checkpoint."""
+
+    label: str
+    model_name: str
+    model_path: str | None = None
+    run_dir: str | None = None
+    training_datasets: tuple[str, ...] = ()  # eval prompts found in these are an error
+
+
+def plan_evaluation(run_dirs: Sequence[str]) -> list[EvalRequest]:
+    """Each base model once (checked against every dataset trained on it), then each experiment's final
+    checkpoint (checked against its own dataset)."""
+    runs = [(str(run_dir), RunConfig.read(run_dir), final_record(run_dir)) for run_dir in run_dirs]
+    trained_on: dict[str, list[str]] = {}
+    for _, run, _ in runs:
+        datasets = trained_on.setdefault(run.train_config.model_name, [])
+        if run.dataset_path not in datasets:
+            datasets.append(run.dataset_path)
+    requests = [EvalRequest(label=f"{model} (base)", model_name=model, training_datasets=tuple(datasets))
+                for model, datasets in trained_on.items()]
+    requests += [EvalRequest(label=Path(run_dir).name, model_name=run.train_config.model_name,
+                             model_path=final.sampler_path, run_dir=run_dir, training_datasets=(run.dataset_path,))
+                 for run_dir, run, final in runs]
+    return requests
+
+
+def report_entries(requests: Sequence[EvalRequest], eval_dirs: Sequence[str]) -> list[ReportEntry]:
+    """The report's rows: each evaluated model with its eval folder (and its hyperparameters, if trained)."""
+    entries = []
+    for request, eval_dir in zip(requests, eval_dirs):
+        row = {"label": request.label, "model_name": request.model_name, "eval_dir": eval_dir}
+        if request.run_dir:
+            config = RunConfig.read(request.run_dir).train_config
+            row |= {"dataset": str(config.dataset), "learning_rate": config.learning_rate,
+                    "dpo_beta": config.dpo_beta, "run_dir": request.run_dir}
+        entries.append(ReportEntry(**row))
+    return entries
+
+
+def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Settings) -> str:
     """Sample and score one model on the eval prompts; returns its eval folder (samples, scores, summary).
 
     A base model's evaluation lives in `experiments/base_models/<model>/eval_<fingerprint>/`, a trained
@@ -119,27 +163,26 @@ def evaluate_model(label: str, model_name: str, model_path: str | None, eval_con
 
     prompts_file = eval_prompts_path(eval_config, settings)
     prompts = evaluate.select_prompts(data.load_eval_prompts(prompts_file), eval_config)
-    for dataset_path in training_datasets:
+    for dataset_path in request.training_datasets:
         training = {p.prompt_text() for p in data.load_pairs(Path(dataset_path))}
         evaluate.check_no_overlap(prompts, training, dataset_path)
     fingerprint = eval_fingerprint(eval_config, settings)
-    if run_dir:
-        out_dir = Path(run_dir) / "eval" / f"final_{fingerprint}"
+    if request.run_dir:
+        out_dir = Path(request.run_dir) / "eval" / f"final_{fingerprint}"
     else:
-        out_dir = Path(settings.experiments_dir) / "base_models" / model_slug(model_name) / f"eval_{fingerprint}"
+        out_dir = Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name) / f"eval_{fingerprint}"
     embedder = diversity.Embedder()
     with service_client(settings) as client:
-        evaluate.sample_and_score(client, evaluate.EvalTarget(label, model_name, model_path), prompts, eval_config,
-                                  embedder, out_dir)
+        target = evaluate.EvalTarget(request.label, request.model_name, request.model_path)
+        evaluate.sample_and_score(client, target, prompts, eval_config, embedder, out_dir)
     return str(out_dir)
 
 
-def write_report(entries: list[dict[str, Any]], out_dir: str) -> str:
+def write_report(entries: Sequence[ReportEntry], out_dir: str) -> str:
     """The comparison report over evaluated models (see dpo_core.report); returns report.md's path."""
-    from dpo_core.report import ReportEntry
     from dpo_core.report import write_report as write
 
-    return str(write([ReportEntry(**entry) for entry in entries], Path(out_dir)))
+    return str(write(entries, Path(out_dir)))
 
 
 def build_pairs(config: Any, settings: Settings) -> dict[str, Any]:

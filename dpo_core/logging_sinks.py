@@ -34,11 +34,11 @@ class ConsoleProgress:
 class WandbSink:
     """Per-step metrics and the config (never a secret) to a W&B run; works with WANDB_MODE=offline."""
 
-    def __init__(self, config: TrainConfig, settings: Settings, name: str, run_dir: Path):
+    def __init__(self, config: TrainConfig, settings: Settings, project: str, name: str, run_dir: Path):
         import wandb
 
         self._run = wandb.init(
-            project=config.wandb_project, entity=settings.wandb_entity, name=name, dir=str(run_dir),
+            project=project, entity=settings.wandb_entity, name=name, dir=str(run_dir),
             mode=settings.wandb_mode, config=config.model_dump(mode="json"), reinit="finish_previous",
         )
 
@@ -50,10 +50,13 @@ class WandbSink:
 
 
 @contextlib.contextmanager
-def build_sinks(config: TrainConfig, settings: Settings, wandb_name: str | None, run_dir: Path) -> Iterator[list]:
+def build_sinks(config: TrainConfig, settings: Settings, run_dir: Path) -> Iterator[list]:
+    """Console always; W&B when a project is named by the run (`wandb_project`) or the process
+    (`DPO_WANDB_PROJECT`), the run named `wandb_name` or else after its folder."""
     sinks: list[Any] = [ConsoleProgress()]
-    if config.wandb_project:
-        sinks.append(WandbSink(config, settings, wandb_name or run_dir.name, run_dir))
+    project = config.wandb_project or settings.wandb_project
+    if project:
+        sinks.append(WandbSink(config, settings, project, config.wandb_name or run_dir.name, run_dir))
     try:
         yield sinks
     finally:

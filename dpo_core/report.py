@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from dpo_core.checkpoints import read_jsonl
+from dpo_core.config import EvalConfig, FrozenModel
 from dpo_core.data import DATASET_CRITERIA
 from dpo_core.diversity import HIGHER_IS_MORE_DIVERSE
 from dpo_core.fsutil import atomic_folder
@@ -25,8 +25,7 @@ DIVERSITY = ("embedding_distance", "vendi", "distinct_1", "distinct_2", "self_bl
 PLOTTED = ("embedding_distance", "vendi", "distinct_2", "self_bleu")
 
 
-@dataclass(frozen=True)
-class ReportEntry:
+class ReportEntry(FrozenModel):
     """One evaluated model: a base model (run_dir None) or an experiment's final checkpoint."""
 
     label: str
@@ -91,7 +90,7 @@ def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[s
         f"{len(entries)} models evaluated on {first.get('num_prompts', '?')} eval prompts, "
         f"k = {config.get('num_samples', '?')} samples each at temperature {config.get('temperature', '?')} "
         f"(seed {config.get('seed', '?')}, max_tokens {config.get('max_tokens', '?')}). Means over prompts with "
-        "bootstrap 95% CIs. Creativity buckets: low < 1/3 <= mid < 2/3 <= high.", "",
+        f"bootstrap 95% CIs. Creativity buckets: {_bucket_rule(config)}.", "",
         "Higher is more diverse for " + ", ".join(m for m in DIVERSITY if HIGHER_IS_MORE_DIVERSE[m])
         + "; lower is more diverse for " + ", ".join(m for m in DIVERSITY if not HIGHER_IS_MORE_DIVERSE[m])
         + ". `quality_logprob` is the base model's mean token logprob of the samples (fluency; higher is better).",
@@ -118,6 +117,12 @@ def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[s
     lines += ["", "Files: `table.csv` holds every number above; each model's samples and per-prompt scores are in "
               "its eval folder:", ""] + [f"- {e.label}: `{e.eval_dir}`" for e in entries]
     return "\n".join(lines) + "\n"
+
+
+def _bucket_rule(eval_config: dict[str, Any]) -> str:
+    """The creativity buckets as the evaluation drew them (EvalConfig.bucket_edges, recorded in summary.json)."""
+    low, high = eval_config.get("bucket_edges", EvalConfig().bucket_edges)
+    return f"low < {low:.3g} <= mid < {high:.3g} <= high"
 
 
 def _num(value: Any, spec: str) -> str:

@@ -1,17 +1,33 @@
-"""Inference from a trained checkpoint: `Sampler(...).complete(prompt)`, the seed guide's `TinkerSampler`."""
+"""THE sampling path: render -> sample -> parse (`Sampler`, the seed guide's `TinkerSampler`) and fluency scoring.
+
+Evaluation, pair building, the example script and inference all go through `Sampler`, so a prompt is rendered,
+stopped and parsed the same way everywhere.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import tinker
 
 from dpo_core import rendering
 from dpo_core.settings import Settings
 
 Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled response: its text, its tokens, and the rendered prompt it continued."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: list[int]
+    stop_reason: str = "stop"
 
 
 class Sampler:
@@ -39,7 +55,7 @@ class Sampler:
         self.renderer = rendering.get_renderer(model_name, renderer_name)
         client = (service_client.create_sampling_client(model_path=model_path) if model_path
                   else service_client.create_sampling_client(base_model=model_name))
-        self._client = client.result() if hasattr(client, "result") else client
+        self._client = client.result()
 
     def _prompt(self, prompt: str | Sequence[Message]) -> tinker.ModelInput:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -52,12 +68,43 @@ class Sampler:
         return tinker.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                                      seed=self.seed if seed is None else seed, stop=stop)
 
-    def _text(self, tokens: list[int]) -> str:
+    def _completion(self, prompt_tokens: list[int], sequence: Any) -> Completion:
         from tinker_cookbook.renderers import get_text_content
 
+        tokens = list(sequence.tokens)
         with rendering.TOKENIZER_LOCK:
             message, _ = self.renderer.parse_response(tokens)
-        return get_text_content(message)
+        return Completion(get_text_content(message), tokens, prompt_tokens, sequence.stop_reason)
+
+    def sample_many(self, prompts: Sequence[str | Sequence[Message]], num_samples: int = 1, seed: int | None = None,
+                    *, concurrency: int | None = None, progress: str | None = None) -> list[list[Completion]]:
+        """`num_samples` completions (text and tokens) for each prompt, in prompt order.
+
+        Up to `concurrency` requests in flight (all of them when None; the local server batches them into one
+        generation); `progress` labels a progress bar over prompts.
+        """
+        from tqdm import tqdm
+
+        params = self._params(seed)
+        inputs = [self._prompt(p) for p in prompts]
+        window = concurrency or max(len(inputs), 1)
+        results: list[list[Completion]] = [[] for _ in inputs]
+        with tqdm(total=len(inputs), desc=progress, unit="prompt", disable=progress is None,
+                  dynamic_ncols=True) as bar:
+
+            def collect(index: int, future: Any) -> None:
+                prompt_tokens = inputs[index].to_ints()
+                results[index] = [self._completion(prompt_tokens, s) for s in future.result().sequences]
+                bar.update(1)
+
+            in_flight: list[tuple[int, Any]] = []
+            for index, model_input in enumerate(inputs):
+                in_flight.append((index, self._client.sample(model_input, num_samples, params)))
+                if len(in_flight) >= window:
+                    collect(*in_flight.pop(0))
+            for index, future in in_flight:
+                collect(index, future)
+        return results
 
     def complete(self, prompt: str | Sequence[Message], seed: int | None = None) -> str:
         """One completion's text (the renderer's stop sequence ends it and is not included)."""
@@ -66,8 +113,18 @@ class Sampler:
     def complete_many(self, prompts: Sequence[str | Sequence[Message]], num_samples: int = 1,
                       seed: int | None = None) -> list[list[str]]:
         """`num_samples` completions for each prompt, all requests in flight at once."""
-        futures = [self._client.sample(self._prompt(p), num_samples, self._params(seed)) for p in prompts]
-        return [[self._text(list(s.tokens)) for s in f.result().sequences] for f in futures]
+        return [[c.text for c in row] for row in self.sample_many(prompts, num_samples, seed)]
+
+    def mean_logprobs(self, completions: Sequence[Completion]) -> list[float]:
+        """Mean token logprob of each completion's response under this sampler's model: a fluency score
+        (NaN for an empty response). All requests in flight at once."""
+        futures = [self._client.compute_logprobs(tinker.ModelInput.from_ints(c.prompt_tokens + c.tokens))
+                   if c.tokens else None for c in completions]
+        scores = []
+        for completion, future in zip(completions, futures):
+            values = future.result()[len(completion.prompt_tokens):] if future is not None else []
+            scores.append(float(np.mean(values)) if values else float("nan"))
+        return scores
 
     def close(self) -> None:
         self._stack.close()

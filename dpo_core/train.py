@@ -25,11 +25,12 @@ import tinker
 import torch
 
 from dpo_core import rendering
-from dpo_core.checkpoints import append_jsonl, read_jsonl
+from dpo_core.checkpoints import append_jsonl, read_checkpoints, read_jsonl
 from dpo_core.config import TrainConfig
 from dpo_core.data import DatasetError, PreferencePair
 from dpo_core.fsutil import atomic_write_bytes
 from dpo_core.loss import dpo_loss
+from dpo_core.records import RunConfig, TrainOutcome
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
@@ -100,9 +101,7 @@ def reference_logprobs(service_client: tinker.ServiceClient, base_model: str, re
         cached = np.load(cache_file)
         if cached.shape == (len(rendered), 2):
             return cached
-    sampler = service_client.create_sampling_client(base_model=base_model)
-    if hasattr(sampler, "result"):
-        sampler = sampler.result()
+    sampler = service_client.create_sampling_client(base_model=base_model).result()
     datums = [d for pair in rendered for d in (pair.chosen, pair.rejected)]
     futures = []
     for datum in datums:
@@ -141,15 +140,6 @@ def _rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    steps: int
-    final_sampler_path: str
-    final_state_path: str
-    already_finished: bool = False
-
-
 def train(
     config: TrainConfig,
     service_client: tinker.ServiceClient,
@@ -160,7 +150,7 @@ def train(
     dataset_hash: str,
     reference_dir: Path,
     metrics_sinks: Sequence[MetricsSink] = (),
-) -> TrainResult:
+) -> TrainOutcome:
     """Train one experiment into `run_dir` (config.json, metrics.jsonl, checkpoints.jsonl); resumes if possible."""
     metrics_file, checkpoints_file = run_dir / "metrics.jsonl", run_dir / "checkpoints.jsonl"
     renderer_name = config.renderer_name or rendering.renderer_name_for(config.model_name)
@@ -169,11 +159,11 @@ def train(
     n_batches = math.ceil(len(rendered) / config.batch_size)
     total_steps = n_batches * config.num_epochs
 
-    records = [r for r in read_jsonl(checkpoints_file) if r.get("state_path")]
+    records = [r for r in read_checkpoints(run_dir) if r.state_path]
     last = records[-1] if records else None
-    start_step = int(last["step"]) if last else 0
+    start_step = last.step if last else 0
     if last and start_step >= total_steps:
-        return TrainResult(run_dir, start_step, last["sampler_path"], last["state_path"], already_finished=True)
+        return TrainOutcome(run_dir=str(run_dir), steps=start_step, already_finished=True, final=last)
 
     ref_file = reference_dir / f"{reference_key(config.model_name, dataset_hash, renderer_name, config.max_length)}.npy"
     reference = reference_logprobs(service_client, config.model_name, rendered, ref_file)
@@ -186,12 +176,11 @@ def train(
         _rewrite_jsonl(metrics_file, [m for m in read_jsonl(metrics_file) if m.get("step", -1) < start_step])
     if last:
         # Resume with optimizer state; the reference stays the original base model's (cached above).
-        training_client = service_client.create_training_client_from_state_with_optimizer(last["state_path"])
+        training_client = service_client.create_training_client_from_state_with_optimizer(
+            last.state_path).result()
     else:
         training_client = service_client.create_lora_training_client(
-            base_model=config.model_name, rank=config.lora_rank, seed=config.seed)
-    if hasattr(training_client, "result"):
-        training_client = training_client.result()
+            base_model=config.model_name, rank=config.lora_rank, seed=config.seed).result()
 
     step = start_step
     for step in range(start_step, total_steps):
@@ -229,8 +218,8 @@ def train(
         if done == total_steps or (config.save_every and done % config.save_every == 0):
             name = "final" if done == total_steps else f"{done:06d}"
             _save_checkpoint(training_client, checkpoints_file, name, done, n_batches)
-    final = read_jsonl(checkpoints_file)[-1]
-    return TrainResult(run_dir, total_steps, final["sampler_path"], final["state_path"])
+    return TrainOutcome(run_dir=str(run_dir), steps=total_steps, already_finished=False,
+                        final=read_checkpoints(run_dir)[-1])
 
 
 def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int) -> None:
@@ -248,9 +237,8 @@ def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, do
 def _write_config(run_dir: Path, config: TrainConfig, dataset_path: str, dataset_hash: str, renderer: str) -> None:
     from importlib.metadata import version
 
-    payload = {
-        "train_config": config.model_dump(mode="json"),
-        "dataset_path": dataset_path, "dataset_sha256": dataset_hash, "renderer_name": renderer,
-        "versions": {p: version(p) for p in ("dpo-suite", "tinker", "tinker-cookbook", "torch", "transformers")},
-    }
-    atomic_write_bytes(run_dir / "config.json", json.dumps(payload, indent=2).encode())
+    record = RunConfig(
+        train_config=config, dataset_path=dataset_path, dataset_sha256=dataset_hash, renderer_name=renderer,
+        versions={p: version(p) for p in ("dpo-suite", "tinker", "tinker-cookbook", "torch", "transformers")},
+    )
+    atomic_write_bytes(run_dir / "config.json", record.model_dump_json(indent=2).encode())

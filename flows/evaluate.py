@@ -7,59 +7,32 @@ eval prompts, then write the comparison report. The suite runs the same tasks as
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dpo_core.settings import apply_offline_env, install_signal_handlers  # noqa: E402
-
-apply_offline_env()
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+import flows.bootstrap  # noqa: E402,F401  (before Prefect is imported)
 
 from prefect import flow  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
-from dpo_core import checkpoints  # noqa: E402
-from dpo_core.experiment import prepare_concurrent_evaluation  # noqa: E402
 from dpo_core.config import EvalConfig  # noqa: E402
-from dpo_core.report import report_artifact_markdown  # noqa: E402
+from dpo_core.settings import install_signal_handlers  # noqa: E402
+from flows.artifacts import publish_report  # noqa: E402
 from flows.cli import exit_code, parse_config  # noqa: E402
-from tasks.caching import run_fresh_if_gone, still_there  # noqa: E402
-from tasks.training import evaluate_model, write_report  # noqa: E402
+from tasks.caching import file_exists, results_fresh_if_gone, run_fresh_if_gone, still_there  # noqa: E402
+from tasks.evaluate import evaluate_model, plan_evaluation  # noqa: E402
+from tasks.report import write_report  # noqa: E402
 
 
 def evaluate_and_report(run_dirs: list[str], eval_config: EvalConfig, out_dir: str) -> str:
     """Evaluate base models and experiments (tasks run concurrently), then the report; returns report.md."""
-    experiments = []
-    for run_dir in run_dirs:
-        saved = json.loads((Path(run_dir) / "config.json").read_text())
-        experiments.append((run_dir, saved["train_config"], saved["dataset_path"], checkpoints.final_record(run_dir)))
-    base_models = list(dict.fromkeys(config["model_name"] for _, config, _, _ in experiments))
-    datasets = tuple(dict.fromkeys(path for _, _, path, _ in experiments))
     # --- evaluate: each base model once, each experiment's final checkpoint (submitted together) ---
-    calls = [(f"{m} (base)", m, None, eval_config, None, datasets) for m in base_models]
-    calls += [(Path(run_dir).name, config["model_name"], final["sampler_path"], eval_config, run_dir, (dataset,))
-              for run_dir, config, dataset, final in experiments]
-    prepare_concurrent_evaluation()
-    futures = [evaluate_model.submit(*call) for call in calls]
-    evaluated = still_there("eval_dir", "summary.json")
-    eval_dirs = []
-    for call, future in zip(calls, futures):
-        result = future.result()  # a cached evaluation whose folder was deleted since runs again
-        eval_dirs.append(result if evaluated(result) else evaluate_model.with_options(refresh_cache=True)(*call))
-    entries = [{"label": label, "model_name": model, "eval_dir": eval_dir}
-               for (label, model, *_), eval_dir in zip(calls[:len(base_models)], eval_dirs)]
-    for (run_dir, config, _, _), eval_dir in zip(experiments, eval_dirs[len(base_models):]):
-        entries.append({"label": Path(run_dir).name, "model_name": config["model_name"], "eval_dir": eval_dir,
-                        "dataset": str(config["dataset"]), "learning_rate": config["learning_rate"],
-                        "dpo_beta": config["dpo_beta"], "run_dir": run_dir})
+    requests = plan_evaluation(run_dirs)
+    eval_dirs = results_fresh_if_gone(evaluate_model, still_there("eval_dir", "summary.json"),
+                                      [{"request": r, "eval_config": eval_config} for r in requests])
     # --- report: tables and plots, also as a Prefect artifact ---
-    report_path = run_fresh_if_gone(write_report, lambda p: Path(p).exists(), entries, out_dir)
-    create_markdown_artifact(key="dpo-diversity-report", markdown=report_artifact_markdown(Path(report_path)),
-                             description="Output diversity: datasets x models vs base, by creativity")
+    report_path = run_fresh_if_gone(write_report, file_exists, requests, eval_dirs, out_dir)
+    publish_report(report_path)
     return report_path
 
 

@@ -8,40 +8,33 @@ local server with the shipped datasets and SmolLM2-135M-Instruct.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dpo_core.settings import apply_offline_env  # noqa: E402
-
-apply_offline_env()
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+import flows.bootstrap  # noqa: E402,F401  (before Prefect is imported)
 
 from prefect import flow, get_run_logger  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from dpo_core.config import run_name  # noqa: E402
 from dpo_core.data import DatasetNotFoundError  # noqa: E402
-from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
-from dpo_core.suite import SuiteConfig, plan, split_lists  # noqa: E402
+from dpo_core.plan import SuiteConfig, split_lists  # noqa: E402
+from dpo_core.settings import install_signal_handlers  # noqa: E402
+from flows.artifacts import publish_checkpoints, publish_validation  # noqa: E402
 from flows.cli import parse_config  # noqa: E402
 from flows.evaluate import evaluate_and_report  # noqa: E402
 from flows.train import dpo_train  # noqa: E402
+from tasks.plan import plan_experiments  # noqa: E402
 from tasks.runners import task_runner_from_env  # noqa: E402
 from tasks.setup import ensure_concurrency_limits  # noqa: E402
-from tasks.training import validate_dataset  # noqa: E402
+from tasks.validate import validate_dataset  # noqa: E402
 
 
 @flow(name="dpo-suite", log_prints=True, task_runner=task_runner_from_env())
 def dpo_suite(config: SuiteConfig = SuiteConfig()):
     logger = get_run_logger()
-    backend = Settings().resolved_backend()
     ensure_concurrency_limits()
-    experiments, eval_config = plan(config, backend)
+    suite = plan_experiments(config)
     failures: dict[str, str] = {}
 
     # --- validate: each dataset once; a missing one is skipped, a bad one gates its experiments ---
@@ -50,8 +43,7 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
         state = validate_dataset(dataset, return_state=True)
         if state.is_completed():
             validated[dataset] = result = state.result()
-            create_markdown_artifact(key=f"validation-{_slug(dataset)}", markdown=result.report_markdown,
-                                     description=f"Validation report of dataset {dataset}")
+            publish_validation(dataset, result.report_markdown)
             continue
         error = state.result(raise_on_failure=False)
         if isinstance(error, DatasetNotFoundError):
@@ -61,10 +53,9 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
 
     # --- train: one dpo-train subflow per experiment; a failure does not stop the others ---
     finished = []
-    for train_config in experiments:
+    for train_config, name in zip(suite.experiments, suite.run_names):
         if train_config.dataset not in validated:
             continue
-        name = run_name(train_config)
         state = dpo_train.with_options(flow_run_name=name)(train_config, return_state=True)
         if state.is_completed():
             finished.append(state.result())
@@ -73,27 +64,21 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
 
     # --- register: where the weights are ---
     if finished:
-        create_table_artifact(key="dpo-checkpoints", description="Final checkpoints (tinker:// paths)", table=[
-            {"experiment": Path(r["run_dir"]).name, "steps": r["steps"], "sampler_path": r["final"]["sampler_path"],
-             "state_path": r["final"]["state_path"]} for r in finished])
+        publish_checkpoints(finished)
 
     # --- evaluate and report: diversity by creativity, every experiment vs its base model ---
     report_path = None
     if config.evaluate and finished:
         try:
-            report_path = evaluate_and_report([r["run_dir"] for r in finished], eval_config, config.report_dir)
+            report_path = evaluate_and_report([o.run_dir for o in finished], suite.eval_config, config.report_dir)
             print(f"Report: {report_path}")
         except Exception as exc:  # the trained runs stay registered; the suite reports what failed
             failures["evaluation"] = f"{type(exc).__name__}: {exc}"
 
-    summary = {"experiments": [r["run_dir"] for r in finished], "report": report_path, "failed": failures}
+    summary = {"experiments": [o.run_dir for o in finished], "report": report_path, "failed": failures}
     if failures:
         return Failed(message="; ".join(f"{k}: {v}" for k, v in failures.items()), data=summary)
     return Completed(message=f"{len(finished)} experiments; report {report_path}", data=summary)
-
-
-def _slug(dataset: int | str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in str(dataset).lower())[-40:].strip("-") or "dataset"
 
 
 def main(argv: list[str]) -> int:

@@ -11,39 +11,36 @@ With no TINKER_API_KEY it runs on the local server, e.g.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-
-from dpo_core.settings import apply_offline_env, install_signal_handlers  # noqa: E402
-
-apply_offline_env()
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+import flows.bootstrap  # noqa: E402,F401  (before Prefect is imported)
 
 from prefect import flow  # noqa: E402
 
 from dpo_core.config import TrainConfig  # noqa: E402
+from dpo_core.records import TrainOutcome  # noqa: E402
+from dpo_core.settings import install_signal_handlers  # noqa: E402
 from flows.cli import exit_code, parse_config  # noqa: E402
 from tasks.caching import run_fresh_if_gone, still_there  # noqa: E402
-from tasks.training import register_checkpoint, train_experiment, validate_dataset  # noqa: E402
+from tasks.train import register_checkpoint, train_experiment  # noqa: E402
+from tasks.validate import validate_dataset  # noqa: E402
 
 
 @flow(name="dpo-train", log_prints=True)
-def dpo_train(config: TrainConfig) -> dict:
+def dpo_train(config: TrainConfig) -> TrainOutcome:
     # --- validate: a hard gate, before any Tinker call ---
     dataset = validate_dataset(config.dataset)
     # --- train: resumes an unfinished run with the same config ---
-    result = run_fresh_if_gone(train_experiment, still_there("run_dir", "checkpoints.jsonl"), config, dataset)
+    outcome = run_fresh_if_gone(train_experiment, still_there("run_dir", "checkpoints.jsonl"), config, dataset)
     # --- register: the final checkpoint's tinker:// paths ---
-    final = register_checkpoint(result["run_dir"])
-    status = "already finished" if result["already_finished"] else f"finished {result['steps']} steps"
-    print(f"Experiment {result['run_dir']}: {status}")
-    print(f"  checkpoints: {Path(result['run_dir']) / 'checkpoints.jsonl'}")
-    print(f"  sampler_path (use this for inference): {final['sampler_path']}")
-    return {**result, "final": final}
+    final = register_checkpoint(outcome.run_dir)
+    print(f"Experiment {outcome.run_dir}: "
+          f"{'already finished' if outcome.already_finished else f'finished {outcome.steps} steps'}")
+    print(f"  checkpoints: {Path(outcome.run_dir) / 'checkpoints.jsonl'}")
+    print(f"  sampler_path (use this for inference): {final.sampler_path}")
+    return outcome.model_copy(update={"final": final})
 
 
 def main(argv: list[str]) -> int:

@@ -1,20 +1,29 @@
-"""Cache keys on *content*: dataset bytes, configs, checkpoint paths and the source that computes the result.
+"""Cache keys on *content*: dataset bytes, configs, checkpoint registries, ALL project code, pinned libraries.
 
 Prefect's INPUTS policy would hash a path string, so an edited dataset file would hit a stale cache; these
-keys hash the file's bytes instead. A key also covers the task's own source and the library modules doing
-the work, so a code change recomputes.
+keys hash the file's bytes instead. The code part of every key is the source of the whole `dpo_core` package
+(the local engine included) and of `tasks/`, plus the versions of the libraries that shape numbers: a hand-kept
+list of "the modules this task uses" went stale the first time a task started using a module nobody listed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
 import json
+from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from pydantic import BaseModel
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Every folder of code a task runs: the library (server included) and the tasks themselves. Flows only
+# compose tasks, so they shape no result.
+CODE_FOLDERS = ("dpo_core", "tasks")
+# Libraries whose upgrade can change a number (tokenization, rendering, the SDK's loss plumbing, kernels).
+PINNED_LIBRARIES = ("tinker", "tinker-cookbook", "torch", "transformers")
 
 
 def _canonical(value: Any) -> Any:
@@ -36,10 +45,33 @@ def _digest(*parts: Any) -> str:
     return digest.hexdigest()
 
 
-def _sources(context: Any, modules: tuple[ModuleType, ...]) -> list[bytes]:
-    sources = [inspect.getsource(context.task.fn).encode()]
-    sources += [Path(module.__file__).read_bytes() for module in modules]
-    return sources
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
+    """sha256 over every `.py` file under `CODE_FOLDERS` (path and bytes) and the pinned library versions.
+
+    Computed once per process: that is the code this process has loaded, even if the files change under it.
+    """
+    digest = hashlib.sha256()
+    for folder in CODE_FOLDERS:
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\x00" + path.read_bytes() + b"\x00")
+    for library in PINNED_LIBRARIES:
+        digest.update(f"{library}=={version(library)}\x00".encode())
+    return digest.hexdigest()
+
+
+def compute_identity(settings: Any) -> list[str]:
+    """Where a model computes: the backend, and on the local one the device and dtype the engine will pick
+    (bf16 on CUDA, fp32 on CPU, as in dpo_core/local/engine.py), so a GPU result never answers for a CPU run."""
+    backend = settings.resolved_backend()
+    if backend == "tinker":
+        return [backend, settings.tinker_base_url or "default"]
+    device = settings.local_device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [backend, device, "bfloat16" if device == "cuda" else "float32"]
 
 
 def file_bytes_hash(path: str | Path) -> str:
@@ -48,11 +80,11 @@ def file_bytes_hash(path: str | Path) -> str:
     return content_hash(Path(path))
 
 
-def keyed_on(*modules: ModuleType, files: tuple[str, ...] = (), extra=None):
-    """A cache_key_fn: task source + `modules`' source + parameters + the bytes of files named by parameters.
+def content_key(files: tuple[str, ...] = (), extra: Callable[[dict[str, Any]], Any] | None = None):
+    """A cache_key_fn: all project code + parameters + the bytes of files named by parameters + `extra`.
 
     `files` names parameters holding paths (or lists of paths) whose *contents* enter the key; `extra` is a
-    function of the parameters returning more key material (e.g. the hash of a file they imply).
+    function of the parameters returning more key material (e.g. the hash of a file they imply, the backend).
     """
 
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
@@ -63,24 +95,44 @@ def keyed_on(*modules: ModuleType, files: tuple[str, ...] = (), extra=None):
                 if path is not None and Path(str(path)).exists():
                     contents.append(file_bytes_hash(path))
         more = extra(parameters) if extra else None
-        return _digest(*_sources(context, modules), parameters, contents, more)
+        return _digest(code_fingerprint(), parameters, contents, more)
 
     return key_fn
 
 
-def still_there(path_key: str, marker: str):
-    """A validity check for cached results that point at files: `result[path_key]/marker` must exist."""
+def still_there(path_key: str, marker: str) -> Callable[[Any], bool]:
+    """A validity check for cached results that point at files: `result.<path_key>/marker` must exist."""
 
     def check(result: Any) -> bool:
-        folder = result if isinstance(result, str) else (result or {}).get(path_key)
+        if isinstance(result, str):
+            folder = result
+        elif isinstance(result, BaseModel):
+            folder = getattr(result, path_key)
+        else:
+            folder = (result or {}).get(path_key)
         return folder is not None and (Path(folder) / marker).exists()
 
     return check
 
 
-def run_fresh_if_gone(task: Any, is_valid, *args: Any, **kwargs: Any) -> Any:
+def file_exists(path: str) -> bool:
+    """A validity check for cached results that are a file's path."""
+    return Path(path).exists()
+
+
+def run_fresh_if_gone(task: Any, is_valid: Callable[[Any], bool], *args: Any, **kwargs: Any) -> Any:
     """Run a cached task; if its cached result points at files since deleted, run it again (refreshing the cache)."""
     result = task(*args, **kwargs)
     if is_valid(result):
         return result
     return task.with_options(refresh_cache=True)(*args, **kwargs)
+
+
+def results_fresh_if_gone(task: Any, is_valid: Callable[[Any], bool], calls: list[dict[str, Any]]) -> list[Any]:
+    """Submit every call of `task` together (they run concurrently), then as `run_fresh_if_gone` per result."""
+    futures = [task.submit(**call) for call in calls]
+    results = []
+    for call, future in zip(calls, futures):
+        result = future.result()
+        results.append(result if is_valid(result) else task.with_options(refresh_cache=True)(**call))
+    return results

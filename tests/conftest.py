@@ -51,3 +51,14 @@ def service_client(server):
 
     with tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key) as client:
         yield client  # closed before the server stops: no session heartbeat left failing at exit
+
+
+# Everything that starts a server, a model or Prefect takes more than ~5 s: those folders are the slow lane.
+# `make test-fast` (pytest -m "not slow") runs the rest in well under a minute.
+SLOW_FOLDERS = ("integration", "flows", "e2e", "reliability")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(part in SLOW_FOLDERS for part in Path(str(item.fspath)).parts[-3:-1]):
+            item.add_marker(pytest.mark.slow)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from dpo_core.suite import SuiteConfig
+from dpo_core.plan import SuiteConfig
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 

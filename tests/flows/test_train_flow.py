@@ -25,12 +25,12 @@ def test_train_flow_runs_registers_and_keeps_secrets_out(prefect_harness, projec
     state = dpo_train(config, return_state=True)
     assert state.is_completed()
     result = state.result()
-    run_dir = Path(result["run_dir"])
+    run_dir = Path(result.run_dir)
     assert run_dir.parent == project_env / "experiments"
     assert run_dir.name.startswith("dataset2_tiny_lr0.001_beta0.1_")
-    assert result["final"]["name"] == "final" and result["final"]["sampler_path"].startswith("tinker://")
+    assert result.final.name == "final" and result.final.sampler_path.startswith("tinker://")
     pairs = len(data.load_pairs(data.resolve_dataset(2, ROOT / "data")))
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == result["steps"] == math.ceil(pairs / 16)
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == result.steps == math.ceil(pairs / 16)
     for file in list(project_env.rglob("*")):
         if file.is_file():
             assert CANARY.encode() not in file.read_bytes(), f"secret leaked into {file}"

@@ -1,9 +1,13 @@
-"""The benchmarks' smoke modes: seconds on local/tiny, so the scripts cannot rot (no timing is asserted)."""
+"""The benchmarks' smoke modes: seconds on local/tiny, so the scripts cannot rot. Each test reads the numbers
+the script prints and checks they are consistent (no speed target is asserted: smoke runs are too short)."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -31,10 +35,23 @@ def _smoke(name: str) -> str:
     return done.stdout
 
 
+def _number(pattern: str, text: str) -> float:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in the output:\n{text[-2000:]}"
+    return float(match.group(1))
+
+
 def test_dpo_throughput_benchmark_smoke():
     out = _smoke("dpo_throughput")
-    assert "dpo-suite (local server, tinker SDK):" in out and "TRL DPOTrainer" in out
-    assert "ratio dpo-suite/TRL tokens/s:" in out and "peak memory ratio" in out
+    suite_tok_s = _number(r"dpo-suite \(local server, tinker SDK\): ([\d.]+) tok/s", out)
+    trl_tok_s = _number(r"TRL DPOTrainer \(peft LoRA\): ([\d.]+) tok/s", out)
+    suite_tokens = _number(r"dpo-suite \(local server, tinker SDK\): .*?, (\d+) tokens", out)
+    trl_tokens = _number(r"TRL DPOTrainer \(peft LoRA\): .*?, (\d+) tokens", out)
+    ratio = _number(r"ratio dpo-suite/TRL tokens/s: ([\d.]+)x", out)
+    memory_ratio = _number(r"peak memory ratio ([\d.]+)x", out)
+    assert suite_tok_s > 0 and trl_tok_s > 0 and suite_tokens > 0 and trl_tokens > 0 and memory_ratio > 0
+    # One round in smoke mode: the ratio is the two printed throughputs' (each rounded to a whole tok/s).
+    assert ratio == pytest.approx(suite_tok_s / trl_tok_s, rel=0.05, abs=0.01)
 
 
 def test_reference_cache_benchmark_smoke():
@@ -47,5 +64,10 @@ def test_reference_cache_benchmark_smoke():
 
 def test_suite_overhead_benchmark_smoke():
     out = _smoke("suite_overhead")
-    assert "direct library calls:" in out and "cached rerun (in process)" in out
-    assert "python flows/suite.py, cached rerun" in out
+    direct_s = _number(r"direct library calls: ([\d.]+) s", out)
+    cold_s = _number(r"dpo-suite flow, cold: ([\d.]+) s", out)
+    rerun_s = _number(r"cached rerun \(in process\): ([\d.]+) s", out)
+    cli_s = _number(r"python flows/suite.py, cached rerun .*?: ([\d.]+) s", out)
+    assert direct_s > 0 and cold_s > 0 and cli_s > 0
+    # The cached rerun trains and samples nothing: it is all cache hits, well under the cold run.
+    assert rerun_s < cold_s

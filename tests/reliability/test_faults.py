@@ -31,7 +31,7 @@ def _run(tmp_path: Path, name: str, fault_rate: float, registered: Path, embedde
                   dataset_hash=data.content_hash(path), reference_dir=tmp_path / name / "ref")
             eval_config = EvalConfig(num_samples=2, max_prompts=3, max_tokens=6)
             prompts = select_prompts(data.load_eval_prompts(DATA / "eval_prompts.parquet"), eval_config)
-            sampler_path = final_record(tmp_path / name / "run")["sampler_path"]
+            sampler_path = final_record(tmp_path / name / "run").sampler_path
             sample_and_score(client, EvalTarget(name, "local/tiny", sampler_path), prompts, eval_config, embedder,
                              tmp_path / name / "eval", progress=False)
             if fault_rate:

@@ -7,13 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from dpo_core.pairs import (
-    mean_distances,
-    parse_rating,
-    rating_from_distribution,
-    select_by_quality,
-    select_by_score,
-)
+from dpo_core.judge import parse_rating, rating_from_distribution
+from dpo_core.pairs import mean_distances, select_by_quality, select_by_score
 
 NAN = math.nan
 

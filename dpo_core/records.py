@@ -1,0 +1,68 @@
+"""Typed records that cross layers: a run's config.json, a checkpoints.jsonl row, a training outcome.
+
+Every reader of these files goes through here, so the file format is written down once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ConfigDict
+
+from dpo_core.config import FrozenModel, TrainConfig
+
+
+class CheckpointRecord(FrozenModel):
+    """One row of `checkpoints.jsonl` (tinker-cookbook's format plus `step`)."""
+
+    # Rows written by the cookbook's own train_dpo carry keys of its own loop: ignore them rather than refuse.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    epoch: int = 0  # position of the *next* step (the cookbook's convention)
+    batch: int = 0
+    step: int = 0  # optimizer steps done
+    state_path: str | None = None  # weights + optimizer: what resume needs
+    sampler_path: str | None = None  # weights for sampling: what inference needs
+
+
+class RunConfig(FrozenModel):
+    """A run folder's `config.json`: the full TrainConfig, the dataset it trained on, renderer, versions."""
+
+    train_config: TrainConfig
+    dataset_path: str
+    dataset_sha256: str
+    renderer_name: str
+    versions: dict[str, str]
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> RunConfig:
+        """Parse `<run_dir>/config.json`; FileNotFoundError names the folder when it is missing."""
+        path = Path(run_dir) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} is not an experiment folder (no config.json)")
+        return cls.model_validate_json(path.read_text())
+
+    @classmethod
+    def read_train_config(cls, run_dir: str | Path) -> TrainConfig:
+        """Only the TrainConfig of `<run_dir>/config.json`: all a folder's identity needs, so a config.json
+        written by hand (or by an older version) with just `train_config` still identifies its experiment."""
+        path = Path(run_dir) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} is not an experiment folder (no config.json)")
+        return _TrainConfigOnly.model_validate_json(path.read_text()).train_config
+
+
+class _TrainConfigOnly(FrozenModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    train_config: TrainConfig
+
+
+class TrainOutcome(FrozenModel):
+    """What training one experiment produced: where, how far, and its final checkpoint."""
+
+    run_dir: str
+    steps: int
+    already_finished: bool
+    final: CheckpointRecord

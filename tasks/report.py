@@ -1,0 +1,27 @@
+"""Task: the comparison report over evaluated models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from dpo_core import data, experiment
+from tasks.caching import content_key
+from tasks.policy import CACHED
+from tasks.setup import task_tags
+
+
+def _report_inputs(parameters: dict[str, Any]) -> list[str]:
+    """The bytes the report is made of: each evaluation's summary and each experiment's metrics and config."""
+    files = [Path(eval_dir) / "summary.json" for eval_dir in parameters["eval_dirs"]]
+    for request in parameters["requests"]:
+        if request.run_dir:
+            files += [Path(request.run_dir) / "metrics.jsonl", Path(request.run_dir) / "config.json"]
+    return [data.content_hash(file) for file in files if file.exists()]
+
+
+@task(name="write-report", tags=task_tags(), cache_key_fn=content_key(extra=_report_inputs), **CACHED)
+def write_report(requests: list[experiment.EvalRequest], eval_dirs: list[str], out_dir: str) -> str:
+    return experiment.write_report(experiment.report_entries(requests, eval_dirs), out_dir)

@@ -1,0 +1,71 @@
+"""The suite's plan (every TrainConfig key settable from the suite), list splitting, the lr schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from dpo_core.config import TrainConfig
+from dpo_core.plan import SuiteConfig, plan, plan_suite, split_lists
+from dpo_core.train import learning_rate_at
+
+
+def test_plan_crosses_datasets_models_rates_and_betas_in_order():
+    config = SuiteConfig(datasets=[1, 2], models=["a/m1", "b/m2"], learning_rate=[1e-5, 2e-5], dpo_beta=[0.1, 0.2])
+    experiments, _ = plan(config, "local")
+    assert len(experiments) == 2 * 2 * 2 * 2
+    assert [(e.dataset, e.model_name, e.learning_rate, e.dpo_beta) for e in experiments[:3]] == [
+        (1, "a/m1", 1e-5, 0.1), (1, "a/m1", 1e-5, 0.2), (1, "a/m1", 2e-5, 0.1)]
+
+
+def test_plan_takes_the_backends_defaults_when_unset():
+    [local], local_eval = plan(SuiteConfig(datasets=[1]), "local")
+    assert (local.model_name, local.batch_size, local.max_length, local.learning_rate) == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct", 8, 256, 1e-4)
+    assert (local_eval.num_samples, local_eval.max_prompts, local_eval.max_tokens) == (4, 24, 64)
+    tinker_runs, tinker_eval = plan(SuiteConfig(datasets=[1]), "tinker")
+    assert len(tinker_runs) == 3 and {e.batch_size for e in tinker_runs} == {256}
+    assert tinker_eval.max_prompts is None and tinker_eval.num_samples == 8
+
+
+def test_every_training_key_but_the_per_experiment_ones_is_a_suite_key():
+    assert set(TrainConfig.model_fields) - set(SuiteConfig.model_fields) == {"model_name", "dataset", "log_path"}
+    config = SuiteConfig(datasets=[1], renderer_name="role_colon", wandb_name="sweep", lr_schedule="cosine",
+                         resume=False, save_every=3, lora_rank=8, batch_size=4, max_length=128)
+    [experiment], _ = plan(config, "local")
+    assert (experiment.renderer_name, experiment.wandb_name, experiment.lr_schedule, experiment.resume) == (
+        "role_colon", "sweep", "cosine", False)
+    assert (experiment.save_every, experiment.lora_rank, experiment.batch_size, experiment.max_length) == (3, 8, 4, 128)
+
+
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"learning_rate": [-1.0]}, {"lr_schedule": "steps"},
+                                 {"datasets": [4]}, {"unknown": 1}])
+def test_the_suite_refuses_what_train_config_refuses(bad):
+    with pytest.raises(ValidationError):
+        SuiteConfig(**bad)
+
+
+def test_plan_suite_names_each_experiment_as_its_run_folder():
+    suite = plan_suite(SuiteConfig(datasets=[1, 3], dpo_beta=[0.1]), "local")
+    assert [name.rsplit("_", 1)[0] for name in suite.run_names] == [
+        "dataset1_smollm2135m_lr0.0001_beta0.1", "dataset3_smollm2135m_lr0.0001_beta0.1"]
+
+
+def test_split_lists_splits_only_list_fields():
+    assert split_lists({"datasets": "1, 2,", "dpo_beta": "0.05,0.1", "renderer_name": "a,b", "seed": "3"}) == {
+        "datasets": ["1", "2"], "dpo_beta": ["0.05", "0.1"], "renderer_name": "a,b", "seed": "3"}
+    config = SuiteConfig.model_validate(split_lists({"datasets": "1,2", "models": "x/y"}))
+    assert config.datasets == [1, 2] and config.models == ["x/y"]
+
+
+@pytest.mark.parametrize("schedule, halfway", [("linear", 0.5), ("cosine", 0.5), ("constant", 1.0)])
+def test_learning_rate_at_follows_the_schedule(schedule, halfway):
+    config = TrainConfig(model_name="local/tiny", dataset=1, learning_rate=1e-4, lr_schedule=schedule)
+    assert learning_rate_at(config, 0, 10) == pytest.approx(1e-4)
+    assert learning_rate_at(config, 5, 10) == pytest.approx(1e-4 * halfway)
+    if schedule == "cosine":
+        assert learning_rate_at(config, 2, 10) == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    if schedule == "linear":
+        assert learning_rate_at(config, 9, 10) == pytest.approx(1e-5)
