@@ -88,12 +88,10 @@ def judge_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric
 
     def judge_input(prompt_id: str, index: int, prefill: str | None = None) -> tinker.ModelInput:
         text = rubric.format(prompt=by_id[prompt_id]["prompt"], response=candidates[prompt_id][index]["text"])
-        with rendering.TOKENIZER_LOCK:
-            return renderer.build_generation_prompt([{"role": "user", "content": text}], prefill=prefill)
+        return renderer.build_generation_prompt([{"role": "user", "content": text}], prefill=prefill)
 
     if config.judge_scoring == "distribution":
-        with rendering.TOKENIZER_LOCK:
-            one, zero = (renderer.tokenizer.encode(d, add_special_tokens=False) for d in ("1", "0"))
+        one, zero = (renderer.tokenizer.encode(d, add_special_tokens=False) for d in ("1", "0"))
         if len(one) != 1 or len(zero) != 1:
             raise ValueError(f"judge {judge_model!r} does not spell numbers digit by digit; "
                              "use judge_scoring=text")
@@ -106,18 +104,16 @@ def judge_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric
                 include_prompt_logprobs=True, topk_prompt_logprobs=20)))
         for (prompt_id, _, index), (position, future) in zip(todo, futures):
             response = future.result()
-            with rendering.TOKENIZER_LOCK:
-                first = {}
-                for token, logprob in response.topk_prompt_logprobs[position] or []:
-                    word = renderer.tokenizer.decode([token])
-                    first[word] = first.get(word, 0.0) + math.exp(logprob)
+            first = {}
+            for token, logprob in response.topk_prompt_logprobs[position] or []:
+                word = renderer.tokenizer.decode([token])
+                first[word] = first.get(word, 0.0) + math.exp(logprob)
             rating, _ = rating_from_distribution(first, math.exp(response.prompt_logprobs[position + 1]),
                                                  config.judge_min_mass)
             if rating is not None:
                 out[prompt_id][index] = rating
     else:
-        with rendering.TOKENIZER_LOCK:
-            stop = renderer.get_stop_sequences()
+        stop = renderer.get_stop_sequences()
         remaining = list(todo)
         for attempt in range(config.judge_retries):
             futures = [sampler.sample(judge_input(prompt_id, index), 1, tinker.SamplingParams(
@@ -126,8 +122,7 @@ def judge_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric
             still = []
             for (prompt_id, key, index), future in zip(remaining, futures):
                 tokens = list(future.result().sequences[0].tokens)
-                with rendering.TOKENIZER_LOCK:
-                    reply = renderer.tokenizer.decode(tokens, skip_special_tokens=True)
+                reply = renderer.tokenizer.decode(tokens, skip_special_tokens=True)
                 rating = parse_rating(reply)
                 if rating is None:
                     still.append((prompt_id, key, index))

@@ -59,12 +59,10 @@ class Sampler:
 
     def _prompt(self, prompt: str | Sequence[Message]) -> tinker.ModelInput:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        with rendering.TOKENIZER_LOCK:
-            return self.renderer.build_generation_prompt(messages)
+        return self.renderer.build_generation_prompt(messages)
 
     def _params(self, seed: int | None) -> tinker.SamplingParams:
-        with rendering.TOKENIZER_LOCK:
-            stop = self.renderer.get_stop_sequences()
+        stop = self.renderer.get_stop_sequences()
         return tinker.SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                                      seed=self.seed if seed is None else seed, stop=stop)
 
@@ -72,8 +70,7 @@ class Sampler:
         from tinker_cookbook.renderers import get_text_content
 
         tokens = list(sequence.tokens)
-        with rendering.TOKENIZER_LOCK:
-            message, _ = self.renderer.parse_response(tokens)
+        message, _ = self.renderer.parse_response(tokens)
         return Completion(get_text_content(message), tokens, prompt_tokens, sequence.stop_reason)
 
     def sample_many(self, prompts: Sequence[str | Sequence[Message]], num_samples: int = 1, seed: int | None = None,

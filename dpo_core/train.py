@@ -66,8 +66,7 @@ def render_pairs(pairs: Sequence[PreferencePair], renderer: Any, max_length: int
 
     rendered = []
     for pair in pairs:
-        with rendering.TOKENIZER_LOCK:
-            chosen, rejected = datum(pair.chosen_conversation()), datum(pair.rejected_conversation())
+        chosen, rejected = datum(pair.chosen_conversation()), datum(pair.rejected_conversation())
         if _full_tokens(chosen) == _full_tokens(rejected):
             raise DatasetError(source, f"chosen and rejected become identical after truncation to "
                                f"max_length={max_length}", row=pair.row, column="chosen",

@@ -10,3 +10,19 @@ from dpo_core.settings import apply_offline_env
 apply_offline_env()
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def with_shared_backend(flow_function):
+    """Run a flow body inside one `shared_backend()`: every task of the run (and every subflow, which reuses the
+    active one) talks to the same local server, so models load once and concurrent sampling batches together.
+    Put it under `@flow(...)`; Prefect reads the wrapped function's signature."""
+    import functools
+
+    @functools.wraps(flow_function)
+    def run_with_backend(*args, **kwargs):
+        from dpo_core.backend import shared_backend
+
+        with shared_backend():
+            return flow_function(*args, **kwargs)
+
+    return run_with_backend

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-import flows.bootstrap  # noqa: E402,F401  (before Prefect is imported)
+from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect is imported)
 
 from prefect import flow  # noqa: E402
 
@@ -37,6 +37,7 @@ def evaluate_and_report(run_dirs: list[str], eval_config: EvalConfig, out_dir: s
 
 
 @flow(name="dpo-evaluate", log_prints=True)
+@with_shared_backend
 def dpo_evaluate(run_dirs: list[str], eval_config: EvalConfig = EvalConfig(), out_dir: str = "reports/latest") -> str:
     report_path = evaluate_and_report(run_dirs, eval_config, out_dir)
     print(f"Report: {report_path}")

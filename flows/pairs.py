@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-import flows.bootstrap  # noqa: E402,F401  (before Prefect is imported)
+from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect is imported)
 
 from prefect import flow  # noqa: E402
 
@@ -25,6 +25,7 @@ from tasks.pairs import build_pairs  # noqa: E402
 
 
 @flow(name="dpo-pairs", log_prints=True)
+@with_shared_backend
 def dpo_pairs(config: PairsConfig) -> dict:
     # --- sample, score, select: per-prompt stages are cached, so new prompts only cost their own sampling ---
     summary = build_pairs(config)

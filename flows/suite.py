@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-import flows.bootstrap  # noqa: E402,F401  (before Prefect is imported)
+from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect is imported)
 
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
@@ -31,6 +31,7 @@ from tasks.validate import validate_dataset  # noqa: E402
 
 
 @flow(name="dpo-suite", log_prints=True, task_runner=task_runner_from_env())
+@with_shared_backend
 def dpo_suite(config: SuiteConfig = SuiteConfig()):
     logger = get_run_logger()
     ensure_concurrency_limits()

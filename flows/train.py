@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
-import flows.bootstrap  # noqa: E402,F401  (before Prefect is imported)
+from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect is imported)
 
 from prefect import flow  # noqa: E402
 
@@ -29,6 +29,7 @@ from tasks.validate import validate_dataset  # noqa: E402
 
 
 @flow(name="dpo-train", log_prints=True)
+@with_shared_backend
 def dpo_train(config: TrainConfig) -> TrainOutcome:
     # --- validate: a hard gate, before any Tinker call ---
     dataset = validate_dataset(config.dataset)
