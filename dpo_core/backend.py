@@ -104,7 +104,7 @@ def shared_backend() -> Iterator[Backend]:
 
 def _server_key(settings: Settings) -> tuple:
     return (str(Path(settings.local_storage).resolve()), str(settings.cache_dir), _frozen(settings.local_models),
-            settings.local_device, settings.local_threads, settings.local_fault_rate)
+            settings.local_device, settings.local_dtype, settings.local_threads, settings.local_fault_rate)
 
 
 def _frozen(mapping: dict) -> tuple:

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     local_port: int = 0  # 0 = a free port
     local_threads: int = 0  # torch threads; 0 = 1 for tiny models, 2 otherwise (measured best on 2 vCPUs)
     local_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto = bfloat16 on CUDA (half the memory, tensor cores), float32 on the CPU (no fast bf16 kernels there)
+    local_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     local_micro_batch_tokens: int = 4096  # tokens per forward/backward micro-batch (memory bound)
     local_graph_cache_tokens: int = 16384  # tokens whose autograd graph is kept between forward and backward
     local_models: dict[str, Path] = {}  # extra base models: name -> local HF model folder

@@ -34,6 +34,7 @@ class Engine:
         cache_dir: Path,
         local_models: dict[str, Path] | None = None,
         device: str = "auto",
+        dtype: str = "auto",
         threads: int = 0,
         micro_batch_tokens: int = 2048,
         graph_cache_tokens: int = 16384,
@@ -46,7 +47,8 @@ class Engine:
             "sample_requests": 0, "prompt_logprob_requests": 0, "prompt_logprob_tokens": 0,
             "sampled_tokens": 0, "trained_tokens": 0,
         }
-        self.store = ModelStore(cache_dir, local_models, device=device, threads=threads, stand_in=stand_in)
+        self.store = ModelStore(cache_dir, local_models, device=device, dtype=dtype, threads=threads,
+                                stand_in=stand_in)
         self.checkpoints = CheckpointStore(storage)
         self.trainer = Trainer(self.store, self.checkpoints, self.counters, micro_batch_tokens, graph_cache_tokens)
         self.sampler = Sampler(self.store, self.checkpoints, self.counters, merged_cache_size)

@@ -32,6 +32,7 @@ def build_engine(settings: Settings, storage: Path | None = None) -> Engine:
         cache_dir=settings.cache_dir,
         local_models=settings.local_models,
         device=settings.local_device,
+        dtype=settings.local_dtype,
         threads=settings.local_threads,
         micro_batch_tokens=settings.local_micro_batch_tokens,
         graph_cache_tokens=settings.local_graph_cache_tokens,

@@ -2,7 +2,8 @@
 
 Only the `cross_entropy` loss (`sum_t -logprob_t * weight_t`) is served: `forward_backward_custom` and DPO need
 no other. Speed notes (measured on 2 vCPUs, see bench/):
-- per-token logprobs are `gather - logsumexp` (cross_entropy on transposed logits was ~4x slower);
+- per-token logprobs are `gather - logsumexp` over chunks of positions (`logprobs.py`), never the full
+  [tokens x vocab] logits (cross_entropy on transposed logits was ~4x slower);
 - `forward_backward_custom` sends a forward-only pass and then a forward_backward over the same datums: the
   first pass keeps its autograd graph (up to `graph_cache_tokens`), so the second runs only backward;
 - a request's datums run in micro-batches of at most `micro_batch_tokens` padded tokens, gradients accumulate.
@@ -21,6 +22,7 @@ import torch
 
 from dpo_core.local import ids
 from dpo_core.local.checkpoints import CheckpointStore
+from dpo_core.local.logprobs import final_hidden_states, token_logprobs
 from dpo_core.local.store import ModelStore
 from dpo_core.local.validation import UserError, check_datums, check_loss_fn
 from dpo_core.models import MODEL_LOAD_LOCK
@@ -106,7 +108,11 @@ class Trainer:
         seed = lora.get("seed")
         with MODEL_LOAD_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(0 if seed is None else int(seed))
-            module = get_peft_model(copy.deepcopy(base), config)
+            # peft rewires the module it is given, so it gets a copy of the module tree, but the copy shares the
+            # frozen base tensors: nothing writes them, and a second copy per training model (0.5 GB for SmolLM2
+            # in fp32) showed up in peak RSS.
+            shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+            module = get_peft_model(copy.deepcopy(base, memo=shared), config)
         module.eval()  # no dropout anywhere; LoRA params still train
         params = [p for p in module.parameters() if p.requires_grad]
         self.models[model_id] = TrainingModel(model_id, base_model, lora, module, new_optimizer(params))
@@ -146,19 +152,22 @@ class Trainer:
         return groups
 
     def _logprobs(self, module: Any, data: list[Datum], indices: list[int]) -> list[torch.Tensor]:
-        """Per-token logprobs of each datum's target tokens (gather - logsumexp)."""
-        longest = max(len(data[i].tokens) for i in indices)
+        """Per-token fp32 logprobs of each datum's target tokens, differentiable w.r.t. the LoRA weights.
+
+        The unembedding runs chunk by chunk (`token_logprobs`): neither this pass nor a graph kept for the
+        backward ever holds [tokens x vocab] logits, which dominated peak memory (0.8 GB per 4096 SmolLM2 tokens).
+        """
+        lengths = [len(data[i].tokens) for i in indices]
         # Right padding needs no attention mask: causal attention never looks ahead at the pads.
-        input_ids = torch.zeros((len(indices), longest), dtype=torch.long)
-        targets = torch.zeros((len(indices), longest), dtype=torch.long)
+        input_ids = torch.zeros((len(indices), max(lengths)), dtype=torch.long)
         for row, i in enumerate(indices):
-            n = len(data[i].tokens)
-            input_ids[row, :n] = torch.tensor(data[i].tokens, dtype=torch.long)
-            targets[row, :n] = torch.from_numpy(data[i].target_tokens.astype(np.int64))
-        input_ids, targets = input_ids.to(self.store.device), targets.to(self.store.device)
-        logits = module(input_ids=input_ids, use_cache=False).logits.float()
-        logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        return [logprobs[row, : len(data[i].tokens)] for row, i in enumerate(indices)]
+            input_ids[row, : lengths[row]] = torch.tensor(data[i].tokens, dtype=torch.long)
+        targets = torch.cat([torch.from_numpy(data[i].target_tokens.astype(np.int64)) for i in indices])
+        hidden, head = final_hidden_states(module, input_ids.to(self.store.device))
+        # The pads are dropped before the head: they would cost a vocab-wide matmul each and score nothing.
+        real_positions = torch.cat([hidden[row, :n] for row, n in enumerate(lengths)])
+        logprobs = token_logprobs(real_positions, head.weight, targets.to(self.store.device), bias=head.bias)
+        return list(logprobs.split(lengths))
 
     @staticmethod
     def _graph_key(data: list[Datum], indices: list[int]) -> str:
