@@ -92,7 +92,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         now = time.monotonic()
         if now < sweep["next"]:
             return
-        sweep["next"] = now + 5.0
+        sweep["next"] = now + min(5.0, limits.session_idle_s / 2)
         expired = [sid for sid, s in sessions.items() if now - s.last_seen > limits.session_idle_s]
         for session_id in expired:
             del sessions[session_id]
