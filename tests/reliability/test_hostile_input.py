@@ -58,6 +58,11 @@ def sample_tokens(http: httpx.Client, **extra) -> list[list[int]]:
     return [np.frombuffer(s.tokens, dtype=np.int32).tolist() for s in response.sequences]
 
 
+def _sample_body(num_samples: int, max_tokens: int) -> dict:
+    return {"base_model": TINY, "num_samples": num_samples, "prompt": {"chunks": [{"tokens": PROMPT}]},
+            "sampling_params": {"max_tokens": max_tokens, "seed": 1, "stop": []}}
+
+
 def new_model(http: httpx.Client, seq: int | None = None) -> str:
     session = http.post("/create_session", json={"tags": [], "sdk_version": "test"}).json()["session_id"]
     reply = http.post("/create_model", json={"session_id": session, "model_seq_id": seq or 0, "base_model": TINY,
@@ -167,10 +172,16 @@ def test_malformed_json_is_400_and_keeps_the_connection(raw, http):
 def test_non_integer_seq_id_cannot_stop_the_engine(http, hostile):
     """The request that used to kill the engine thread (TypeError while ordering jobs) while /healthz said ok."""
     model_id = new_model(http, seq=1)
-    for seq_id in ("x", 1.5, None, [1]):
-        http.post("/optim_step", json={"model_id": model_id, "seq_id": seq_id, "adam_params": {}})
+    busy = _sample_body(num_samples=16, max_tokens=400)  # holds the engine, so the steps below queue up together
+    busy_reply = http.post("/asample", json=busy)
+    queued = http.post("/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {}})
+    for seq_id in ("x", 1.5, [1]):
+        assert_refused(http.post("/optim_step", json={"model_id": model_id, "seq_id": seq_id, "adam_params": {}}),
+                       422, "seq_id")
+    assert "metrics" in result(http, queued).json()
+    assert result(http, busy_reply).status_code == 200
     assert http.get("/healthz").json() == {"status": "ok"}
-    step = result(http, http.post("/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {}}))
+    step = result(http, http.post("/optim_step", json={"model_id": model_id, "seq_id": 3, "adam_params": {}}))
     assert "metrics" in step.json(), step.text
     http.post("/unload_model", json={"model_id": model_id})
 
