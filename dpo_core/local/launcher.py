@@ -93,9 +93,9 @@ def local_server(
     finally:
         # The engine first: its running job is cancelled at its next step, so no torch work outlives the
         # interpreter (that ended in "terminate called without an active exception").
-        app.state.stop(wait_s=3.0)
+        app.state.stop(wait_s=2.0)
         server.should_exit = True
-        thread.join(timeout=5)
+        thread.join(timeout=2)  # SIGTERM must end a busy server within 5 s (issue 14)
         sock.close()
 
 
@@ -115,7 +115,7 @@ def serve_forever(settings: Settings, host: str, port: int, storage: Path | None
         print(f"  models: {', '.join(s.name for s in server.engine.served_models())}", flush=True)
         print(f"  storage: {server.engine.storage}", flush=True)
         try:
-            while not stop.wait(0.5):
+            while not stop.wait(0.2):
                 pass
         except KeyboardInterrupt:
             pass
