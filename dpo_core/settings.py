@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     # "tinker": the server answers like Tinker today (its lineup; Qwen3-8B backed by a tiny Qwen3 model with the
     # real Qwen3 tokenizer) so a cloud run can be rehearsed offline; "" serves the local models.
     local_stand_in: Literal["", "tinker"] = ""
+    # Server limits (README "Server limits"): what one request or client may ask of the local server.
+    local_max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # per request, counted after decompression
+    local_request_timeout_s: float = Field(default=600.0, gt=0)  # per engine job; decoding stops at the next step
+    local_max_training_models: int = Field(default=16, ge=0)  # live LoRA training models, all clients; 0 = no cap
+    local_max_sessions: int = Field(default=1024, ge=1)  # live client sessions
+    local_session_idle_s: float = Field(default=900.0, gt=0)  # no heartbeat this long: the session's models go
 
     # --- Weights & Biases ---
     wandb_project: str | None = None

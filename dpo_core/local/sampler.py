@@ -11,13 +11,14 @@ import copy
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from dpo_core.local import ids
+from dpo_core.local.budget import Budget, JobInterrupted
 from dpo_core.local.checkpoints import CheckpointStore
 from dpo_core.local.logprobs import prompt_logprobs
 from dpo_core.local.lora_merge import merge_lora
@@ -33,6 +34,7 @@ class SampleRequest:
     params: dict[str, Any]
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    budget: Budget = field(default_factory=Budget)  # checked between decode steps: deadline and cancel
 
 
 @dataclass
@@ -219,6 +221,14 @@ class Sampler:
         next_logits = head(hidden[:, -1]).float()
         steps = max(s["max_tokens"] for s in settings)
         for step in range(steps):
+            for i in live:  # a request out of time or cancelled ends here, alone; its batch-mates go on
+                problem = requests[i].budget.problem() if isinstance(results[i], dict) else None
+                if problem is not None:
+                    results[i] = JobInterrupted(problem)
+                    for r, (owner, _) in enumerate(rows):
+                        done[r] = done[r] or owner == i
+            if all(done):
+                break
             log_probs = torch.log_softmax(next_logits / temperatures, dim=-1)
             filtered = _filter(log_probs, top_k, top_p).exp()
             greedy_choice = next_logits.argmax(dim=-1)
@@ -246,7 +256,7 @@ class Sampler:
                           past_key_values=past, use_cache=True)
             past, next_logits = out.past_key_values, head(out.last_hidden_state[:, -1]).float()
         self.counters["sampled_tokens"] += sum(len(seq) for seq in sequences)
-        for i in live:
+        for i in (i for i in live if isinstance(results[i], dict)):
             results[i]["sequences"] = [
                 {"tokens": sequences[r], "logprobs": logprobs[r], "stop_reason": stop_reason[r]}
                 for r, (owner, _) in enumerate(rows) if owner == i
