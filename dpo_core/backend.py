@@ -117,7 +117,7 @@ def service_client(settings: Settings, backend: Backend | None = None) -> Iterat
     `backend` (default: the entered `Backend`), or, with none entered, one for the duration of this block.
 
     The client's session is closed on exit (the local server then frees its training models)."""
-    apply_offline_env()
+    apply_offline_env(settings)
     quiet_sdk_polling()
     with contextlib.ExitStack() as stack:
         if settings.resolved_backend() == "tinker":

@@ -121,6 +121,7 @@ class EvalRequest(FrozenModel):
     model_path: str | None = None
     run_dir: str | None = None
     training_datasets: tuple[str, ...] = ()  # eval prompts found in these are an error
+    renderer_name: str | None = None  # the renderer the model was trained with (config.json): one per run
 
 
 def plan_evaluation(run_dirs: Sequence[str]) -> list[EvalRequest]:
@@ -132,10 +133,16 @@ def plan_evaluation(run_dirs: Sequence[str]) -> list[EvalRequest]:
         datasets = trained_on.setdefault(run.train_config.model_name, [])
         if run.dataset_path not in datasets:
             datasets.append(run.dataset_path)
-    requests = [EvalRequest(label=f"{model} (base)", model_name=model, training_datasets=tuple(datasets))
+    # A base model is prompted as its experiments were trained (the first run's renderer, when they differ).
+    rendered_as: dict[str, str] = {}
+    for _, run, _ in runs:
+        rendered_as.setdefault(run.train_config.model_name, run.renderer_name)
+    requests = [EvalRequest(label=f"{model} (base)", model_name=model, training_datasets=tuple(datasets),
+                            renderer_name=rendered_as[model])
                 for model, datasets in trained_on.items()]
     requests += [EvalRequest(label=Path(run_dir).name, model_name=run.train_config.model_name,
-                             model_path=final.sampler_path, run_dir=run_dir, training_datasets=(run.dataset_path,))
+                             model_path=final.sampler_path, run_dir=run_dir, training_datasets=(run.dataset_path,),
+                             renderer_name=run.renderer_name)
                  for run_dir, run, final in runs]
     return requests
 
@@ -173,7 +180,7 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
         out_dir = Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name) / f"eval_{fingerprint}"
     embedder = diversity.Embedder()
     with service_client(settings) as client:
-        target = evaluate.EvalTarget(request.label, request.model_name, request.model_path)
+        target = evaluate.EvalTarget(request.label, request.model_name, request.model_path, request.renderer_name)
         evaluate.sample_and_score(client, target, prompts, eval_config, embedder, out_dir)
     return str(out_dir)
 
