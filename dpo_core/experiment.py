@@ -14,7 +14,8 @@ from typing import Any
 from dpo_core import data
 from dpo_core.backend import check_model_supported, service_client
 from dpo_core.checkpoints import final_record
-from dpo_core.config import ConfigError, EvalConfig, FrozenModel, TrainConfig, choose_run_dir, model_slug
+from dpo_core.config import (ConfigError, EvalConfig, FrozenModel, TrainConfig, check_step_count, choose_run_dir,
+                             model_slug)
 from dpo_core.logging_sinks import build_sinks
 from dpo_core.records import RunConfig, TrainOutcome
 from dpo_core.report import ReportEntry
@@ -39,19 +40,29 @@ def validate_dataset(dataset: int | str, settings: Settings) -> ValidatedDataset
                             report_markdown=report.to_markdown())
 
 
+def served_models(settings: Settings) -> dict[str, bool]:
+    """What the service serves (model name -> trainable there), asked before any training."""
+    from dpo_core.backend import served_models as listed
+
+    with service_client(settings) as client:
+        return listed(client)
+
+
 def train_experiment(config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> TrainOutcome:
     """Train (or resume, or report finished) one experiment; returns where it is and its final checkpoint."""
     experiments_dir = Path(settings.experiments_dir)
     lock_dir = Path(settings.cache_dir) / "run-locks" / hashlib.sha256(
         str(experiments_dir.resolve()).encode()).hexdigest()[:16]
-    run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir)
+    check_step_count(config, dataset.rows, f"{Path(dataset.path).name}")  # before any Tinker call
+    run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir, dataset.sha256)
     try:
         return _train_in(run_dir, config, settings, dataset)
     finally:
         lock.close()  # releases the flock (the kernel also releases it if this process dies)
 
 
-def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path) -> tuple[Path, Any]:
+def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path,
+                  dataset_sha256: str | None = None) -> tuple[Path, Any]:
     """Choose the run folder and hold an exclusive lock on it for the whole run.
 
     Two processes started at once with the same experiment would otherwise pick the same folder (it only
@@ -62,7 +73,7 @@ def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path) ->
     lock_dir.mkdir(parents=True, exist_ok=True)  # outside the experiments folder: nothing to see there
     taken: set[str] = set()
     while True:
-        run_dir = choose_run_dir(config, experiments_dir, taken=taken)
+        run_dir = choose_run_dir(config, experiments_dir, taken=taken, dataset_sha256=dataset_sha256)
         handle = open(lock_dir / f"{run_dir.name}.lock", "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -185,11 +196,12 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
     return str(out_dir)
 
 
-def write_report(entries: Sequence[ReportEntry], out_dir: str) -> str:
-    """The comparison report over evaluated models (see dpo_core.report); returns report.md's path."""
+def write_report(entries: Sequence[ReportEntry], out_dir: str, notes: Sequence[str] | None = None) -> str:
+    """The comparison report over evaluated models (see dpo_core.report), `notes` under its title; returns
+    report.md's path."""
     from dpo_core.report import write_report as write
 
-    return str(write(entries, Path(out_dir)))
+    return str(write(entries, Path(out_dir), notes=notes))
 
 
 def build_pairs(config: Any, settings: Settings) -> dict[str, Any]:
