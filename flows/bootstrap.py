@@ -25,4 +25,9 @@ def with_shared_backend(flow_function):
         with shared_backend():
             return flow_function(*args, **kwargs)
 
+    # Annotations resolved here, in the flow's module: Prefect evaluates string annotations (`from __future__
+    # import annotations`) in the wrapper's globals, which are this module's and lack the flow's types.
+    import inspect
+
+    run_with_backend.__signature__ = inspect.signature(flow_function, eval_str=True)
     return run_with_backend
