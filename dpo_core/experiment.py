@@ -53,7 +53,6 @@ def train_experiment(config: TrainConfig, settings: Settings, dataset: Validated
     experiments_dir = Path(settings.experiments_dir)
     lock_dir = Path(settings.cache_dir) / "run-locks" / hashlib.sha256(
         str(experiments_dir.resolve()).encode()).hexdigest()[:16]
-    check_step_count(config, dataset.rows, f"{Path(dataset.path).name}")  # before any Tinker call
     run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir, dataset.sha256)
     try:
         return _train_in(run_dir, config, settings, dataset)
@@ -91,6 +90,7 @@ def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: V
         raise ValueError(f"{dataset.path} changed after validation; rerun to validate it again")
     with service_client(settings) as client:
         check_model_supported(client, config.model_name, settings.resolved_backend())
+        check_step_count(config, dataset.rows, Path(dataset.path).name)  # before any training
         with build_sinks(config, settings, run_dir) as sinks:
             return train(
                 config, client, pairs, run_dir=run_dir, dataset_path=dataset.path, dataset_hash=dataset.sha256,

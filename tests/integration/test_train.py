@@ -127,7 +127,7 @@ def test_wandb_offline_logs_metrics_and_config_without_secrets(tmp_path, registe
     settings = Settings(data_dir=DATA, experiments_dir=tmp_path / "experiments", cache_dir=registered,
                         local_storage=tmp_path / "storage", backend="local", wandb_mode="offline")
     dataset = experiment.validate_dataset(3, settings)
-    config = _config(dataset=3, num_epochs=1, batch_size=32, wandb_project="cs329x-dpo")
+    config = _config(dataset=3, num_epochs=1, batch_size=32, wandb_project="cs329x-dpo", allow_few_steps=True)
     result = experiment.train_experiment(config, settings, dataset)
     run_dir = Path(result.run_dir)
     wandb_files = list((run_dir / "wandb").rglob("*"))
