@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,14 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
     if request.run_dir:
         out_dir = Path(request.run_dir) / "eval" / f"final_{fingerprint}"
     else:
-        out_dir = Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name) / f"eval_{fingerprint}"
+        # A base model prompted through another renderer than its default samples other text: another folder.
+        from dpo_core.rendering import renderer_name_for
+
+        rendered = request.renderer_name
+        suffix = "" if rendered in (None, renderer_name_for(request.model_name)) else "_" + re.sub(
+            r"[^A-Za-z0-9_-]", "-", rendered)
+        out_dir = (Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name)
+                   / f"eval_{fingerprint}{suffix}")
     embedder = diversity.Embedder()
     with service_client(settings) as client:
         target = evaluate.EvalTarget(request.label, request.model_name, request.model_path, request.renderer_name)
