@@ -98,6 +98,18 @@ def test_extending_epochs_continues_the_run(service_client, dataset, tmp_path):
     assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
+def test_extending_epochs_of_a_decaying_schedule_is_refused_with_the_way_out(service_client, dataset, tmp_path):
+    from dpo_core.config import ConfigError
+
+    _train(service_client, dataset, tmp_path / "run", tmp_path / "ref", _config(num_epochs=1, lr_schedule="linear"))
+    with pytest.raises(ConfigError) as refused:
+        _train(service_client, dataset, tmp_path / "run", tmp_path / "ref", _config(num_epochs=2, lr_schedule="linear"))
+    message = str(refused.value)
+    assert "linear learning-rate schedule over 2 steps" in message and "resume=false" in message
+    assert "lr_schedule=constant" in message
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1]  # nothing trained
+
+
 def test_beta_sweep_computes_reference_logprobs_once(service_client, server, dataset, tmp_path):
     before = server.engine.counters["prompt_logprob_requests"]
     for beta in (0.1, 0.2):
