@@ -105,8 +105,8 @@ def resolve_models(config: SuiteConfig, backend: str, served: dict[str, bool]) -
         successor = lineup.successor(model)
         if model not in served and successor in served:
             replaced[model] = successor
-            notes.append(f"{model} is retired on Tinker; replaced by its documented successor {successor} "
-                         f"({lineup.RETIRED[model].why})")
+            notes.append(f"{model} is retired on Tinker; replaced by its documented successor {successor}: "
+                         f"{lineup.RETIRED[model].why}")
             model = successor
         problem = not_served_message(model, served, backend)
         if problem:
