@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.dpo-suite-installed
 
-export HF_HUB_OFFLINE := 1
+# No HF_HUB_OFFLINE here: the entry points set it on the local backend only (the tinker path loads tokenizers
+# by repo id); tests/conftest.py sets it for the test session.
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false

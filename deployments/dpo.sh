@@ -16,7 +16,9 @@ cd "$ROOT"
 PORT="${DPO_PREFECT_PORT:-4200}"
 export PREFECT_HOME="${PREFECT_HOME:-$ROOT/.prefect}"
 export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TINKER_TELEMETRY=0
+# No HF_HUB_OFFLINE: each flow run sets it itself on the local backend only (flows/bootstrap.py); forcing it here
+# would break a worker on the tinker path, whose client loads tokenizers by HF repo id.
+export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_DISABLE_TELEMETRY=1 TINKER_TELEMETRY=0
 PY="${DPO_PYTHON:-$ROOT/.venv/bin/python}"
 PREFECT=("$PY" -m prefect)
 RUN_DIR="$PREFECT_HOME/run"

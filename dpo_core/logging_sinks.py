@@ -37,8 +37,9 @@ class WandbSink:
     def __init__(self, config: TrainConfig, settings: Settings, project: str, name: str, run_dir: Path):
         import wandb
 
+        entity, project = wandb_target(project, settings.wandb_entity)
         self._run = wandb.init(
-            project=project, entity=settings.wandb_entity, name=name, dir=str(run_dir),
+            project=project, entity=entity, name=name, dir=str(run_dir),
             mode=settings.wandb_mode, config=config.model_dump(mode="json"), reinit="finish_previous",
         )
 
@@ -47,6 +48,16 @@ class WandbSink:
 
     def close(self) -> None:
         self._run.finish()
+
+
+def wandb_target(project: str, entity: str | None = None) -> tuple[str | None, str]:
+    """(entity, project) as the guide writes them: `team-name/cs329x-dpo` is project `cs329x-dpo` of the team
+    `team-name` (wandb.init refuses a `/` in a project name); a bare name uses `entity` (DPO_WANDB_ENTITY) or
+    the logged-in user's default."""
+    team, slash, name = project.rpartition("/")
+    if slash and team and name:
+        return team, name
+    return entity, project
 
 
 @contextlib.contextmanager

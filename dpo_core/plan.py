@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, create_model, field_validator
 
-from dpo_core.config import LOCAL_DEFAULT_MODEL, SEED_MODELS, EvalConfig, FrozenModel, TrainConfig, run_name
+from dpo_core.config import (LOCAL_DEFAULT_MODEL, SEED_MODELS, ConfigError, EvalConfig, FrozenModel, TrainConfig,
+                             run_name)
 
 # TrainConfig fields the suite sweeps over: a list of values, one experiment per combination.
 SWEPT = ("learning_rate", "dpo_beta")
@@ -75,15 +76,56 @@ SuiteConfig = create_model(
 )
 
 
-def plan(config: SuiteConfig, backend: str) -> tuple[list[TrainConfig], EvalConfig]:
-    """Every experiment (dataset x model x lr x beta, in that order) and the evaluation settings."""
+class ModelLineup(FrozenModel):
+    """The models the suite trains after asking the service what it serves, and what it said about the rest."""
+
+    models: list[str]
+    replaced: dict[str, str] = {}  # seed model -> its documented successor
+    notes: list[str] = []  # announcements for the log and the report (replacements)
+    skipped: list[str] = []  # warnings: models that will not run, and why
+
+
+def resolve_models(config: SuiteConfig, backend: str, served: dict[str, bool]) -> ModelLineup:
+    """The default study's models against what the service serves (name -> trainable).
+
+    Default models (no `models=`): a retired one is replaced by its documented successor (announced); one that
+    is not served, or not trainable, is skipped with a warning, like a missing dataset. Explicit `models=`
+    entries are the user's choice: any that cannot be trained is a ConfigError, before any training."""
+    from dpo_core import lineup
+    from dpo_core.backend import not_served_message
+
+    if config.models:
+        problems = [p for p in (not_served_message(m, served, backend) for m in config.models) if p]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return ModelLineup(models=list(config.models))
+    defaults = TINKER_DEFAULTS if backend == "tinker" else LOCAL_DEFAULTS
+    models, replaced, notes, skipped = [], {}, [], []
+    for model in defaults["models"]:
+        successor = lineup.successor(model)
+        if model not in served and successor in served:
+            replaced[model] = successor
+            notes.append(f"{model} is retired on Tinker; replaced by its documented successor {successor}: "
+                         f"{lineup.RETIRED[model].why}")
+            model = successor
+        problem = not_served_message(model, served, backend)
+        if problem:
+            skipped.append(f"skipping {model}: {problem}")
+        else:
+            models.append(model)
+    return ModelLineup(models=models, replaced=replaced, notes=notes, skipped=skipped)
+
+
+def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> tuple[list[TrainConfig], EvalConfig]:
+    """Every experiment (dataset x model x lr x beta, in that order) and the evaluation settings. `models`
+    (from `resolve_models`) replaces the configured or default models."""
     defaults = TINKER_DEFAULTS if backend == "tinker" else LOCAL_DEFAULTS
     shared = {name: getattr(config, name) for name in TrainConfig.model_fields
               if name not in PER_EXPERIMENT and name not in SWEPT}
     for name in BACKEND_DEFAULTED:
         if name in shared and shared[name] is None:
             shared[name] = defaults[name]
-    models = config.models or defaults["models"]
+    models = models if models is not None else (config.models or defaults["models"])
     rates = config.learning_rate or defaults["learning_rate"]
     experiments = [
         TrainConfig(model_name=model, dataset=dataset, learning_rate=lr, dpo_beta=beta, **shared)
@@ -100,20 +142,41 @@ def plan(config: SuiteConfig, backend: str) -> tuple[list[TrainConfig], EvalConf
 
 
 class SuitePlan(FrozenModel):
-    """The suite's experiments (each with its run name, the subflow's name in the UI) and evaluation settings."""
+    """The suite's experiments (each with its run name, the subflow's name in the UI) and evaluation settings,
+    with what the service's lineup changed (announced in the log and the report)."""
 
     experiments: list[TrainConfig]
     run_names: list[str]
     eval_config: EvalConfig
+    lineup: ModelLineup | None = None
 
 
-def plan_suite(config: SuiteConfig, backend: str) -> SuitePlan:
-    """`plan` as one record, for a flow to pass along."""
-    experiments, eval_config = plan(config, backend)
-    return SuitePlan(experiments=experiments, run_names=[run_name(e) for e in experiments], eval_config=eval_config)
+def plan_suite(config: SuiteConfig, backend: str, served: dict[str, bool] | None = None) -> SuitePlan:
+    """`plan` as one record, for a flow to pass along; with `served` (the service's models), lineup-aware."""
+    resolved = resolve_models(config, backend, served) if served is not None else None
+    experiments, eval_config = plan(config, backend, resolved.models if resolved else None)
+    return SuitePlan(experiments=experiments, run_names=[run_name(e) for e in experiments], eval_config=eval_config,
+                     lineup=resolved)
 
 
 def split_lists(values: dict[str, str]) -> dict[str, object]:
     """`datasets=1,2` -> ["1", "2"] for the list fields of SuiteConfig."""
     return {k: ([p.strip() for p in v.split(",") if p.strip()] if k in LIST_FIELDS and isinstance(v, str) else v)
             for k, v in values.items()}
+
+
+def step_count_problems(experiments: list[TrainConfig], validated: dict) -> list[str]:
+    """Each planned experiment (on a validated dataset: `dataset -> record with .rows`) that would make fewer
+    than MIN_STEPS optimizer steps, as one message each naming the count and the fixes (empty when none)."""
+    from dpo_core.config import check_step_count
+
+    problems = []
+    for config in experiments:
+        if config.dataset not in validated:
+            continue
+        try:
+            check_step_count(config, validated[config.dataset].rows, f"{config.model_name} on dataset {config.dataset}")
+        except ConfigError as exc:
+            if str(exc) not in problems:
+                problems.append(str(exc))
+    return problems

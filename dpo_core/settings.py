@@ -13,19 +13,26 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Set in every process the project starts: HF libraries otherwise reach for the hub in the background.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
+# Set in every process the project starts: no telemetry, no advisory noise, no tokenizer thread pools.
+HYGIENE_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TINKER_TELEMETRY": "0",
 }
+# Only where the local backend runs: its models are local folders, and HF libraries otherwise reach for the hub
+# in the background. Never on the tinker path: there the client loads tokenizers by HF repo id (Qwen/Qwen3-8B),
+# which an offline hub refuses unless that exact revision happens to be cached.
+LOCAL_ONLY_ENV = {"HF_HUB_OFFLINE": "1"}
+OFFLINE_ENV = {**LOCAL_ONLY_ENV, **HYGIENE_ENV}  # the local backend's full set
 
 
-def apply_offline_env() -> None:
-    """Set the offline-hygiene variables in this process (existing values win)."""
-    for key, value in OFFLINE_ENV.items():
+def apply_offline_env(settings: Settings | None = None) -> None:
+    """Set the hygiene variables in this process, plus HF_HUB_OFFLINE unless `settings` resolve to the tinker
+    backend (existing values win). Without settings the caller is a local-backend process (the server, benches).
+    Call it before huggingface_hub is imported: the hub reads HF_HUB_OFFLINE once, on import."""
+    tinker_path = settings is not None and settings.resolved_backend() == "tinker"
+    for key, value in (HYGIENE_ENV if tinker_path else OFFLINE_ENV).items():
         os.environ.setdefault(key, value)
 
 

@@ -23,5 +23,6 @@ def _report_inputs(parameters: dict[str, Any]) -> list[str]:
 
 
 @task(name="write-report", tags=task_tags(), cache_key_fn=content_key(extra=_report_inputs), **CACHED)
-def write_report(requests: list[experiment.EvalRequest], eval_dirs: list[str], out_dir: str) -> str:
-    return experiment.write_report(experiment.report_entries(requests, eval_dirs), out_dir)
+def write_report(requests: list[experiment.EvalRequest], eval_dirs: list[str], out_dir: str,
+                 notes: list[str] | None = None) -> str:
+    return experiment.write_report(experiment.report_entries(requests, eval_dirs), out_dir, notes)
