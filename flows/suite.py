@@ -8,6 +8,7 @@ local server with the shipped datasets and SmolLM2-135M-Instruct.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -18,15 +19,16 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from dpo_core.data import DatasetNotFoundError  # noqa: E402
-from dpo_core.plan import SuiteConfig, split_lists  # noqa: E402
-from dpo_core.settings import install_signal_handlers  # noqa: E402
+from dpo_core.plan import SuiteConfig, max_parallel_for, split_lists  # noqa: E402
+from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
 from flows.artifacts import publish_checkpoints, publish_validation  # noqa: E402
 from flows.cli import parse_config  # noqa: E402
+from flows.dispatch import failure_message, in_parallel, train_on_pool  # noqa: E402
 from flows.evaluate import evaluate_and_report  # noqa: E402
 from flows.train import dpo_train  # noqa: E402
 from tasks.plan import plan_experiments  # noqa: E402
 from tasks.runners import task_runner_from_env  # noqa: E402
-from tasks.setup import ensure_concurrency_limits  # noqa: E402
+from tasks.setup import ensure_concurrency_limits, training_slots  # noqa: E402
 from tasks.validate import validate_dataset  # noqa: E402
 
 
@@ -52,16 +54,20 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
         else:
             failures[f"dataset {dataset}"] = str(error)
 
-    # --- train: one dpo-train subflow per experiment; a failure does not stop the others ---
+    # --- train: one dpo-train subflow per experiment, up to max_parallel at once; a failure stays its own ---
+    runnable = [(c, n) for c, n in zip(suite.experiments, suite.run_names) if c.dataset in validated]
+    slots = training_slots(max_parallel_for(config, Settings().resolved_backend()))
+    if config.dispatch == "pool":
+        states = in_parallel([functools.partial(train_on_pool, c, n) for c, n in runnable], slots)
+    else:
+        states = in_parallel([functools.partial(dpo_train.with_options(flow_run_name=n), c, return_state=True)
+                              for c, n in runnable], slots)
     finished = []
-    for train_config, name in zip(suite.experiments, suite.run_names):
-        if train_config.dataset not in validated:
-            continue
-        state = dpo_train.with_options(flow_run_name=name)(train_config, return_state=True)
+    for (_, name), state in zip(runnable, states):
         if state.is_completed():
             finished.append(state.result())
         else:
-            failures[name] = str(state.result(raise_on_failure=False))
+            failures[name] = failure_message(state)
 
     # --- register: where the weights are ---
     if finished:
