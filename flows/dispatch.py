@@ -4,6 +4,7 @@ worker of the Prefect work pool picks up (`dispatch=pool`), on any machine."""
 from __future__ import annotations
 
 import contextvars
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,20 @@ from dpo_core.config import TrainConfig
 
 # The deployment of flows/train.py:dpo_train declared in prefect.yaml.
 TRAIN_DEPLOYMENT = os.environ.get("DPO_TRAIN_DEPLOYMENT", "dpo-train/default")
+
+
+def train_all(experiments: list[tuple[TrainConfig, str]], dispatch: str, max_parallel: int) -> list[State]:
+    """Train each (config, run name) as a `dpo-train` subflow here (dispatch="local") or as a run of the
+    deployment (dispatch="pool"), `max_parallel` at once; the final states, in order. Never raises for one
+    experiment: its state says why it failed."""
+    from flows.train import dpo_train
+
+    if dispatch == "pool":
+        calls = [functools.partial(train_on_pool, config, name) for config, name in experiments]
+    else:
+        calls = [functools.partial(dpo_train.with_options(flow_run_name=name), config, return_state=True)
+                 for config, name in experiments]
+    return in_parallel(calls, max_parallel)
 
 
 def in_parallel(calls: list[Callable[[], State]], max_parallel: int) -> list[State]:

@@ -8,7 +8,6 @@ local server with the shipped datasets and SmolLM2-135M-Instruct.
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -23,9 +22,8 @@ from dpo_core.plan import SuiteConfig, max_parallel_for, split_lists  # noqa: E4
 from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
 from flows.artifacts import publish_checkpoints, publish_validation  # noqa: E402
 from flows.cli import parse_config  # noqa: E402
-from flows.dispatch import failure_message, in_parallel, train_on_pool  # noqa: E402
+from flows.dispatch import failure_message, train_all  # noqa: E402
 from flows.evaluate import evaluate_and_report  # noqa: E402
-from flows.train import dpo_train  # noqa: E402
 from tasks.plan import plan_experiments  # noqa: E402
 from tasks.runners import task_runner_from_env  # noqa: E402
 from tasks.setup import ensure_concurrency_limits, training_slots  # noqa: E402
@@ -57,11 +55,7 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
     # --- train: one dpo-train subflow per experiment, up to max_parallel at once; a failure stays its own ---
     runnable = [(c, n) for c, n in zip(suite.experiments, suite.run_names) if c.dataset in validated]
     slots = training_slots(max_parallel_for(config, Settings().resolved_backend()))
-    if config.dispatch == "pool":
-        states = in_parallel([functools.partial(train_on_pool, c, n) for c, n in runnable], slots)
-    else:
-        states = in_parallel([functools.partial(dpo_train.with_options(flow_run_name=n), c, return_state=True)
-                              for c, n in runnable], slots)
+    states = train_all(runnable, config.dispatch, slots)
     finished = []
     for (_, name), state in zip(runnable, states):
         if state.is_completed():
