@@ -48,7 +48,7 @@ def test_pool_dispatch_spreads_experiments_over_two_workers(tmp_path, registered
     api = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     run_dir = tmp_path / "prefect-home" / "run"
     try:
-        up = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)
+        up = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=600)
         assert up.returncode == 0, up.stdout + up.stderr
         status = subprocess.run(["bash", str(SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=60)
         assert "worker: running" in status.stdout and "worker-2: running" in status.stdout, status.stdout
