@@ -2,6 +2,7 @@
 other vs both at once (two threads, as `max_parallel=2` runs them), on one in-process server.
 
     python bench/parallel_experiments.py                 # SmolLM2-135M, dataset 2, batch 8 (10 steps), 2 rounds
+    python bench/parallel_experiments.py --pairs 24      # the first 24 pairs only (3 steps per experiment)
     python bench/parallel_experiments.py --smoke         # local/tiny, 1 round: keeps the script alive
 
 Arms alternate over rounds (noisy shared vCPUs); each arm trains into a fresh experiments folder. The reference
@@ -29,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--pairs", type=int, default=None, help="train on the first N pairs of dataset 2")
     args = parser.parse_args()
     from dpo_core import experiment
     from dpo_core.backend import Backend
@@ -39,12 +41,21 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dpo-bench-parallel-"))
     # The machine's model cache (converted weights, tokenizers; the warm-up adds this data's reference logprobs).
     base = Settings(data_dir=ROOT / "data", local_storage=work / "storage", backend="local")
-    configs = [TrainConfig(model_name=model, dataset=2, learning_rate=1e-4, dpo_beta=beta, batch_size=8,
+    dataset_ref: int | str = 2
+    if args.pairs:
+        import pandas as pd
+
+        from dpo_core import data
+
+        subset = work / "pairs.parquet"
+        pd.read_parquet(data.resolve_dataset(2, ROOT / "data")).head(args.pairs).to_parquet(subset)
+        dataset_ref = str(subset)
+    configs = [TrainConfig(model_name=model, dataset=dataset_ref, learning_rate=1e-4, dpo_beta=beta, batch_size=8,
                            max_length=128) for beta in (0.05, 0.2)]
 
     def train_all(folder: Path, parallel: bool) -> float:
         settings = base.model_copy(update={"experiments_dir": folder})
-        dataset = experiment.validate_dataset(2, settings)
+        dataset = experiment.validate_dataset(dataset_ref, settings)
         started = time.perf_counter()
         if parallel:
             with ThreadPoolExecutor(max_workers=len(configs)) as pool:
@@ -63,7 +74,7 @@ def main() -> None:
                 times[arm].append(train_all(work / f"{arm}-{round_}", parallel=arm == "parallel"))
                 print(f"round {round_} {arm}: {times[arm][-1]:.1f} s", flush=True)
     seq, par = (sum(times[a]) / len(times[a]) for a in ("sequential", "parallel"))
-    print(f"{model}, 2 experiments x 10 steps: sequential {seq:.1f} s, parallel {par:.1f} s, "
+    print(f"{model}, 2 experiments on {args.pairs or 80} pairs, batch 8: sequential {seq:.1f} s, parallel {par:.1f} s, "
           f"parallel/sequential {par / seq:.2f}x")
 
 
