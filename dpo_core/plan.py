@@ -7,7 +7,7 @@ lr_schedule with its type, ...) works from the suite and a new TrainConfig field
 from __future__ import annotations
 
 import itertools
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, create_model, field_validator
 
@@ -73,6 +73,10 @@ SuiteConfig = create_model(
     eval_temperature=(float, Field(default=1.0, ge=0)),
     eval_prompts=(str, "eval_prompts.parquet"),
     report_dir=(str, "reports/latest"),
+    # Experiments trained at once (None: 4 where the compute is remote, 1 on the in-process local server,
+    # which runs every request on one engine thread: README, "Scale out"). dispatch=pool: deployment runs.
+    max_parallel=(int | None, Field(default=None, ge=1)),
+    dispatch=(Literal["local", "pool"], "local"),
 )
 
 
@@ -180,3 +184,13 @@ def step_count_problems(experiments: list[TrainConfig], validated: dict) -> list
             if str(exc) not in problems:
                 problems.append(str(exc))
     return problems
+# Remote compute (Tinker, or any server reached by TINKER_BASE_URL, or the pool's workers) serves several
+# experiments at once; the in-process local server runs them on one engine thread, so 1 there.
+REMOTE_MAX_PARALLEL = 4
+
+
+def max_parallel_for(config: SuiteConfig, backend: str) -> int:
+    """How many experiments the suite trains at once: `max_parallel`, else the backend's default."""
+    if config.max_parallel is not None:
+        return config.max_parallel
+    return REMOTE_MAX_PARALLEL if backend == "tinker" or config.dispatch == "pool" else 1

@@ -233,6 +233,7 @@ def train(
             "learning_rate": lr, "num_pairs": len(indices),
             "num_tokens": sum(rendered[i].num_tokens for i in indices),
             "progress": (step + 1) / total_steps, "time/step": time.time() - started,
+            "time/start": started,  # wall clock (epoch s): when concurrent experiments' steps ran
         }
         append_jsonl(metrics_file, metrics)
         for sink in metrics_sinks:

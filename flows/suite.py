@@ -18,15 +18,15 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from dpo_core.data import DatasetNotFoundError  # noqa: E402
-from dpo_core.plan import SuiteConfig, split_lists, step_count_problems  # noqa: E402
-from dpo_core.settings import install_signal_handlers  # noqa: E402
+from dpo_core.plan import SuiteConfig, max_parallel_for, split_lists, step_count_problems  # noqa: E402
+from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
 from flows.artifacts import publish_checkpoints, publish_validation  # noqa: E402
 from flows.cli import parse_config  # noqa: E402
+from flows.dispatch import failure_message, train_all  # noqa: E402
 from flows.evaluate import evaluate_and_report  # noqa: E402
-from flows.train import dpo_train  # noqa: E402
 from tasks.plan import list_served_models, plan_experiments  # noqa: E402
 from tasks.runners import task_runner_from_env  # noqa: E402
-from tasks.setup import ensure_concurrency_limits  # noqa: E402
+from tasks.setup import ensure_concurrency_limits, training_slots  # noqa: E402
 from tasks.validate import validate_dataset  # noqa: E402
 
 
@@ -62,16 +62,16 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
     if too_few:
         return Failed(message="; ".join(too_few), data={"experiments": [], "report": None, "failed": too_few})
 
-    # --- train: one dpo-train subflow per experiment; a failure does not stop the others ---
+    # --- train: one dpo-train subflow per experiment, up to max_parallel at once; a failure stays its own ---
+    runnable = [(c, n) for c, n in zip(suite.experiments, suite.run_names) if c.dataset in validated]
+    slots = training_slots(max_parallel_for(config, Settings().resolved_backend()))
+    states = train_all(runnable, config.dispatch, slots)
     finished = []
-    for train_config, name in zip(suite.experiments, suite.run_names):
-        if train_config.dataset not in validated:
-            continue
-        state = dpo_train.with_options(flow_run_name=name)(train_config, return_state=True)
+    for (_, name), state in zip(runnable, states):
         if state.is_completed():
             finished.append(state.result())
         else:
-            failures[name] = str(state.result(raise_on_failure=False))
+            failures[name] = failure_message(state)
 
     # --- register: where the weights are ---
     if finished:

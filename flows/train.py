@@ -28,7 +28,8 @@ from tasks.train import register_checkpoint, train_experiment  # noqa: E402
 from tasks.validate import validate_dataset  # noqa: E402
 
 
-@flow(name="dpo-train", log_prints=True)
+# The result is persisted (JSON) so that a suite that dispatched this run to a work pool reads it back.
+@flow(name="dpo-train", log_prints=True, persist_result=True, result_serializer="json")
 @with_shared_backend
 def dpo_train(config: TrainConfig) -> TrainOutcome:
     # --- validate: a hard gate, before any Tinker call ---

@@ -101,10 +101,32 @@ def local_server(
         sock.close()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def require_key_off_loopback(host: str, api_key: str | None) -> None:
+    """Refuse to serve beyond this machine without a key the operator chose: a generated key would only be
+    printed to the server's log, which the machines that must use it cannot read."""
+    if api_key is None and not is_loopback(host):
+        raise ValueError(f"binding {host} (not loopback) needs an explicit key: --api-key tml-... or TINKER_API_KEY; "
+                         "give the same key to the clients as TINKER_API_KEY")
+
+
 def serve_forever(settings: Settings, host: str, port: int, storage: Path | None, api_key: str | None,
                   fault_rate: float) -> None:
     """Blocking CLI server; prints the URL (and how to use it) once it is ready."""
     import signal
+
+    require_key_off_loopback(host, api_key)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
