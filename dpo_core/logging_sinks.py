@@ -40,7 +40,8 @@ class WandbSink:
         entity, project = wandb_target(project, settings.wandb_entity)
         self._run = wandb.init(
             project=project, entity=entity, name=name, dir=str(run_dir),
-            mode=settings.wandb_mode, config=config.model_dump(mode="json"), reinit="finish_previous",
+            mode=settings.wandb_mode, config=config.model_dump(mode="json"),
+            reinit="create_new",  # experiments trained at once in one process each keep their own run
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
