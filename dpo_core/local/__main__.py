@@ -49,5 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """End the process without interpreter teardown, once the server has shut down.
+
+    By then no job is taken and the engine's job was cancelled; if one step of it could not be interrupted (a
+    model still loading), teardown would wait on that thread and could abort inside torch ("terminate called"),
+    and under load teardown alone takes seconds. Storage needs no teardown: checkpoints are written to a temp
+    folder and swapped in atomically, and leftovers of an unfinished write are cleaned at the next start.
+    """
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -16,6 +16,9 @@ from dpo_core.local.server import ServerLimits, create_app, new_api_key
 from dpo_core.settings import Settings, apply_offline_env
 
 
+SHUTDOWN_S = 3.0  # how long leaving `local_server` waits for the engine and HTTP threads, together
+
+
 @dataclass
 class LocalServer:
     """A running local server: point `tinker.ServiceClient(base_url=..., api_key=...)` at it."""
@@ -93,11 +96,16 @@ def local_server(
     try:
         yield LocalServer(f"http://{shown_host}:{bound_port}", api_key, engine, app)
     finally:
-        # The engine first: its running job is cancelled at its next step, so no torch work outlives the
-        # interpreter (that ended in "terminate called without an active exception").
-        app.state.stop(wait_s=2.0)
+        # Stop taking work and cancel the running job (at its next step) and end HTTP at once, then wait for
+        # both against one deadline: the waits overlap rather than add up (SIGTERM must end a busy server within
+        # 5 s, issue 14). The engine goes first, so no torch work outlives the interpreter when it can stop in
+        # time (that ended in "terminate called without an active exception"); every open future is answered
+        # at `stop`, so long-polls end now rather than at uvicorn's graceful timeout.
+        deadline = time.monotonic() + SHUTDOWN_S
+        app.state.stop()
         server.should_exit = True
-        thread.join(timeout=2)  # SIGTERM must end a busy server within 5 s (issue 14)
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        app.state.join(max(0.0, deadline - time.monotonic()))
         sock.close()
 
 

@@ -109,6 +109,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         return None
 
     app.state.stop = lambda wait_s=0.0: workers and workers[0].stop(wait_s)
+    app.state.join = lambda wait_s: workers[0].join(wait_s) if workers else True  # whether the engine thread ended
     app.add_middleware(EdgeGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes,
                        inject_fault=inject_fault)
 

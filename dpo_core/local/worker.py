@@ -111,8 +111,10 @@ class Worker:
 
     def health(self, stuck_after_s: float) -> str | None:
         """What is wrong with the engine thread (dead, or one job running far past its budget), or None."""
+        if self._stopped:  # it takes no more jobs, even while it still winds down the one it ran
+            return "the engine thread has stopped"
         if not self._thread.is_alive():
-            return "the engine thread has stopped" if self._stopped else "the engine thread died"
+            return "the engine thread died"
         since = self._running_since
         if since is not None and time.monotonic() - since > stuck_after_s:
             return f"the engine has been busy with one job for {time.monotonic() - since:.0f} s"
@@ -190,20 +192,29 @@ class Worker:
 
     def _finish(self, request_id: str, payload: bytes, media_type: str) -> None:
         record = self.futures.get(request_id)
-        if record is not None:
+        if record is not None and not record.done.is_set():  # the first answer stands (see `stop`)
             record.payload, record.media_type = payload, media_type
             record.done.set()
 
     def stop(self, wait_s: float = 0.0) -> None:
-        """Stop taking jobs, cancel the running one at its next step, and wait up to `wait_s` for the thread."""
+        """Stop taking jobs, cancel the running one at its next step, and wait up to `wait_s` for the thread.
+
+        Every open future is answered now, the running job's too: a step that cannot be interrupted (loading a
+        model) must not keep long-polls, and with them the HTTP server's shutdown, waiting for it.
+        """
         with self._cond:
             self._stopped = True
             for job in self._running:
                 job.budget.cancel("cancelled: the server is shutting down")
-            queued, self._jobs = self._jobs, []
-            self._reply(queued, [budgets.JobInterrupted("the server is shutting down")] * len(queued))
+            open_jobs, self._jobs = self._running + self._jobs, []
+            self._reply(open_jobs, [budgets.JobInterrupted("the server is shutting down")] * len(open_jobs))
             self._cond.notify_all()
-        if wait_s and self._thread is not threading.current_thread():
+        self.join(wait_s)
+
+    def join(self, wait_s: float) -> bool:
+        """Wait up to `wait_s` for the engine thread to end; whether it has."""
+        if wait_s > 0 and self._thread is not threading.current_thread():
             self._thread.join(wait_s)
+        return not self._thread.is_alive()
 
 
