@@ -53,6 +53,10 @@ class TrainConfig(FrozenModel):
     renderer_name: str | None = None  # default: the model's recommended renderer
     resume: bool = True  # rerun of an unfinished run with the same config continues it
 
+    # --- held-out evaluation (never trained on; DPO metrics before training and at every saved checkpoint) ---
+    held_out_fraction: float = Field(default=0.1, ge=0, lt=1)  # 0 = train on every pair, no held-out metrics
+    held_out_min_pairs: int = Field(default=8, ge=1)  # at least this many held out (none below 2x this many)
+
     @field_validator("dataset")
     @classmethod
     def _dataset_known(cls, value: int | str) -> int | str:
@@ -203,3 +207,6 @@ class EvalConfig(FrozenModel):
     bucket_edges: tuple[float, float] = (1 / 3, 2 / 3)  # creativity: low < edge0 <= mid < edge1 <= high
     bootstrap: int = Field(default=1000, ge=100)
     quality: bool = True  # the base model's mean token logprob of each sample (fluency proxy)
+    # The judge's 1-10 quality rubric score of each sample (judge = the base model, the rating-from-distribution
+    # method of dpo_core.judge): the quality signal that is NOT dataset 2's selection criterion (the logprob is).
+    quality_judge: bool = True

@@ -262,6 +262,51 @@ def build_datasets(prompts: list[dict], candidates: dict[str, list[dict]], quali
     return tables, summary
 
 
+def positive_control_pairs(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The positive control's pairs from built datasets: per prompt, chosen = the candidate with the highest
+    embedding diversity d_i, rejected = the lowest, among every candidate text the tables hold for it, with no
+    quality filter (built to change diversity strongly, so the study can show its instrument sees it).
+
+    d_i is comparable across the tables because all of them rank the same candidate pool of a prompt. Prompts
+    whose texts are all the same yield no pair."""
+    texts: dict[str, dict[str, float]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        for row in table.itertuples():
+            info.setdefault(row.prompt_id, {"prompt": row.prompt, "creativity_score": row.creativity_score,
+                                            "model": row.model, "seed": row.seed})
+            pool = texts.setdefault(row.prompt_id, {})
+            pool.setdefault(row.chosen, float(row.chosen_diversity))
+            pool.setdefault(row.rejected, float(row.rejected_diversity))
+    rows = []
+    for prompt_id in sorted(texts):
+        ranked = sorted(texts[prompt_id].items(), key=lambda item: (item[1], item[0]))
+        (rejected, low), (chosen, high) = ranked[0], ranked[-1]
+        if _normalised(chosen) == _normalised(rejected):
+            continue
+        rows.append({"prompt_id": prompt_id, "prompt": info[prompt_id]["prompt"], "chosen": chosen,
+                     "rejected": rejected, "creativity_score": info[prompt_id]["creativity_score"],
+                     "criterion": "positive_control_diversity", "chosen_diversity": high, "rejected_diversity": low,
+                     "model": info[prompt_id]["model"], "seed": info[prompt_id]["seed"]})
+    return pd.DataFrame(rows)
+
+
+def write_positive_control(data_dir: Path) -> Path:
+    """`<data_dir>/control_diversity.parquet` from the three datasets there (one documented command:
+    `python -m dpo_core.pairs control data`)."""
+    import io
+
+    from dpo_core.data import CONTROL_DATASET_FILE
+
+    tables = [pd.read_parquet(Path(data_dir) / DATASET_FILES[n]) for n in sorted(DATASET_FILES)
+              if (Path(data_dir) / DATASET_FILES[n]).exists()]
+    buffer = io.BytesIO()
+    positive_control_pairs(tables).to_parquet(buffer, index=False)
+    path = Path(data_dir) / CONTROL_DATASET_FILE
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def write_datasets(tables: dict[int, pd.DataFrame], out_dir: Path) -> dict[int, str]:
     """Write the three parquet files (each atomically) under their registry names."""
     import io
@@ -323,3 +368,11 @@ def build_pairs(service_client: tinker.ServiceClient, config: PairsConfig, cache
     gap_plot(tables, out_dir / "pairs_gaps.png")
     atomic_write_bytes(out_dir / "pairs_summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "control":
+        sys.exit("usage: python -m dpo_core.pairs control DATA_DIR")
+    print(write_positive_control(Path(sys.argv[2])))
