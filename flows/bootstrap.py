@@ -17,6 +17,7 @@ def with_shared_backend(flow_function):
     active one) talks to the same local server, so models load once and concurrent sampling batches together.
     Put it under `@flow(...)`; Prefect reads the wrapped function's signature."""
     import functools
+    import inspect
 
     @functools.wraps(flow_function)
     def run_with_backend(*args, **kwargs):
@@ -25,4 +26,9 @@ def with_shared_backend(flow_function):
         with shared_backend():
             return flow_function(*args, **kwargs)
 
+    # The flow modules use `from __future__ import annotations`: resolve their string annotations in the flow's
+    # own module now, or Prefect's parameter model would look them up in this module and fail.
+    run_with_backend.__signature__ = inspect.signature(flow_function, eval_str=True)
+    run_with_backend.__annotations__ = {name: param.annotation
+                                        for name, param in run_with_backend.__signature__.parameters.items()}
     return run_with_backend

@@ -12,6 +12,7 @@ import tinker
 
 from dpo_core import backend, rendering
 from dpo_core.settings import Settings
+from tests.helpers.threads import run_on_threads
 
 TINY = "local/tiny"
 PROMPT = [{"role": "user", "content": "Name a colour."}]
@@ -107,11 +108,7 @@ def test_one_renderer_serves_many_threads_at_once(registered):
         except BaseException as exc:  # "Already borrowed" from an unlocked shared tokenizer lands here
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_on_threads(work, [(k,) for k in range(8)])
     assert errors == []
     assert [results[i] for i in range(len(conversations))] == expected
 

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from dpo_core.fsutil import atomic_folder
+from tests.helpers.threads import run_on_threads
 
 
 @pytest.mark.parametrize("replace", [True, False])
@@ -25,11 +26,7 @@ def test_concurrent_writers_of_one_folder(tmp_path, replace):
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_on_threads(write, [(k,) for k in range(8)])
     assert errors == []
     contents = {p.name: p.read_text() for p in target.iterdir()}
     assert set(contents) == {"samples.jsonl", "scores.parquet", "summary.json"}
