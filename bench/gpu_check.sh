@@ -93,14 +93,14 @@ for name, model in [("exact merge", exact_merge(base, state)), ("naive bf16 merg
         print(f"{name:17s} {compute} compute: shift recovered {recovered:5.2f} (1 = trained policy, 0 = base), "
               f"mean error / mean shift {error:.3f}")
 EOF
-timeout 120 "$PYTHON" -m pytest tests/unit/test_logprobs.py tests/unit/test_lora_merge.py -q -p no:cacheprovider
+timeout 180 "$PYTHON" -m pytest tests/unit/test_logprobs.py tests/unit/test_lora_merge.py \
+    tests/integration/test_bf16_sampling.py -q -p no:cacheprovider
 
 # ------------------------------------------------------------------ 2. DPO throughput vs TRL
 section "2. SmolLM2 DPO throughput vs TRL"
-# bench/dpo_throughput.py has no device option: its TRL arm is hard-coded to the CPU (use_cpu=True, fp32) and
-# the dpo-suite arm follows DPO_LOCAL_DEVICE (cuda here), so this ratio is GPU dpo-suite vs CPU TRL.
-echo "NOTE: TRL arm runs on the CPU (bench has no --device yet); dpo-suite arm on CUDA"
-timeout 300 "$PYTHON" bench/dpo_throughput.py --models HuggingFaceTB/SmolLM2-135M-Instruct --repeats 1 --threads 8
+# Both arms on CUDA in bf16 (TRL: its bf16 mode on the same bf16 weights); peak CUDA memory beside peak RSS.
+timeout 300 "$PYTHON" bench/dpo_throughput.py --models HuggingFaceTB/SmolLM2-135M-Instruct --repeats 1 --threads 8 \
+    --device cuda
 
 # ------------------------------------------------------------------ 3. sampling, batched vs one at a time
 section "3. sampling throughput, k=8"

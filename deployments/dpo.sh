@@ -7,7 +7,9 @@
 #   deployments/dpo.sh down      # stop the worker, then the server
 #
 # Then: prefect deployment run dpo-suite/default --watch   (with PREFECT_API_URL printed by `up`)
-# Settings: DPO_PREFECT_PORT (default 4200), PREFECT_HOME (default <repo>/.prefect: its own database).
+# Settings: DPO_PREFECT_PORT (default 4200), PREFECT_HOME (default <repo>/.prefect: its own database),
+# DPO_WORKERS (process workers to start, default 1), DPO_WORKER_LIMIT (flow runs each worker runs at once;
+# default: no limit). With several workers of limit 1, a suite's `dispatch=pool` experiments spread over them.
 set -euo pipefail
 set -m  # background jobs get their own process group, so `down` stops them and their children
 
@@ -16,11 +18,20 @@ cd "$ROOT"
 PORT="${DPO_PREFECT_PORT:-4200}"
 export PREFECT_HOME="${PREFECT_HOME:-$ROOT/.prefect}"
 export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TINKER_TELEMETRY=0
+# No HF_HUB_OFFLINE: each flow run sets it itself on the local backend only (flows/bootstrap.py); forcing it here
+# would break a worker on the tinker path, whose client loads tokenizers by HF repo id.
+export PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_DISABLE_TELEMETRY=1 TINKER_TELEMETRY=0
 PY="${DPO_PYTHON:-$ROOT/.venv/bin/python}"
 PREFECT=("$PY" -m prefect)
 RUN_DIR="$PREFECT_HOME/run"
 mkdir -p "$RUN_DIR"
+
+# Worker names: "worker" for the first (as before), then worker-2, worker-3, ...
+workers() {
+  local count="${DPO_WORKERS:-1}"
+  echo worker
+  for i in $(seq 2 "$count"); do echo "worker-$i"; done
+}
 
 alive() { [ -f "$RUN_DIR/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
 
@@ -57,24 +68,31 @@ up() {
   "$PY" -c "from tasks.setup import ensure_concurrency_limits; ensure_concurrency_limits()"
   "${PREFECT[@]}" --no-prompt deploy --all >"$RUN_DIR/deploy.log" 2>&1 \
     || { cat "$RUN_DIR/deploy.log" >&2; return 1; }
-  if ! alive worker; then
-    "${PREFECT[@]}" worker start --pool dpo-local --type process >"$RUN_DIR/worker.log" 2>&1 &
-    echo $! >"$RUN_DIR/worker.pid"
-  fi
+  local limit=()
+  if [ -n "${DPO_WORKER_LIMIT:-}" ]; then limit=(--limit "$DPO_WORKER_LIMIT"); fi
+  for name in $(workers); do
+    if ! alive "$name"; then
+      "${PREFECT[@]}" worker start --pool dpo-local --type process --name "$name-$(hostname)" "${limit[@]}" \
+        >"$RUN_DIR/$name.log" 2>&1 &
+      echo $! >"$RUN_DIR/$name.pid"
+    fi
+  done
   echo "Prefect UI: http://127.0.0.1:${PORT}"
   echo "export PREFECT_API_URL=$PREFECT_API_URL"
   echo "then: prefect deployment run dpo-suite/default --watch"
 }
 
 status() {
-  for name in server worker; do
+  for name in server $(workers); do
     if alive "$name"; then echo "$name: running (pid $(cat "$RUN_DIR/$name.pid"))"; else echo "$name: stopped"; fi
   done
   if alive server; then "${PREFECT[@]}" deployment ls 2>/dev/null || true; fi
 }
 
 down() {
-  stop worker   # the worker first: it must not pick up runs from a dying server
+  # The workers first: they must not pick up runs from a dying server. Every worker this folder started,
+  # whatever DPO_WORKERS says now.
+  for pidfile in "$RUN_DIR"/worker*.pid; do [ -e "$pidfile" ] && stop "$(basename "$pidfile" .pid)"; done
   stop server
   echo "stopped"
 }

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="also count tokens and truncation at this length (renders with --model's template)")
     check.add_argument("--model", default=LOCAL_DEFAULT_MODEL, help="model whose tokenizer/renderer to use")
     args = parser.parse_args(argv)
-    apply_offline_env()
     settings = Settings()
+    apply_offline_env(settings)
     try:
         path = resolve_dataset(args.dataset, settings.data_dir)
         tokenize = _tokenize_pair_fn(args.model, settings) if args.max_length else None

@@ -104,7 +104,7 @@ def shared_backend() -> Iterator[Backend]:
 
 def _server_key(settings: Settings) -> tuple:
     return (str(Path(settings.local_storage).resolve()), str(settings.cache_dir), _frozen(settings.local_models),
-            settings.local_device, settings.local_threads, settings.local_fault_rate)
+            settings.local_device, settings.local_dtype, settings.local_threads, settings.local_fault_rate)
 
 
 def _frozen(mapping: dict) -> tuple:
@@ -117,7 +117,7 @@ def service_client(settings: Settings, backend: Backend | None = None) -> Iterat
     `backend` (default: the entered `Backend`), or, with none entered, one for the duration of this block.
 
     The client's session is closed on exit (the local server then frees its training models)."""
-    apply_offline_env()
+    apply_offline_env(settings)
     quiet_sdk_polling()
     with contextlib.ExitStack() as stack:
         if settings.resolved_backend() == "tinker":
@@ -146,18 +146,34 @@ def service_client(settings: Settings, backend: Backend | None = None) -> Iterat
                 client.close(status).result(timeout=30)
 
 
-def check_model_supported(client: tinker.ServiceClient, model_name: str, backend: str) -> None:
-    """Fail fast, before any training, when the service does not offer `model_name`."""
+def served_models(client: tinker.ServiceClient) -> dict[str, bool]:
+    """The base models the service lists, each with whether it can be trained there (an unstated `trainable`,
+    as older services answer, counts as trainable)."""
     with warnings.catch_warnings():  # deprecated in favour of tinker.RestClient(...), still supported by 0.38
         warnings.simplefilter("ignore", FutureWarning)
         capabilities = client.create_rest_client().get_server_capabilities().result()
-    served = [m.model_name for m in capabilities.supported_models if m.model_name]
-    if model_name in served:
-        return
-    nearest = difflib.get_close_matches(model_name, served, n=1, cutoff=0.0)
+    return {m.model_name: m.trainable is not False for m in capabilities.supported_models if m.model_name}
+
+
+def not_served_message(model_name: str, served: dict[str, bool], backend: str) -> str | None:
+    """Why `model_name` cannot be trained on this service (with what to use instead), or None when it can."""
+    from dpo_core import lineup
+
+    if served.get(model_name):
+        return None
     where = "the local server" if backend == "local" else "Tinker"
+    if model_name in served:
+        return f"model {model_name!r} is listed by {where} but not trainable there"
+    if backend == "tinker" and lineup.successor(model_name):
+        return f"model {model_name!r} is not served by Tinker: {lineup.not_served_message(model_name)}"
+    nearest = difflib.get_close_matches(model_name, list(served), n=1, cutoff=0.0)
     hint = f"; nearest available: {nearest[0]}" if nearest else ""
     retired = " (Tinker has retired some models from its lineup)" if backend == "tinker" else ""
-    raise UnsupportedModelError(
-        f"model {model_name!r} is not served by {where}{retired}{hint}. Served: {', '.join(sorted(served))}"
-    )
+    return f"model {model_name!r} is not served by {where}{retired}{hint}. Served: {', '.join(sorted(served))}"
+
+
+def check_model_supported(client: tinker.ServiceClient, model_name: str, backend: str) -> None:
+    """Fail fast, before any training, when the service does not offer `model_name` for training."""
+    problem = not_served_message(model_name, served_models(client), backend)
+    if problem:
+        raise UnsupportedModelError(problem)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -47,11 +48,13 @@ class TrainConfig(FrozenModel):
 
     # --- training details ---
     max_length: int = Field(default=1024, ge=8)  # tokens per rendered prompt+response; longer is truncated
-    save_every: int = Field(default=0, ge=0)  # steps between checkpoints; 0 = only `final`
+    # As tinker-cookbook: a paid run killed at step 150 resumes from step 140, not from zero. 0 = only `final`.
+    save_every: int = Field(default=20, ge=0)
     seed: int = 0
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
     renderer_name: str | None = None  # default: the model's recommended renderer
     resume: bool = True  # rerun of an unfinished run with the same config continues it
+    allow_few_steps: bool = False  # run a plan of fewer than MIN_STEPS optimizer steps anyway
 
     # --- held-out evaluation (never trained on; DPO metrics before training and at every saved checkpoint) ---
     held_out_fraction: float = Field(default=0.1, ge=0, lt=1)  # 0 = train on every pair, no held-out metrics
@@ -107,30 +110,84 @@ def run_name(config: TrainConfig, date: dt.date | None = None) -> str:
 
 
 # Fields that decide whether an existing run folder is "the same experiment" (resumable).
-_IDENTITY_EXCLUDE = {"log_path", "wandb_project", "wandb_name", "resume", "num_epochs", "save_every"}
+_IDENTITY_EXCLUDE = {"log_path", "wandb_project", "wandb_name", "resume", "num_epochs", "save_every",
+                     "allow_few_steps"}
 
 
-def identity(config: TrainConfig) -> dict[str, Any]:
-    """What must match for a rerun to continue an existing folder (epochs may be extended)."""
-    return config.model_dump(exclude=_IDENTITY_EXCLUDE, mode="json")
+def identity(config: TrainConfig, dataset_sha256: str | None = None) -> dict[str, Any]:
+    """What must match for a rerun to continue an existing folder (epochs may be extended): the config and,
+    when known, the dataset's content hash (a regenerated dataset under the same path is another experiment)."""
+    return {**config.model_dump(exclude=_IDENTITY_EXCLUDE, mode="json"), "dataset_sha256": dataset_sha256}
+
+
+def _same_experiment(existing: dict[str, Any] | None, config: TrainConfig, dataset_sha256: str | None) -> bool:
+    if existing is None:
+        return False
+    if existing.get("dataset_sha256") is None or dataset_sha256 is None:  # a config.json without the hash
+        return {**existing, "dataset_sha256": None} == identity(config)
+    return existing == identity(config, dataset_sha256)
+
+
+# ----------------------------------------------------------------------------------------------
+# How many optimizer steps a plan makes
+# ----------------------------------------------------------------------------------------------
+
+# Fewer steps than this barely move a LoRA adapter and waste a paid run (batch 256 on 80 pairs is ONE step).
+MIN_STEPS = 10
+
+
+def num_steps(num_pairs: int, batch_size: int, num_epochs: int) -> int:
+    """Optimizer steps of a run: batches per epoch (the last one may be partial) x epochs."""
+    return math.ceil(num_pairs / batch_size) * num_epochs
+
+
+def held_out_size(num_pairs: int, fraction: float, min_pairs: int) -> int:
+    """Pairs a run holds out (dpo_core.data.held_out_split; it may round up to whole prompts): none when
+    `fraction` is 0 or the dataset has fewer than 2 x `min_pairs` pairs, else max(ceil(fraction * n), min_pairs)."""
+    if fraction <= 0 or num_pairs < 2 * max(min_pairs, 1):
+        return 0
+    return max(math.ceil(fraction * num_pairs), min_pairs)
+
+
+def check_step_count(config: TrainConfig, num_pairs: int, source: str) -> None:
+    """Refuse a plan of fewer than MIN_STEPS optimizer steps (unless `allow_few_steps`), naming the count and the
+    fixes: a smaller batch_size, more pairs, or more epochs."""
+    total = num_pairs
+    held = held_out_size(total, config.held_out_fraction, config.held_out_min_pairs)
+    num_pairs = total - held  # the held-out pairs are never trained on
+    steps = num_steps(num_pairs, config.batch_size, config.num_epochs)
+    if steps >= MIN_STEPS or config.allow_few_steps:
+        return
+    per_epoch = math.ceil(MIN_STEPS / config.num_epochs)
+    batch = next((b for b in range(min(config.batch_size, num_pairs), 0, -1) if math.ceil(num_pairs / b) >= per_epoch),
+                 None)
+    epochs = math.ceil(MIN_STEPS / math.ceil(num_pairs / config.batch_size))
+    fixes = ([f"batch_size={batch}"] if batch else []) + [
+        f"more pairs (>= {(per_epoch - 1) * config.batch_size + 1 + held} at this batch size)", f"num_epochs={epochs}"]
+    held_note = f" ({held} held out)" if held else ""
+    raise ConfigError(
+        f"{source}: {total} pairs{held_note} at batch_size={config.batch_size} for num_epochs={config.num_epochs} make "
+        f"{steps} optimizer step{'s' if steps != 1 else ''} (fewer than {MIN_STEPS}); use {', or '.join(fixes)}; "
+        "or allow_few_steps=true to run it anyway")
 
 
 def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | None = None,
-                   taken: frozenset[str] | set[str] = frozenset()) -> Path:
+                   taken: frozenset[str] | set[str] = frozenset(), dataset_sha256: str | None = None) -> Path:
     """Pick the run folder. Never overwrites another experiment.
 
     - explicit `log_path`: used as is (resumed if it holds the same experiment and `resume` is on, refused if
       not: a folder is never overwritten);
     - otherwise `experiments/<run_name>`; if that folder exists with the same experiment and
       `resume` is on, it is reused (resumed); else the first free `<run_name>_2`, `_3`, ...
-    Names in `taken` (folders another running process holds) are passed over.
+    Names in `taken` (folders another running process holds) are passed over. With `dataset_sha256`, a folder
+    trained on other bytes of the same dataset path is another experiment.
     """
     if config.log_path:
         path = Path(config.log_path)
         existing = _read_identity(path)
-        if existing is not None and existing != identity(config):
+        if existing is not None and not _same_experiment(existing, config, dataset_sha256):
             raise ConfigError(
-                f"log_path {path} holds a different experiment (config.json differs); "
+                f"log_path {path} holds a different experiment (config.json or the dataset's sha256 differs); "
                 "choose another log_path or delete that folder"
             )
         if existing is not None and not config.resume:
@@ -141,7 +198,8 @@ def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | N
     candidate = experiments_dir / base
     suffix = 1
     while candidate.exists() or candidate.name in taken:
-        if candidate.name not in taken and config.resume and _read_identity(candidate) == identity(config):
+        if (candidate.name not in taken and config.resume
+                and _same_experiment(_read_identity(candidate), config, dataset_sha256)):
             return candidate
         suffix += 1
         candidate = experiments_dir / f"{base}_{suffix}"
@@ -155,7 +213,7 @@ def _read_identity(run_dir: Path) -> dict[str, Any] | None:
     from dpo_core.records import RunConfig  # records builds on this module's TrainConfig
 
     try:
-        return identity(RunConfig.read_train_config(run_dir))
+        return identity(RunConfig.read_train_config(run_dir), RunConfig.read_dataset_sha256(run_dir))
     except (ValueError, ValidationError):
         return {"__unknown__": True}
 

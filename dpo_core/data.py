@@ -182,7 +182,10 @@ def held_out_split(pairs: Sequence[PreferencePair], fraction: float, min_pairs: 
     and none at all when `fraction` is 0 or the dataset has fewer than `2 * min_pairs` pairs: a split that
     would leave training with less than half the data is not worth its noise. Positions are returned sorted.
     """
-    if fraction <= 0 or len(pairs) < 2 * max(min_pairs, 1):
+    from dpo_core.config import held_out_size  # the one size rule, shared with the step-count check
+
+    target = held_out_size(len(pairs), fraction, min_pairs)
+    if target == 0:
         return list(range(len(pairs))), []
     groups: dict[str, list[int]] = {}
     for position, pair in enumerate(pairs):
@@ -190,7 +193,6 @@ def held_out_split(pairs: Sequence[PreferencePair], fraction: float, min_pairs: 
     order = sorted(groups)  # a fixed order before shuffling: the split does not depend on row order
     rng = np.random.default_rng(seed)
     rng.shuffle(order)
-    target = max(math.ceil(fraction * len(pairs)), min_pairs)
     held: list[int] = []
     for prompt in order:
         if len(held) >= target:

@@ -43,6 +43,7 @@ class EvalTarget:
     label: str
     model_name: str
     model_path: str | None = None
+    renderer_name: str | None = None  # the run's (config.json); None = the model's default
 
 
 def bucket_of(creativity: float, edges: tuple[float, float]) -> str:
@@ -83,7 +84,8 @@ def sample_and_score(
 ) -> dict[str, Any]:
     """Sample, score and write the three files for one model; returns the summary."""
     sampler = Sampler(target.model_name, target.model_path, config.temperature, config.max_tokens,
-                      top_p=config.top_p, seed=config.seed, service_client=service_client)
+                      top_p=config.top_p, seed=config.seed, renderer_name=target.renderer_name,
+                      service_client=service_client)
     # Each request asks for all k samples of one prompt; a window of `concurrency` requests in flight.
     pools = sampler.sample_many([p.prompt for p in prompts], config.num_samples, concurrency=config.concurrency,
                                 progress=f"sampling {target.label}" if progress else None)
@@ -93,7 +95,7 @@ def sample_and_score(
          "stop_reason": c.stop_reason}
         for prompt, pool in zip(prompts, pools) for index, c in enumerate(pool)]
     if config.quality:
-        base = Sampler(target.model_name, service_client=service_client)
+        base = Sampler(target.model_name, renderer_name=target.renderer_name, service_client=service_client)
         for sample, score in zip(samples, base.mean_logprobs(completions)):
             sample["quality_logprob"] = score
     if config.quality_judge:

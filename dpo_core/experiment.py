@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 from dpo_core import data
 from dpo_core.backend import check_model_supported, service_client
 from dpo_core.checkpoints import final_record
-from dpo_core.config import ConfigError, EvalConfig, FrozenModel, TrainConfig, choose_run_dir, model_slug
+from dpo_core.config import (ConfigError, EvalConfig, FrozenModel, TrainConfig, check_step_count, choose_run_dir,
+                             model_slug)
 from dpo_core.logging_sinks import build_sinks
 from dpo_core.records import RunConfig, TrainOutcome
 from dpo_core.report import ReportEntry
@@ -39,19 +41,28 @@ def validate_dataset(dataset: int | str, settings: Settings) -> ValidatedDataset
                             report_markdown=report.to_markdown())
 
 
+def served_models(settings: Settings) -> dict[str, bool]:
+    """What the service serves (model name -> trainable there), asked before any training."""
+    from dpo_core.backend import served_models as listed
+
+    with service_client(settings) as client:
+        return listed(client)
+
+
 def train_experiment(config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> TrainOutcome:
     """Train (or resume, or report finished) one experiment; returns where it is and its final checkpoint."""
     experiments_dir = Path(settings.experiments_dir)
     lock_dir = Path(settings.cache_dir) / "run-locks" / hashlib.sha256(
         str(experiments_dir.resolve()).encode()).hexdigest()[:16]
-    run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir)
+    run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir, dataset.sha256)
     try:
         return _train_in(run_dir, config, settings, dataset)
     finally:
         lock.close()  # releases the flock (the kernel also releases it if this process dies)
 
 
-def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path) -> tuple[Path, Any]:
+def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path,
+                  dataset_sha256: str | None = None) -> tuple[Path, Any]:
     """Choose the run folder and hold an exclusive lock on it for the whole run.
 
     Two processes started at once with the same experiment would otherwise pick the same folder (it only
@@ -62,7 +73,7 @@ def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path) ->
     lock_dir.mkdir(parents=True, exist_ok=True)  # outside the experiments folder: nothing to see there
     taken: set[str] = set()
     while True:
-        run_dir = choose_run_dir(config, experiments_dir, taken=taken)
+        run_dir = choose_run_dir(config, experiments_dir, taken=taken, dataset_sha256=dataset_sha256)
         handle = open(lock_dir / f"{run_dir.name}.lock", "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -80,6 +91,7 @@ def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: V
         raise ValueError(f"{dataset.path} changed after validation; rerun to validate it again")
     with service_client(settings) as client:
         check_model_supported(client, config.model_name, settings.resolved_backend())
+        check_step_count(config, dataset.rows, Path(dataset.path).name)  # before any training
         with build_sinks(config, settings, run_dir) as sinks:
             return train(
                 config, client, pairs, run_dir=run_dir, dataset_path=dataset.path, dataset_hash=dataset.sha256,
@@ -121,6 +133,7 @@ class EvalRequest(FrozenModel):
     model_path: str | None = None
     run_dir: str | None = None
     training_datasets: tuple[str, ...] = ()  # eval prompts found in these are an error
+    renderer_name: str | None = None  # the renderer the model was trained with (config.json): one per run
 
 
 def plan_evaluation(run_dirs: Sequence[str]) -> list[EvalRequest]:
@@ -132,10 +145,16 @@ def plan_evaluation(run_dirs: Sequence[str]) -> list[EvalRequest]:
         datasets = trained_on.setdefault(run.train_config.model_name, [])
         if run.dataset_path not in datasets:
             datasets.append(run.dataset_path)
-    requests = [EvalRequest(label=f"{model} (base)", model_name=model, training_datasets=tuple(datasets))
+    # A base model is prompted as its experiments were trained (the first run's renderer, when they differ).
+    rendered_as: dict[str, str] = {}
+    for _, run, _ in runs:
+        rendered_as.setdefault(run.train_config.model_name, run.renderer_name)
+    requests = [EvalRequest(label=f"{model} (base)", model_name=model, training_datasets=tuple(datasets),
+                            renderer_name=rendered_as[model])
                 for model, datasets in trained_on.items()]
     requests += [EvalRequest(label=Path(run_dir).name, model_name=run.train_config.model_name,
-                             model_path=final.sampler_path, run_dir=run_dir, training_datasets=(run.dataset_path,))
+                             model_path=final.sampler_path, run_dir=run_dir, training_datasets=(run.dataset_path,),
+                             renderer_name=run.renderer_name)
                  for run_dir, run, final in runs]
     return requests
 
@@ -170,19 +189,27 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
     if request.run_dir:
         out_dir = Path(request.run_dir) / "eval" / f"final_{fingerprint}"
     else:
-        out_dir = Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name) / f"eval_{fingerprint}"
+        # A base model prompted through another renderer than its default samples other text: another folder.
+        from dpo_core.rendering import renderer_name_for
+
+        rendered = request.renderer_name
+        suffix = "" if rendered in (None, renderer_name_for(request.model_name)) else "_" + re.sub(
+            r"[^A-Za-z0-9_-]", "-", rendered)
+        out_dir = (Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name)
+                   / f"eval_{fingerprint}{suffix}")
     embedder = diversity.Embedder()
     with service_client(settings) as client:
-        target = evaluate.EvalTarget(request.label, request.model_name, request.model_path)
+        target = evaluate.EvalTarget(request.label, request.model_name, request.model_path, request.renderer_name)
         evaluate.sample_and_score(client, target, prompts, eval_config, embedder, out_dir)
     return str(out_dir)
 
 
-def write_report(entries: Sequence[ReportEntry], out_dir: str) -> str:
-    """The comparison report over evaluated models (see dpo_core.report); returns report.md's path."""
+def write_report(entries: Sequence[ReportEntry], out_dir: str, notes: Sequence[str] | None = None) -> str:
+    """The comparison report over evaluated models (see dpo_core.report), `notes` under its title; returns
+    report.md's path."""
     from dpo_core.report import write_report as write
 
-    return str(write(entries, Path(out_dir)))
+    return str(write(entries, Path(out_dir), notes=notes))
 
 
 def build_pairs(config: Any, settings: Settings) -> dict[str, Any]:

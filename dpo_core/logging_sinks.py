@@ -37,9 +37,11 @@ class WandbSink:
     def __init__(self, config: TrainConfig, settings: Settings, project: str, name: str, run_dir: Path):
         import wandb
 
+        entity, project = wandb_target(project, settings.wandb_entity)
         self._run = wandb.init(
-            project=project, entity=settings.wandb_entity, name=name, dir=str(run_dir),
-            mode=settings.wandb_mode, config=config.model_dump(mode="json"), reinit="finish_previous",
+            project=project, entity=entity, name=name, dir=str(run_dir),
+            mode=settings.wandb_mode, config=config.model_dump(mode="json"),
+            reinit="create_new",  # experiments trained at once in one process each keep their own run
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -47,6 +49,16 @@ class WandbSink:
 
     def close(self) -> None:
         self._run.finish()
+
+
+def wandb_target(project: str, entity: str | None = None) -> tuple[str | None, str]:
+    """(entity, project) as the guide writes them: `team-name/cs329x-dpo` is project `cs329x-dpo` of the team
+    `team-name` (wandb.init refuses a `/` in a project name); a bare name uses `entity` (DPO_WANDB_ENTITY) or
+    the logged-in user's default."""
+    team, slash, name = project.rpartition("/")
+    if slash and team and name:
+        return team, name
+    return entity, project
 
 
 @contextlib.contextmanager
@@ -62,3 +74,31 @@ def build_sinks(config: TrainConfig, settings: Settings, run_dir: Path) -> Itera
     finally:
         for sink in sinks:
             sink.close()
+
+
+def log_report(report_md: str | Path, run_dirs: list[str], settings: Settings) -> str | None:
+    """The report beyond training curves, to W&B when a project is named (by the experiments' `wandb_project`,
+    else DPO_WANDB_PROJECT): the evaluation's findings table (table.csv: one row per evaluated model, every
+    metric with its CI) and the report's plots, as one run of job_type "report" named after the report folder.
+    Returns the W&B run's folder, or None without a project."""
+    from dpo_core.records import RunConfig
+
+    configs = [RunConfig.read_train_config(run_dir) for run_dir in run_dirs]
+    project = next((c.wandb_project for c in configs if c.wandb_project), None) or settings.wandb_project
+    if not project:
+        return None
+    import pandas as pd
+    import wandb
+
+    folder = Path(report_md).parent
+    # "create_new": a W&B run of a training experiment may still be open in this process (suite threads).
+    run = wandb.init(project=project, entity=settings.wandb_entity, name=f"report-{folder.name}", job_type="report",
+                     dir=str(folder), mode=settings.wandb_mode, reinit="create_new")
+    try:
+        logged: dict[str, Any] = {"findings": wandb.Table(dataframe=pd.read_csv(folder / "table.csv"))}
+        logged.update({f"plots/{png.stem}": wandb.Image(str(png)) for png in sorted(folder.glob("*.png"))})
+        run.log(logged)
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()
+

@@ -57,22 +57,30 @@ def model_specs(local_models: dict[str, Path] | None = None) -> dict[str, ModelS
 
 
 def _recommended_renderer(model_name: str) -> str:
-    from tinker_cookbook import model_info
-
     try:
-        return model_info.get_recommended_renderer_name(model_name)
+        return default_renderer_name(model_name)
     except Exception:
         return "role_colon"
 
 
-def renderer_name_for(model_name: str, local_models: dict[str, Path] | None = None) -> str:
-    """The renderer for a model: the catalog's choice for a local model, else the cookbook's recommendation."""
-    specs = model_specs(local_models)
-    if model_name in specs:
-        return specs[model_name].renderer_name
+def default_renderer_name(model_name: str) -> str:
+    """The lineup's default for a model Tinker serves (hybrid thinking models: the `_disable_thinking` variant,
+    the study measures answers), else the cookbook's recommendation (KeyError-like failure for unknown names)."""
+    from dpo_core import lineup
+
+    if model_name in lineup.served_names():
+        return lineup.default_renderer(model_name)
     from tinker_cookbook import model_info
 
     return model_info.get_recommended_renderer_name(model_name)
+
+
+def renderer_name_for(model_name: str, local_models: dict[str, Path] | None = None) -> str:
+    """The renderer for a model: the catalog's choice for a local model, else `default_renderer_name`."""
+    specs = model_specs(local_models)
+    if model_name in specs:
+        return specs[model_name].renderer_name
+    return default_renderer_name(model_name)
 
 
 def get_spec(name: str, local_models: dict[str, Path] | None = None) -> ModelSpec:

@@ -7,11 +7,12 @@ lr_schedule with its type, ...) works from the suite and a new TrainConfig field
 from __future__ import annotations
 
 import itertools
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, create_model, field_validator
 
-from dpo_core.config import LOCAL_DEFAULT_MODEL, SEED_MODELS, EvalConfig, FrozenModel, TrainConfig, run_name
+from dpo_core.config import (LOCAL_DEFAULT_MODEL, SEED_MODELS, ConfigError, EvalConfig, FrozenModel, TrainConfig,
+                             run_name)
 from dpo_core.data import CONTROL_DATASET_FILE
 
 # TrainConfig fields the suite sweeps over: a list of values, one experiment per combination.
@@ -27,7 +28,8 @@ LIST_FIELDS = ("datasets", "models", *SWEPT)
 # 2 CPUs. lr 1e-4 rather than the seed's 1e-5 so 10 steps move a LoRA adapter measurably.
 # The positive control (data/control_diversity.parquet: chosen = most diverse candidate, rejected = least) runs
 # with the first model and hyper-parameters, so the report can say whether its instrument sees a built-in effect.
-LOCAL_DEFAULTS = {"models": [LOCAL_DEFAULT_MODEL], "learning_rate": [1e-4], "batch_size": 8, "max_length": 256,
+# batch 6: the shipped 80-pair datasets keep 72 pairs for training after the held-out split, 12 steps per epoch.
+LOCAL_DEFAULTS = {"models": [LOCAL_DEFAULT_MODEL], "learning_rate": [1e-4], "batch_size": 6, "max_length": 256,
                   "eval_num_samples": 4, "eval_max_prompts": 24, "eval_max_tokens": 64, "positive_control": True}
 TINKER_DEFAULTS = {"models": list(SEED_MODELS), "learning_rate": [1e-5], "batch_size": 256, "max_length": 1024,
                    "eval_num_samples": 8, "eval_max_prompts": None, "eval_max_tokens": 256,
@@ -76,19 +78,64 @@ SuiteConfig = create_model(
     eval_temperature=(float, Field(default=1.0, ge=0)),
     eval_prompts=(str, "eval_prompts.parquet"),
     report_dir=(str, "reports/latest"),
+    # Experiments trained at once (None: 4 where the compute is remote, 1 on the in-process local server,
+    # which runs every request on one engine thread: README, "Scale out"). dispatch=pool: deployment runs.
+    max_parallel=(int | None, Field(default=None, ge=1)),
+    dispatch=(Literal["local", "pool"], "local"),
     positive_control=(bool | None, None),  # None = the backend's default (on for the local backend)
 )
 
 
-def plan(config: SuiteConfig, backend: str) -> tuple[list[TrainConfig], EvalConfig]:
-    """Every experiment (dataset x model x lr x beta, in that order) and the evaluation settings."""
+class ModelLineup(FrozenModel):
+    """The models the suite trains after asking the service what it serves, and what it said about the rest."""
+
+    models: list[str]
+    replaced: dict[str, str] = {}  # seed model -> its documented successor
+    notes: list[str] = []  # announcements for the log and the report (replacements)
+    skipped: list[str] = []  # warnings: models that will not run, and why
+
+
+def resolve_models(config: SuiteConfig, backend: str, served: dict[str, bool]) -> ModelLineup:
+    """The default study's models against what the service serves (name -> trainable).
+
+    Default models (no `models=`): a retired one is replaced by its documented successor (announced); one that
+    is not served, or not trainable, is skipped with a warning, like a missing dataset. Explicit `models=`
+    entries are the user's choice: any that cannot be trained is a ConfigError, before any training."""
+    from dpo_core import lineup
+    from dpo_core.backend import not_served_message
+
+    if config.models:
+        problems = [p for p in (not_served_message(m, served, backend) for m in config.models) if p]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return ModelLineup(models=list(config.models))
+    defaults = TINKER_DEFAULTS if backend == "tinker" else LOCAL_DEFAULTS
+    models, replaced, notes, skipped = [], {}, [], []
+    for model in defaults["models"]:
+        successor = lineup.successor(model)
+        if model not in served and successor in served:
+            replaced[model] = successor
+            notes.append(f"{model} is retired on Tinker; replaced by its documented successor {successor}: "
+                         f"{lineup.RETIRED[model].why}")
+            model = successor
+        problem = not_served_message(model, served, backend)
+        if problem:
+            skipped.append(f"skipping {model}: {problem}")
+        else:
+            models.append(model)
+    return ModelLineup(models=models, replaced=replaced, notes=notes, skipped=skipped)
+
+
+def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> tuple[list[TrainConfig], EvalConfig]:
+    """Every experiment (dataset x model x lr x beta, in that order) and the evaluation settings. `models`
+    (from `resolve_models`) replaces the configured or default models."""
     defaults = TINKER_DEFAULTS if backend == "tinker" else LOCAL_DEFAULTS
     shared = {name: getattr(config, name) for name in TrainConfig.model_fields
               if name not in PER_EXPERIMENT and name not in SWEPT}
     for name in BACKEND_DEFAULTED:
         if name in shared and shared[name] is None:
             shared[name] = defaults[name]
-    models = config.models or defaults["models"]
+    models = models if models is not None else (config.models or defaults["models"])
     rates = config.learning_rate or defaults["learning_rate"]
     experiments = [
         TrainConfig(model_name=model, dataset=dataset, learning_rate=lr, dpo_beta=beta, **shared)
@@ -97,7 +144,7 @@ def plan(config: SuiteConfig, backend: str) -> tuple[list[TrainConfig], EvalConf
     # By default only with the default datasets: a run narrowed to some datasets (datasets=1) asked for those.
     control = config.positive_control if config.positive_control is not None else (
         defaults["positive_control"] and "datasets" not in config.model_fields_set)
-    if control:
+    if control and models:
         experiments.append(TrainConfig(model_name=models[0], dataset=CONTROL_DATASET_FILE, learning_rate=rates[0],
                                        dpo_beta=config.dpo_beta[0], **shared))
     eval_config = EvalConfig(
@@ -111,20 +158,51 @@ def plan(config: SuiteConfig, backend: str) -> tuple[list[TrainConfig], EvalConf
 
 
 class SuitePlan(FrozenModel):
-    """The suite's experiments (each with its run name, the subflow's name in the UI) and evaluation settings."""
+    """The suite's experiments (each with its run name, the subflow's name in the UI) and evaluation settings,
+    with what the service's lineup changed (announced in the log and the report)."""
 
     experiments: list[TrainConfig]
     run_names: list[str]
     eval_config: EvalConfig
+    lineup: ModelLineup | None = None
 
 
-def plan_suite(config: SuiteConfig, backend: str) -> SuitePlan:
-    """`plan` as one record, for a flow to pass along."""
-    experiments, eval_config = plan(config, backend)
-    return SuitePlan(experiments=experiments, run_names=[run_name(e) for e in experiments], eval_config=eval_config)
+def plan_suite(config: SuiteConfig, backend: str, served: dict[str, bool] | None = None) -> SuitePlan:
+    """`plan` as one record, for a flow to pass along; with `served` (the service's models), lineup-aware."""
+    resolved = resolve_models(config, backend, served) if served is not None else None
+    experiments, eval_config = plan(config, backend, resolved.models if resolved else None)
+    return SuitePlan(experiments=experiments, run_names=[run_name(e) for e in experiments], eval_config=eval_config,
+                     lineup=resolved)
 
 
 def split_lists(values: dict[str, str]) -> dict[str, object]:
     """`datasets=1,2` -> ["1", "2"] for the list fields of SuiteConfig."""
     return {k: ([p.strip() for p in v.split(",") if p.strip()] if k in LIST_FIELDS and isinstance(v, str) else v)
             for k, v in values.items()}
+
+
+def step_count_problems(experiments: list[TrainConfig], validated: dict) -> list[str]:
+    """Each planned experiment (on a validated dataset: `dataset -> record with .rows`) that would make fewer
+    than MIN_STEPS optimizer steps, as one message each naming the count and the fixes (empty when none)."""
+    from dpo_core.config import check_step_count
+
+    problems = []
+    for config in experiments:
+        if config.dataset not in validated:
+            continue
+        try:
+            check_step_count(config, validated[config.dataset].rows, f"{config.model_name} on dataset {config.dataset}")
+        except ConfigError as exc:
+            if str(exc) not in problems:
+                problems.append(str(exc))
+    return problems
+# Remote compute (Tinker, or any server reached by TINKER_BASE_URL, or the pool's workers) serves several
+# experiments at once; the in-process local server runs them on one engine thread, so 1 there.
+REMOTE_MAX_PARALLEL = 4
+
+
+def max_parallel_for(config: SuiteConfig, backend: str) -> int:
+    """How many experiments the suite trains at once: `max_parallel`, else the backend's default."""
+    if config.max_parallel is not None:
+        return config.max_parallel
+    return REMOTE_MAX_PARALLEL if backend == "tinker" or config.dispatch == "pool" else 1

@@ -53,11 +53,20 @@ class RunConfig(FrozenModel):
             raise FileNotFoundError(f"{run_dir} is not an experiment folder (no config.json)")
         return _TrainConfigOnly.model_validate_json(path.read_text()).train_config
 
+    @classmethod
+    def read_dataset_sha256(cls, run_dir: str | Path) -> str | None:
+        """The dataset hash `<run_dir>/config.json` records (None in a config.json that has none)."""
+        path = Path(run_dir) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir} is not an experiment folder (no config.json)")
+        return _TrainConfigOnly.model_validate_json(path.read_text()).dataset_sha256
+
 
 class _TrainConfigOnly(FrozenModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     train_config: TrainConfig
+    dataset_sha256: str | None = None
 
 
 class TrainOutcome(FrozenModel):

@@ -75,15 +75,17 @@ def _stat(row: pd.Series, metric: str, scope: str) -> dict[str, float] | None:
     return {"mean": row[key], "ci_low": row[f"{key}/ci_low"], "ci_high": row[f"{key}/ci_high"]}
 
 
-def write_report(entries: Sequence[ReportEntry], out_dir: Path, title: str = "dpo-suite: output diversity") -> Path:
-    """Write the report folder (atomically: built in a temp folder, then renamed). Returns report.md's path."""
+def write_report(entries: Sequence[ReportEntry], out_dir: Path, title: str = "dpo-suite: output diversity",
+                 notes: Sequence[str] | None = None) -> Path:
+    """Write the report folder (atomically: built in a temp folder, then renamed). Returns report.md's path.
+    `notes` (e.g. the suite's model replacements) are listed under the title."""
     out_dir = Path(out_dir)
     with atomic_folder(out_dir) as tmp:
         table = build_table(entries)
         table.to_csv(tmp / "table.csv", index=False)
         section, finding_plots = findings_section(entries, tmp)
         plots = finding_plots + _plots(entries, table, tmp)
-        (tmp / "report.md").write_text(_markdown(entries, table, plots, title, section))
+        (tmp / "report.md").write_text(_with_notes(_markdown(entries, table, plots, title, section), notes))
     return out_dir / "report.md"
 
 
@@ -193,6 +195,16 @@ def _eval_config(entries: Sequence[ReportEntry]) -> dict[str, Any]:
     if not entries:
         return {}
     return json.loads((Path(entries[0].eval_dir) / "summary.json").read_text()).get("eval_config", {})
+
+
+# --- plan notes (added for issue 13's lineup-aware planning; kept apart from the findings) ---
+def _with_notes(markdown: str, notes: Sequence[str] | None) -> str:
+    """The suite's plan notes (replaced or skipped models) as a list right under the report's title line."""
+    if not notes:
+        return markdown
+    title, _, rest = markdown.partition("\n")
+    block = "\n".join(["", "**Plan notes**", "", *(f"- {note}" for note in notes)])
+    return f"{title}\n{block}\n{rest}"
 
 
 def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[str], title: str,

@@ -13,19 +13,26 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Set in every process the project starts: HF libraries otherwise reach for the hub in the background.
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
+# Set in every process the project starts: no telemetry, no advisory noise, no tokenizer thread pools.
+HYGIENE_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TINKER_TELEMETRY": "0",
 }
+# Only where the local backend runs: its models are local folders, and HF libraries otherwise reach for the hub
+# in the background. Never on the tinker path: there the client loads tokenizers by HF repo id (Qwen/Qwen3-8B),
+# which an offline hub refuses unless that exact revision happens to be cached.
+LOCAL_ONLY_ENV = {"HF_HUB_OFFLINE": "1"}
+OFFLINE_ENV = {**LOCAL_ONLY_ENV, **HYGIENE_ENV}  # the local backend's full set
 
 
-def apply_offline_env() -> None:
-    """Set the offline-hygiene variables in this process (existing values win)."""
-    for key, value in OFFLINE_ENV.items():
+def apply_offline_env(settings: Settings | None = None) -> None:
+    """Set the hygiene variables in this process, plus HF_HUB_OFFLINE unless `settings` resolve to the tinker
+    backend (existing values win). Without settings the caller is a local-backend process (the server, benches).
+    Call it before huggingface_hub is imported: the hub reads HF_HUB_OFFLINE once, on import."""
+    tinker_path = settings is not None and settings.resolved_backend() == "tinker"
+    for key, value in (HYGIENE_ENV if tinker_path else OFFLINE_ENV).items():
         os.environ.setdefault(key, value)
 
 
@@ -72,6 +79,8 @@ class Settings(BaseSettings):
     local_port: int = 0  # 0 = a free port
     local_threads: int = 0  # torch threads; 0 = 1 for tiny models, 2 otherwise (measured best on 2 vCPUs)
     local_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto = bfloat16 on CUDA (half the memory, tensor cores), float32 on the CPU (no fast bf16 kernels there)
+    local_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     local_micro_batch_tokens: int = 4096  # tokens per forward/backward micro-batch (memory bound)
     local_graph_cache_tokens: int = 16384  # tokens whose autograd graph is kept between forward and backward
     local_models: dict[str, Path] = {}  # extra base models: name -> local HF model folder
@@ -79,6 +88,12 @@ class Settings(BaseSettings):
     # "tinker": the server answers like Tinker today (its lineup; Qwen3-8B backed by a tiny Qwen3 model with the
     # real Qwen3 tokenizer) so a cloud run can be rehearsed offline; "" serves the local models.
     local_stand_in: Literal["", "tinker"] = ""
+    # Server limits (README "Server limits"): what one request or client may ask of the local server.
+    local_max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # per request, counted after decompression
+    local_request_timeout_s: float = Field(default=600.0, gt=0)  # per engine job; decoding stops at the next step
+    local_max_training_models: int = Field(default=16, ge=0)  # live LoRA training models, all clients; 0 = no cap
+    local_max_sessions: int = Field(default=1024, ge=1)  # live client sessions
+    local_session_idle_s: float = Field(default=900.0, gt=0)  # no heartbeat this long: the session's models go
 
     # --- Weights & Biases ---
     wandb_project: str | None = None

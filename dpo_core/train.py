@@ -173,6 +173,28 @@ def learning_rate_at(config: TrainConfig, step: int, total_steps: int) -> float:
     return config.learning_rate
 
 
+def _check_schedule_continues(config: TrainConfig, run_dir: Path, n_batches: int, start_step: int,
+                              total_steps: int) -> None:
+    """A resumed run whose `num_epochs` changed keeps its learning rates only on a constant schedule: a decaying
+    one is laid over the total step count, so the steps already taken followed another curve (a finished linear
+    run ended near 0 and would jump back up). Refuse that with the ways out rather than train on a broken curve."""
+    from dpo_core.config import ConfigError
+
+    if not (run_dir / "config.json").exists():
+        return
+    before = RunConfig.read_train_config(run_dir).num_epochs
+    if before == config.num_epochs or config.lr_schedule == "constant":
+        return
+    planned = n_batches * before
+    raise ConfigError(
+        f"{run_dir.name}: {start_step} of its {planned} steps were trained on a {config.lr_schedule} learning-rate "
+        f"schedule over {planned} steps (num_epochs={before}); continuing to num_epochs={config.num_epochs} "
+        f"({total_steps} steps) would move the learning rate at step {start_step} from "
+        f"{learning_rate_at(config, start_step, planned):.3g} to {learning_rate_at(config, start_step, total_steps):.3g}. "
+        f"Start a new run instead (resume=false, num_epochs={config.num_epochs}), or use lr_schedule=constant, "
+        "which can be extended")
+
+
 def _rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
@@ -203,6 +225,8 @@ def train(
     start_step = last.step if last else 0
     if last and start_step >= total_steps:
         return TrainOutcome(run_dir=str(run_dir), steps=start_step, already_finished=True, final=last)
+    if last:
+        _check_schedule_continues(config, run_dir, n_batches, start_step, total_steps)
 
     ref_file = reference_dir / f"{reference_key(config.model_name, dataset_hash, renderer_name, config.max_length)}.npy"
     # Over the whole dataset (the cache key is the dataset's), then split: the held-out rows are never trained on.
@@ -259,6 +283,7 @@ def train(
             "learning_rate": lr, "num_pairs": len(indices),
             "num_tokens": sum(rendered[i].num_tokens for i in indices),
             "progress": (step + 1) / total_steps, "time/step": time.time() - started,
+            "time/start": started,  # wall clock (epoch s): when concurrent experiments' steps ran
         }
         append_jsonl(metrics_file, metrics)
         for sink in metrics_sinks:

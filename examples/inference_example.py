@@ -21,11 +21,14 @@ PROMPTS = ["Write a short poem about a paper boat.", "Describe the moon in two s
 
 
 def main(run_dir: str) -> None:
-    model_name = RunConfig.read(run_dir).train_config.model_name
+    run = RunConfig.read(run_dir)
+    model_name, renderer_name = run.train_config.model_name, run.renderer_name  # prompt as training rendered
     model_path = final_sampler_path(run_dir)  # the `sampler_path` of the `final` row in checkpoints.jsonl
     with service_client(Settings()) as client:
-        trained = Sampler(model_name, model_path, temperature=0.7, max_tokens=128, seed=0, service_client=client)
-        base = Sampler(model_name, None, temperature=0.7, max_tokens=128, seed=0, service_client=client)
+        trained = Sampler(model_name, model_path, temperature=0.7, max_tokens=128, seed=0,
+                          renderer_name=renderer_name, service_client=client)
+        base = Sampler(model_name, None, temperature=0.7, max_tokens=128, seed=0, renderer_name=renderer_name,
+                       service_client=client)
         for prompt in PROMPTS:
             [[after]], [[before]] = trained.sample_many([prompt]), base.sample_many([prompt])
             fluency_after, fluency_before = base.mean_logprobs([after, before])

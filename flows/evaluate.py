@@ -24,14 +24,16 @@ from tasks.evaluate import evaluate_model, plan_evaluation  # noqa: E402
 from tasks.report import write_report  # noqa: E402
 
 
-def evaluate_and_report(run_dirs: list[str], eval_config: EvalConfig, out_dir: str) -> str:
-    """Evaluate base models and experiments (tasks run concurrently), then the report; returns report.md."""
+def evaluate_and_report(run_dirs: list[str], eval_config: EvalConfig, out_dir: str,
+                        notes: list[str] | None = None) -> str:
+    """Evaluate base models and experiments (tasks run concurrently), then the report (`notes`, e.g. the
+    suite's model replacements, under its title); returns report.md."""
     # --- evaluate: each base model once, each experiment's final checkpoint (submitted together) ---
     requests = plan_evaluation(run_dirs)
     eval_dirs = results_fresh_if_gone(evaluate_model, still_there("eval_dir", "summary.json"),
                                       [{"request": r, "eval_config": eval_config} for r in requests])
     # --- report: tables and plots, also as a Prefect artifact ---
-    report_path = run_fresh_if_gone(write_report, file_exists, requests, eval_dirs, out_dir)
+    report_path = run_fresh_if_gone(write_report, file_exists, requests, eval_dirs, out_dir, notes or [])
     publish_report(report_path)
     return report_path
 

@@ -18,15 +18,15 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from dpo_core.data import DatasetNotFoundError  # noqa: E402
-from dpo_core.plan import SuiteConfig, split_lists  # noqa: E402
-from dpo_core.settings import install_signal_handlers  # noqa: E402
+from dpo_core.plan import SuiteConfig, max_parallel_for, split_lists, step_count_problems  # noqa: E402
+from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
 from flows.artifacts import publish_checkpoints, publish_validation  # noqa: E402
 from flows.cli import parse_config  # noqa: E402
+from flows.dispatch import failure_message, train_all  # noqa: E402
 from flows.evaluate import evaluate_and_report  # noqa: E402
-from flows.train import dpo_train  # noqa: E402
-from tasks.plan import plan_experiments  # noqa: E402
+from tasks.plan import list_served_models, plan_experiments  # noqa: E402
 from tasks.runners import task_runner_from_env  # noqa: E402
-from tasks.setup import ensure_concurrency_limits  # noqa: E402
+from tasks.setup import ensure_concurrency_limits, training_slots  # noqa: E402
 from tasks.validate import validate_dataset  # noqa: E402
 
 
@@ -35,7 +35,12 @@ from tasks.validate import validate_dataset  # noqa: E402
 def dpo_suite(config: SuiteConfig = SuiteConfig()):
     logger = get_run_logger()
     ensure_concurrency_limits()
-    suite = plan_experiments(config)
+    # --- plan: ask the service what it serves; retired seed models move to their successors (announced) ---
+    suite = plan_experiments(config, list_served_models())
+    for note in suite.lineup.notes:
+        logger.info("%s", note)
+    for warning in suite.lineup.skipped:
+        logger.warning("%s", warning)
     failures: dict[str, str] = {}
 
     # --- validate: each dataset once; a missing one is skipped, a bad one gates its experiments ---
@@ -53,16 +58,21 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
         else:
             failures[f"dataset {dataset}"] = str(error)
 
-    # --- train: one dpo-train subflow per experiment; a failure does not stop the others ---
+    # --- refuse a plan too short to move the weights (fewer than MIN_STEPS optimizer steps), before training ---
+    too_few = step_count_problems(suite.experiments, validated)
+    if too_few:
+        return Failed(message="; ".join(too_few), data={"experiments": [], "report": None, "failed": too_few})
+
+    # --- train: one dpo-train subflow per experiment, up to max_parallel at once; a failure stays its own ---
+    runnable = [(c, n) for c, n in zip(suite.experiments, suite.run_names) if c.dataset in validated]
+    slots = training_slots(max_parallel_for(config, Settings().resolved_backend()))
+    states = train_all(runnable, config.dispatch, slots)
     finished = []
-    for train_config, name in zip(suite.experiments, suite.run_names):
-        if train_config.dataset not in validated:
-            continue
-        state = dpo_train.with_options(flow_run_name=name)(train_config, return_state=True)
+    for (_, name), state in zip(runnable, states):
         if state.is_completed():
             finished.append(state.result())
         else:
-            failures[name] = str(state.result(raise_on_failure=False))
+            failures[name] = failure_message(state)
 
     # --- register: where the weights are ---
     if finished:
@@ -72,12 +82,16 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
     report_path = None
     if config.evaluate and finished:
         try:
-            report_path = evaluate_and_report([o.run_dir for o in finished], suite.eval_config, config.report_dir)
+            report_path = evaluate_and_report([o.run_dir for o in finished], suite.eval_config, config.report_dir,
+                                              notes=suite.lineup.notes + suite.lineup.skipped)
             print(f"Report: {report_path}")
         except Exception as exc:  # the trained runs stay registered; the suite reports what failed
             failures["evaluation"] = f"{type(exc).__name__}: {exc}"
 
     summary = {"experiments": [o.run_dir for o in finished], "report": report_path, "failed": failures}
+    if not finished and not failures:
+        return Failed(message="nothing ran: " + ("; ".join(suite.lineup.skipped) or "no dataset found"),
+                      data=summary)
     if failures:
         return Failed(message="; ".join(f"{k}: {v}" for k, v in failures.items()), data=summary)
     return Completed(message=f"{len(finished)} experiments; report {report_path}", data=summary)

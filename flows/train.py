@@ -1,9 +1,9 @@
 """`python flows/train.py model_name=... dataset=1 [learning_rate=1e-5 dpo_beta=0.1 batch_size=256 ...]`.
 
 The Prefect flow `dpo-train`: validate the dataset, train one DPO experiment, register its final checkpoint.
-Example (the seed guide's first run):
+Example (the seed guide's first run, on a model Tinker still serves; also `python scripts/train_dpo.py ...`):
 
-    python flows/train.py model_name=Qwen/Qwen3-4B-Instruct-2507 dataset=1 wandb_project=cs329x-dpo
+    python flows/train.py model_name=Qwen/Qwen3-8B dataset=1 wandb_project=cs329x-dpo
 
 With no TINKER_API_KEY it runs on the local server, e.g.
     python flows/train.py model_name=HuggingFaceTB/SmolLM2-135M-Instruct dataset=1 batch_size=8
@@ -28,7 +28,8 @@ from tasks.train import register_checkpoint, train_experiment  # noqa: E402
 from tasks.validate import validate_dataset  # noqa: E402
 
 
-@flow(name="dpo-train", log_prints=True)
+# The result is persisted (JSON) so that a suite that dispatched this run to a work pool reads it back.
+@flow(name="dpo-train", log_prints=True, persist_result=True, result_serializer="json")
 @with_shared_backend
 def dpo_train(config: TrainConfig) -> TrainOutcome:
     # --- validate: a hard gate, before any Tinker call ---

@@ -7,7 +7,8 @@ from typing import Any
 
 from prefect import task
 
-from dpo_core import data, experiment
+from dpo_core import data, experiment, logging_sinks
+from dpo_core.settings import Settings
 from tasks.caching import content_key
 from tasks.policy import CACHED
 from tasks.setup import task_tags
@@ -25,5 +26,9 @@ def _report_inputs(parameters: dict[str, Any]) -> list[str]:
 
 
 @task(name="write-report", tags=task_tags(), cache_key_fn=content_key(extra=_report_inputs), **CACHED)
-def write_report(requests: list[experiment.EvalRequest], eval_dirs: list[str], out_dir: str) -> str:
-    return experiment.write_report(experiment.report_entries(requests, eval_dirs), out_dir)
+def write_report(requests: list[experiment.EvalRequest], eval_dirs: list[str], out_dir: str,
+                 notes: list[str] | None = None) -> str:
+    report_md = experiment.write_report(experiment.report_entries(requests, eval_dirs), out_dir, notes)
+    # The findings table and plots to W&B too, when the experiments (or DPO_WANDB_PROJECT) name a project.
+    logging_sinks.log_report(report_md, [r.run_dir for r in requests if r.run_dir], Settings())
+    return report_md

@@ -40,3 +40,9 @@ def ensure_concurrency_limits(limits: dict[str, int] = CONCURRENCY_LIMITS) -> bo
         for tag, limit in limits.items():
             client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
     return True
+
+
+def training_slots(requested: int) -> int:
+    """Experiments to start at once: `requested`, bounded on a Prefect server by the `tinker-train` limit (more
+    would only wait there for a slot, holding a thread and a subflow run in Running)."""
+    return min(requested, CONCURRENCY_LIMITS["tinker-train"]) if on_prefect_server() else requested

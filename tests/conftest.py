@@ -55,7 +55,7 @@ def service_client(server):
 
 # Everything that starts a server, a model or Prefect takes more than ~5 s: those folders are the slow lane.
 # `make test-fast` (pytest -m "not slow") runs the rest in well under a minute.
-SLOW_FOLDERS = ("integration", "flows", "e2e", "reliability")
+SLOW_FOLDERS = ("integration", "flows", "e2e", "reliability", "tinker_path")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -35,9 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     if api_key is not None and not api_key.startswith("tml-"):
         print("error: --api-key must start with 'tml-' (the tinker SDK refuses other keys)", file=sys.stderr)
         return 1
-    from dpo_core.local.launcher import serve_forever
+    from dpo_core.local.launcher import require_key_off_loopback, serve_forever
 
-    serve_forever(settings, args.host or settings.local_host,
+    host = args.host or settings.local_host
+    try:
+        require_key_off_loopback(host, api_key)  # before binding anything
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    serve_forever(settings, host,
                   settings.local_port if args.port is None else args.port, args.storage, api_key,
                   settings.local_fault_rate if args.fault_rate is None else args.fault_rate)
     return 0

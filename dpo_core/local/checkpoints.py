@@ -3,24 +3,32 @@
 `tinker://<run>/<weights|sampler_weights>/<name>` is the folder `<storage>/runs/<run>/<kind>/<name>/` holding
 `adapter_model.safetensors` (peft's key layout), `meta.json` (base model, LoRA config, steps) and, for a
 training state (`weights`), `optimizer.pt`. A path that does not resolve inside the storage root is refused.
-Writes go through a temporary folder renamed into place, so a crash (or an overwrite) never leaves half a
-checkpoint where a resume would read it.
+Writes go through a temporary folder that is then swapped in: a new name is one rename, an overwrite one
+atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`), so at every instant the name holds either the whole old
+checkpoint or the whole new one, even under kill -9. Deletes rename the folder away before removing it.
+Leftovers of interrupted writes and deletes (dot-folders) are removed when the store opens.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import errno
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from dpo_core.fsutil import atomic_folder
 from dpo_core.local import ids
 from dpo_core.local.validation import CHECKPOINT_NAME_RE, UserError, check_checkpoint_name
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
 
 KINDS = {"weights": "training", "sampler_weights": "sampler"}  # path segment -> the SDK's checkpoint_type
 
@@ -43,6 +51,21 @@ class CheckpointStore:
         self.storage = Path(storage).resolve()
         self.runs_dir = self.storage / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.clean_leftovers()
+
+    def clean_leftovers(self) -> int:
+        """Remove what interrupted writes and deletes left (temporary dot-folders); returns how many."""
+        removed = 0
+        kind_dirs = [run / kind for run in self.runs_dir.iterdir() if run.is_dir() for kind in KINDS
+                     if (run / kind).is_dir()]
+        for kind_dir in kind_dirs:
+            for leftover in kind_dir.glob(".*"):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def resolve(self, tinker_path: str) -> CheckpointRef:
         """`tinker://<run>/<weights|sampler_weights>/<name>` -> its folder, refusing anything outside storage."""
@@ -52,7 +75,7 @@ class CheckpointStore:
         if len(parts) != 3 or parts[1] not in KINDS:
             raise UserError(f"invalid tinker path {tinker_path!r}: expected tinker://<run>/weights|sampler_weights/<name>")
         run, kind, name = parts
-        if not ids.is_valid_run_id(run) or not CHECKPOINT_NAME_RE.match(name) or name in (".", ".."):
+        if not ids.is_valid_run_id(run) or not CHECKPOINT_NAME_RE.fullmatch(name) or name in (".", ".."):
             raise UserError(f"invalid tinker path {tinker_path!r}: names may use letters, digits, '.', '_', '-', ':'")
         folder = (self.runs_dir / run / kind / name).resolve()
         if not folder.is_relative_to(self.runs_dir):
@@ -70,19 +93,34 @@ class CheckpointStore:
         folder = self.resolve(path).folder
         if folder.exists() and not overwrite:
             raise UserError(f"checkpoint {path} already exists (pass overwrite=True to replace it)")
-        with atomic_folder(folder) as tmp:
+        for key, value in adapter_state.items():  # a NaN checkpoint would poison every run resumed from it
+            if not torch.isfinite(value).all():
+                raise UserError(f"refusing to save {path}: weight {key} holds NaN or inf")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.new-", dir=folder.parent))
+        try:
             save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter_state.items()},
                       str(tmp / "adapter_model.safetensors"))
             if optimizer_state is not None:
                 torch.save(optimizer_state, tmp / "optimizer.pt")
             (tmp / "meta.json").write_text(json.dumps({**meta, "kind": kind, "name": name, "time": iso_time()}))
+            _fsync_folder(tmp)
+            if folder.exists():
+                _exchange(tmp, folder)  # tmp now holds the old checkpoint
+            else:
+                os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     def read_meta(self, tinker_path: str) -> dict[str, Any]:
         folder = self.resolve(tinker_path).folder
-        if not (folder / "meta.json").exists():
-            raise UserError(f"checkpoint not found: {tinker_path}")
-        return json.loads((folder / "meta.json").read_text())
+        try:
+            return json.loads((folder / "meta.json").read_text())
+        except FileNotFoundError:
+            raise UserError(f"checkpoint not found: {tinker_path}") from None
+        except (OSError, ValueError) as exc:
+            raise UserError(f"checkpoint {tinker_path} is unreadable: {exc}") from None
 
     def load_adapter(self, tinker_path: str, device: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -96,7 +134,9 @@ class CheckpointStore:
         return torch.load(ref.folder / "optimizer.pt", map_location=device)
 
     def run_ids(self) -> list[str]:
-        return sorted(p.name for p in self.runs_dir.iterdir()) if self.runs_dir.exists() else []
+        if not self.runs_dir.exists():
+            return []
+        return sorted(p.name for p in self.runs_dir.iterdir() if p.is_dir() and ids.is_valid_run_id(p.name))
 
     def list(self, run_id: str) -> list[dict[str, Any]]:
         """The checkpoints of one run, as the SDK's REST `Checkpoint` records."""
@@ -105,14 +145,18 @@ class CheckpointStore:
         found = []
         for kind, checkpoint_type in KINDS.items():
             folder = self.runs_dir / run_id / kind
-            for ckpt in sorted(folder.iterdir()) if folder.exists() else []:
-                if not (ckpt / "meta.json").exists():
+            for ckpt in sorted(folder.iterdir()) if folder.is_dir() else []:
+                if ckpt.name.startswith("."):  # a write or delete in progress (or interrupted)
                     continue
-                meta = json.loads((ckpt / "meta.json").read_text())
+                try:  # a folder deleted or broken under us is skipped, never a failed listing
+                    meta = json.loads((ckpt / "meta.json").read_text())
+                    size = sum(p.stat().st_size for p in ckpt.iterdir())
+                except (OSError, ValueError):
+                    continue
                 found.append({
                     "checkpoint_id": f"{kind}/{ckpt.name}", "checkpoint_type": checkpoint_type,
                     "time": meta.get("time", iso_time()), "tinker_path": f"tinker://{run_id}/{kind}/{ckpt.name}",
-                    "size_bytes": sum(p.stat().st_size for p in ckpt.iterdir()),
+                    "size_bytes": size,
                 })
         return found
 
@@ -123,4 +167,36 @@ class CheckpointStore:
         folder = self.resolve(f"tinker://{run_id}/{checkpoint_id}").folder
         if not folder.exists():
             raise UserError(f"checkpoint not found: tinker://{run_id}/{checkpoint_id}")
-        shutil.rmtree(folder)
+        # Renamed away first: a crash mid-removal leaves a dot-folder (cleaned at start-up), not half a checkpoint.
+        doomed = Path(tempfile.mkdtemp(prefix=f".{folder.name}.deleted-", dir=folder.parent))
+        os.rename(folder, doomed / folder.name)
+        shutil.rmtree(doomed, ignore_errors=True)
+        for empty in (folder.parent, folder.parent.parent):  # a run with no checkpoint left is no run
+            try:
+                empty.rmdir()
+            except OSError:
+                break
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a finished checkpoint's files before it takes the name: a power cut must not swap in holes."""
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Atomically swap two folders (Linux renameat2); elsewhere, move `b` aside then rename (tiny window)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.EINVAL, errno.ENOSYS):  # not "unsupported here": a real failure
+            raise OSError(error, os.strerror(error), str(b))
+    aside = Path(tempfile.mkdtemp(prefix=f".{b.name}.old-", dir=b.parent))
+    os.rename(b, aside / b.name)
+    os.rename(a, b)
+    os.rename(aside / b.name, a)
+    aside.rmdir()

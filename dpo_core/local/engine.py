@@ -10,11 +10,13 @@ format lives in `protocol.py`.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpo_core.local import ids
 from dpo_core.local.checkpoints import CheckpointRef, CheckpointStore, iso_time
 from dpo_core.local.sampler import SampleRequest, Sampler, SamplerSource
 from dpo_core.local.store import ModelStore
@@ -34,11 +36,13 @@ class Engine:
         cache_dir: Path,
         local_models: dict[str, Path] | None = None,
         device: str = "auto",
+        dtype: str = "auto",
         threads: int = 0,
         micro_batch_tokens: int = 2048,
         graph_cache_tokens: int = 16384,
         merged_cache_size: int = 4,  # one per concurrent evaluation (the suite runs 4), else they thrash
         stand_in: str = "",
+        max_training_models: int = 16,  # live LoRA training models, all sessions together (0 = no cap)
     ):
         # Counters for tests and benchmarks (e.g. "reference logprobs computed once per sweep").
         self.counters: dict[str, int] = {
@@ -46,9 +50,11 @@ class Engine:
             "sample_requests": 0, "prompt_logprob_requests": 0, "prompt_logprob_tokens": 0,
             "sampled_tokens": 0, "trained_tokens": 0,
         }
-        self.store = ModelStore(cache_dir, local_models, device=device, threads=threads, stand_in=stand_in)
+        self.store = ModelStore(cache_dir, local_models, device=device, dtype=dtype, threads=threads,
+                                stand_in=stand_in)
         self.checkpoints = CheckpointStore(storage)
-        self.trainer = Trainer(self.store, self.checkpoints, self.counters, micro_batch_tokens, graph_cache_tokens)
+        self.trainer = Trainer(self.store, self.checkpoints, self.counters, micro_batch_tokens, graph_cache_tokens,
+                               max_models=max_training_models)
         self.sampler = Sampler(self.store, self.checkpoints, self.counters, merged_cache_size)
 
     @property
@@ -60,6 +66,18 @@ class Engine:
 
     def can_load(self, spec: ModelSpec) -> bool:
         return self.store.can_load(spec)
+    def context_length(self, base_model: str) -> int:
+        """The longest sequence (prompt + completion) `base_model` takes; a `UserError` for an unknown one."""
+        for spec in self.served_models():
+            if spec.name == base_model:
+                return spec.max_context_length
+        raise UserError(f"base model {base_model!r} is not served here "
+                        f"(served: {', '.join(s.name for s in self.served_models())})")
+
+    def model_context_length(self, model_id: str) -> int:
+        """The context length of a live training model; unbounded for an unknown one (its job says so)."""
+        entry = self.trainer.models.get(model_id)
+        return self.context_length(entry.base_model) if entry is not None else 1 << 62
 
     # ------------------------------------------------------------------ training models
     def create_model(self, model_id: str, base_model: str, lora: dict[str, Any] | None) -> str:
@@ -79,6 +97,15 @@ class Engine:
     def release_session(self, session_id: str) -> int:
         """Free what a finished client session held: its training models and ephemeral samplers."""
         return self.trainer.release_session(session_id) + self.sampler.release_session(session_id)
+
+    def expire_sessions(self, expired: list[str], live: set[str], idle_s: float) -> int:
+        """Free what expired sessions held, and training models idle for `idle_s` whose session is not live."""
+        released = sum(self.release_session(session_id) for session_id in expired)
+        stale = [m for m, entry in self.trainer.models.items()
+                 if ids.session_of(m) not in live and time.time() - entry.last_request > idle_s]
+        for model_id in stale:
+            self.trainer.unload(model_id)
+        return released + len(stale)
 
     def info(self, model_id: str) -> dict[str, Any]:
         entry = self.trainer.get(model_id)
@@ -150,9 +177,14 @@ class Engine:
         }
 
     def training_runs_page(self, limit: int, offset: int) -> dict[str, Any]:
-        run_ids = self.checkpoints.run_ids()
-        return {"training_runs": [self.training_run(i) for i in run_ids[offset: offset + limit]],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(run_ids)}}
+        runs = []
+        for run_id in self.checkpoints.run_ids():
+            try:
+                runs.append(self.training_run(run_id))
+            except UserError:  # an empty or half-deleted run folder is no run: it must not fail the listing
+                continue
+        return {"training_runs": runs[offset: offset + limit],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
 
     # ------------------------------------------------------------------ sampling
     def create_sampler(self, sampler_id: str, base_model: str | None, model_path: str | None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 
-_RUN_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,200}")  # matched in full: `$` lets a newline through
 
 
 def new_session_id() -> str:
@@ -36,4 +36,4 @@ def belongs_to(session_id: str, model_or_sampler_id: str) -> bool:
 
 def is_valid_run_id(run_id: str) -> bool:
     """A training run id that is safe as one folder name."""
-    return bool(_RUN_ID_RE.match(run_id or "")) and run_id not in (".", "..")
+    return isinstance(run_id, str) and bool(_RUN_ID_RE.fullmatch(run_id)) and run_id not in (".", "..")

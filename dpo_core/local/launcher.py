@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_core.local.engine import Engine
-from dpo_core.local.server import create_app, new_api_key
+from dpo_core.local.server import ServerLimits, create_app, new_api_key
 from dpo_core.settings import Settings, apply_offline_env
 
 
@@ -32,11 +32,19 @@ def build_engine(settings: Settings, storage: Path | None = None) -> Engine:
         cache_dir=settings.cache_dir,
         local_models=settings.local_models,
         device=settings.local_device,
+        dtype=settings.local_dtype,
         threads=settings.local_threads,
         micro_batch_tokens=settings.local_micro_batch_tokens,
         graph_cache_tokens=settings.local_graph_cache_tokens,
         stand_in=settings.local_stand_in,
+        max_training_models=settings.local_max_training_models,
     )
+
+
+def server_limits(settings: Settings) -> ServerLimits:
+    return ServerLimits(max_body_bytes=settings.local_max_body_bytes,
+                        request_timeout_s=settings.local_request_timeout_s,
+                        max_sessions=settings.local_max_sessions, session_idle_s=settings.local_session_idle_s)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -68,11 +76,12 @@ def local_server(
     api_key = api_key or new_api_key()
     host = host or settings.local_host
     rate = settings.local_fault_rate if fault_rate is None else fault_rate
-    app = create_app(engine, api_key, fault_rate=rate, fault_seed=fault_seed)
+    app = create_app(engine, api_key, fault_rate=rate, fault_seed=fault_seed, limits=server_limits(settings))
     sock = _bind(host, settings.local_port if port is None else port)
     bound_port = sock.getsockname()[1]
+    # A short graceful shutdown: open long-polls are cut after 1 s rather than waited out (up to 30 s).
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                           timeout_keep_alive=30))
+                                           timeout_keep_alive=30, timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="dpo-local-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -84,16 +93,40 @@ def local_server(
     try:
         yield LocalServer(f"http://{shown_host}:{bound_port}", api_key, engine, app)
     finally:
+        # The engine first: its running job is cancelled at its next step, so no torch work outlives the
+        # interpreter (that ended in "terminate called without an active exception").
+        app.state.stop(wait_s=2.0)
         server.should_exit = True
-        thread.join(timeout=15)
-        app.state.stop()
+        thread.join(timeout=2)  # SIGTERM must end a busy server within 5 s (issue 14)
         sock.close()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def require_key_off_loopback(host: str, api_key: str | None) -> None:
+    """Refuse to serve beyond this machine without a key the operator chose: a generated key would only be
+    printed to the server's log, which the machines that must use it cannot read."""
+    if api_key is None and not is_loopback(host):
+        raise ValueError(f"binding {host} (not loopback) needs an explicit key: --api-key tml-... or TINKER_API_KEY; "
+                         "give the same key to the clients as TINKER_API_KEY")
 
 
 def serve_forever(settings: Settings, host: str, port: int, storage: Path | None, api_key: str | None,
                   fault_rate: float) -> None:
     """Blocking CLI server; prints the URL (and how to use it) once it is ready."""
     import signal
+
+    require_key_off_loopback(host, api_key)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -106,7 +139,7 @@ def serve_forever(settings: Settings, host: str, port: int, storage: Path | None
         print(f"  models: {', '.join(s.name for s in server.engine.served_models())}", flush=True)
         print(f"  storage: {server.engine.storage}", flush=True)
         try:
-            while not stop.wait(0.5):
+            while not stop.wait(0.2):
                 pass
         except KeyboardInterrupt:
             pass

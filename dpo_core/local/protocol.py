@@ -7,13 +7,14 @@ JSON. See shared/TINKER_PROTOCOL.md.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 from tinker.proto import tinker_public_pb2 as pb
 
 from dpo_core.local.trainer import Datum
-from dpo_core.local.validation import UserError
+from dpo_core.local.validation import MAX_ID_CHARS, UserError, WireError, check_datums
 
 PROTOBUF = "application/x-protobuf"
 
@@ -21,12 +22,28 @@ _NUMPY_OF = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_IN
 _STOP_REASON = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
 
 
-def maybe_decompress(body: bytes, content_encoding: str | None) -> bytes:
-    if content_encoding and "zstd" in content_encoding.lower():
-        import zstandard
+class BodyTooLarge(UserError):
+    status = 413
 
-        return zstandard.ZstdDecompressor().decompressobj().decompress(body)
-    return body
+
+def decompress_capped(body: bytes, content_encoding: str, max_bytes: int) -> bytes:
+    """A zstd request body, decompressed while counting: a small bomb never grows past `max_bytes`."""
+    import zstandard
+
+    if content_encoding.strip().lower() != "zstd":
+        error = UserError(f"Content-Encoding {content_encoding!r} is not supported (identity or zstd)")
+        error.status = 415
+        raise error
+    out = bytearray()
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body))
+        while chunk := reader.read(1 << 20):
+            out += chunk
+            if len(out) > max_bytes:
+                raise BodyTooLarge(f"request body over {max_bytes} bytes once decompressed")
+    except zstandard.ZstdError as exc:
+        raise UserError(f"request body is not valid zstd: {exc}") from None
+    return bytes(out)
 
 
 def _tensor(message: Any, name: str, index: int) -> np.ndarray:
@@ -34,7 +51,11 @@ def _tensor(message: Any, name: str, index: int) -> np.ndarray:
         raise UserError(f"datum {index}: sparse loss_fn_inputs['{name}'] is not supported by the local server")
     dtype = _NUMPY_OF.get(message.dtype)
     if dtype is None:
-        raise UserError(f"datum {index}: unsupported dtype {message.dtype} for loss_fn_inputs['{name}']")
+        raise WireError(f"data[{index}].loss_fn_inputs.{name}: unsupported dtype {message.dtype}",
+                        f"data[{index}].loss_fn_inputs.{name}")
+    if len(message.dense) % np.dtype(dtype).itemsize:
+        raise WireError(f"data[{index}].loss_fn_inputs.{name}: {len(message.dense)} bytes is not a whole number "
+                        f"of {np.dtype(dtype).name} values", f"data[{index}].loss_fn_inputs.{name}")
     return np.frombuffer(message.dense, dtype=dtype)
 
 
@@ -44,14 +65,22 @@ def decode_forward_backward(body: bytes) -> tuple[str, int, str, bool, list[Datu
     try:
         request.ParseFromString(body)
     except Exception as exc:
-        raise UserError(f"malformed ForwardBackwardRequest protobuf: {exc}") from None
+        raise WireError(f"body: malformed ForwardBackwardRequest protobuf: {exc}", "body", status=400) from None
+    if not request.model_id or len(request.model_id) > MAX_ID_CHARS:
+        raise WireError(f"model_id: must be 1-{MAX_ID_CHARS} characters", "model_id")
+    if request.seq_id < 0:
+        raise WireError(f"seq_id: must be >= 0 (got {request.seq_id})", "seq_id")
     data = []
     for index, datum in enumerate(request.data):
         tokens: list[int] = []
         for chunk in datum.model_input:
             if chunk.WhichOneof("chunk") != "encoded_text":
                 raise UserError(f"datum {index}: only encoded_text chunks are supported by the local server")
-            tokens.extend(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).tolist())
+            raw = chunk.encoded_text.tokens
+            if len(raw) % 4:
+                raise WireError(f"data[{index}].model_input: token bytes must be whole int32 values",
+                                f"data[{index}].model_input")
+            tokens.extend(np.frombuffer(raw, dtype=np.int32).tolist())
         inputs = datum.loss_fn_inputs
         if "target_tokens" not in inputs:
             raise UserError(f"datum {index}: loss_fn_inputs needs 'target_tokens'")
@@ -59,6 +88,7 @@ def decode_forward_backward(body: bytes) -> tuple[str, int, str, bool, list[Datu
         weights = (_tensor(inputs["weights"], "weights", index).astype(np.float32) if "weights" in inputs
                    else np.ones(len(targets), dtype=np.float32))
         data.append(Datum(tokens=tokens, target_tokens=targets, weights=weights))
+    check_datums(data)
     return request.model_id, request.seq_id, request.loss_fn or "cross_entropy", request.forward_only, data
 
 
@@ -93,13 +123,3 @@ def encode_sample_response(result: dict[str, Any]) -> bytes:
         response.topk_prompt_logprobs.logprobs = values.tobytes()
         response.topk_prompt_logprobs.length, response.topk_prompt_logprobs.k = ids.shape
     return response.SerializeToString()
-
-
-def prompt_tokens(prompt: dict[str, Any]) -> list[int]:
-    """A JSON ModelInput (`{"chunks": [{"type": "encoded_text", "tokens": [...]}]}`) -> token ids."""
-    tokens: list[int] = []
-    for chunk in (prompt or {}).get("chunks", []):
-        if chunk.get("type", "encoded_text") != "encoded_text":
-            raise UserError(f"prompt chunk type {chunk.get('type')!r} is not supported by the local server")
-        tokens.extend(int(t) for t in chunk.get("tokens", []))
-    return tokens

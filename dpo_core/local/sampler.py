@@ -11,14 +11,17 @@ import copy
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from dpo_core.local import ids
+from dpo_core.local.budget import Budget, JobInterrupted
 from dpo_core.local.checkpoints import CheckpointStore
+from dpo_core.local.logprobs import prompt_logprobs
+from dpo_core.local.lora_merge import merge_lora
 from dpo_core.local.store import ModelStore
 from dpo_core.local.trainer import LORA_ALPHA
 from dpo_core.local.validation import UserError
@@ -31,6 +34,7 @@ class SampleRequest:
     params: dict[str, Any]
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    budget: Budget = field(default_factory=Budget)  # checked between decode steps: deadline and cancel
 
 
 @dataclass
@@ -128,7 +132,14 @@ class Sampler:
         if state is None:
             state = self.checkpoints.load_adapter(source.model_path, self.store.device)
         merged = copy.deepcopy(base)
-        _merge_lora(merged, state, scale=LORA_ALPHA / int(source.lora["rank"]))
+        # In fp32 a plain `W += delta`. In bf16 (CUDA) the delta of a few small-LR steps is mostly below the
+        # weight's spacing and a bf16 merge would round it away, so each adapted layer becomes a high + low bf16
+        # pair holding W + delta to ~16 bits (`lora_merge.py`). Chosen over sampling the peft model unmerged:
+        # one extra matmul per adapted layer, against peft's cast + two thin matmuls + scale + add + cast (more
+        # kernel launches in a launch-bound small-model decode, ~30% slower on CPU), and the KV cache,
+        # activations and unadapted layers stay as they are. The price is reading two bf16 copies of an adapted
+        # weight per step, as many bytes as one fp32 copy.
+        merge_lora(merged, state, scale=LORA_ALPHA / int(source.lora["rank"]))
         self._merged[source.key] = merged
         while len(self._merged) > self.merged_cache_size:
             self._merged.popitem(last=False)
@@ -210,6 +221,14 @@ class Sampler:
         next_logits = head(hidden[:, -1]).float()
         steps = max(s["max_tokens"] for s in settings)
         for step in range(steps):
+            for i in live:  # a request out of time or cancelled ends here, alone; its batch-mates go on
+                problem = requests[i].budget.problem() if isinstance(results[i], dict) else None
+                if problem is not None:
+                    results[i] = JobInterrupted(problem)
+                    for r, (owner, _) in enumerate(rows):
+                        done[r] = done[r] or owner == i
+            if all(done):
+                break
             log_probs = torch.log_softmax(next_logits / temperatures, dim=-1)
             filtered = _filter(log_probs, top_k, top_p).exp()
             greedy_choice = next_logits.argmax(dim=-1)
@@ -237,7 +256,7 @@ class Sampler:
                           past_key_values=past, use_cache=True)
             past, next_logits = out.past_key_values, head(out.last_hidden_state[:, -1]).float()
         self.counters["sampled_tokens"] += sum(len(seq) for seq in sequences)
-        for i in live:
+        for i in (i for i in live if isinstance(results[i], dict)):
             results[i]["sequences"] = [
                 {"tokens": sequences[r], "logprobs": logprobs[r], "stop_reason": stop_reason[r]}
                 for r, (owner, _) in enumerate(rows) if owner == i
@@ -252,18 +271,16 @@ class Sampler:
             return result
         self.counters["prompt_logprob_requests"] += 1
         self.counters["prompt_logprob_tokens"] += len(request.prompt)
-        logits = head(hidden[row, pad:-1]).float()
-        log_norm = torch.logsumexp(logits, dim=-1)
-        targets = input_ids[row, pad + 1:]
-        lp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-        result["prompt_logprobs"] = np.concatenate([[np.nan], lp.cpu().numpy()]).astype(np.float32)
+        # Chunk by chunk over the vocabulary-wide logits (`logprobs.py`): a long prompt never holds them all.
+        scored = prompt_logprobs(hidden[row, pad:-1], head.weight, input_ids[row, pad + 1:],
+                                 top_k=request.topk_prompt_logprobs, bias=getattr(head, "bias", None))
+        result["prompt_logprobs"] = np.concatenate([[np.nan], scored.logprobs.cpu().numpy()]).astype(np.float32)
         if request.topk_prompt_logprobs:
             k = request.topk_prompt_logprobs
-            values, token_ids = torch.topk(logits - log_norm.unsqueeze(-1), k=k, dim=-1)
-            pad_ids = torch.full((1, k), -1, dtype=token_ids.dtype, device=token_ids.device)
-            pad_vals = torch.full((1, k), float("nan"), device=values.device)
-            result["topk_prompt"] = (torch.cat([pad_ids, token_ids]).cpu().numpy().astype(np.int32),
-                                     torch.cat([pad_vals, values]).cpu().numpy().astype(np.float32))
+            pad_ids = torch.full((1, k), -1, dtype=scored.top_ids.dtype, device=scored.top_ids.device)
+            pad_vals = torch.full((1, k), float("nan"), device=scored.top_logprobs.device)
+            result["topk_prompt"] = (torch.cat([pad_ids, scored.top_ids]).cpu().numpy().astype(np.int32),
+                                     torch.cat([pad_vals, scored.top_logprobs]).cpu().numpy().astype(np.float32))
         return result
 
     def _stops(self, base_model: str, stop: Any) -> tuple[set[int], list[str]]:
@@ -295,15 +312,3 @@ def _filter(log_probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         log_probs = torch.full_like(log_probs, float("-inf")).scatter(-1, order, sorted_lp)
     return log_probs
 
-
-def _merge_lora(module: Any, adapter_state: dict[str, torch.Tensor], scale: float) -> None:
-    """W += scale * B @ A for every adapted linear layer (peft's saved key layout)."""
-    for key, lora_a in adapter_state.items():
-        if not key.endswith("lora_A.weight"):
-            continue
-        prefix = key[: -len(".lora_A.weight")]
-        lora_b = adapter_state[prefix + ".lora_B.weight"]
-        path = prefix.removeprefix("base_model.model.")
-        target = module.get_submodule(path)
-        delta = (lora_b.float() @ lora_a.float()) * scale
-        target.weight.data += delta.to(target.weight.dtype).to(target.weight.device)

@@ -13,21 +13,41 @@ import itertools
 import json
 import random
 import secrets
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from dpo_core.local import ids, protocol
+from dpo_core.local import validation as wire
+from dpo_core.local.budget import Budget
+from dpo_core.local.edge import EdgeGuard, user_error_reply
 from dpo_core.local.engine import Engine
 from dpo_core.local.sampler import SampleRequest, SamplerSource
-from dpo_core.local.validation import UserError, check_optimizer
+from dpo_core.local.validation import UserError, W, check_context, parse
 from dpo_core.local.worker import Reply, Worker
 
 LONG_POLL_SECONDS = 30.0  # the SDK waits up to 45 s per poll; it logs a warning per empty poll
-MAX_BODY_BYTES = 256 * 1024 * 1024
 _NO_FAULTS = ("/api/v1/create_session", "/api/v1/client/config")  # faults there would end the client at once
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one client may hold or ask of the server (settings `DPO_LOCAL_*`; see the README's Server limits)."""
+
+    max_body_bytes: int = 256 * 1024 * 1024  # per request body, after decompression
+    request_timeout_s: float = 600.0  # per engine job; decoding and micro-batches stop at the next step
+    max_sessions: int = 1024
+    session_idle_s: float = 900.0  # a session with no heartbeat for this long is released (the SDK beats ~10 s)
+
+
+@dataclass
+class _Session:
+    tags: list[str]
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 def new_api_key() -> str:
@@ -38,20 +58,19 @@ def _json(run: Callable[[], dict[str, Any]]) -> Callable[[], Reply]:
     return lambda: (json.dumps(run()).encode(), "application/json")
 
 
-def _user_error(exc: UserError, status_code: int) -> JSONResponse:
-    return JSONResponse({"error": str(exc), "category": "user"}, status_code=status_code)
-
-
-def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_bytes: int = MAX_BODY_BYTES,
+def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: ServerLimits | None = None,
                fault_seed: int | None = None) -> FastAPI:
     """The ASGI app. `fault_rate` answers that fraction of requests with a transient failure (tests only)."""
+    limits = limits or ServerLimits()
     app = FastAPI(title="dpo-suite local Tinker server", docs_url=None, redoc_url=None, openapi_url=None)
     workers: list[Worker] = []  # created on the first request, inside the server's event loop
-    sessions: dict[str, list[str]] = {}
+    sessions: dict[str, _Session] = {}
     names = itertools.count(1)  # default checkpoint names and sampler seq ids
     fault_random = random.Random(fault_seed)
+    sweep = {"next": 0.0}
     app.state.engine = engine
     app.state.fault_counts = {"injected": 0}
+    app.state.limits = limits
 
     def run_sample_batch(items: list[tuple[SamplerSource, SampleRequest]]) -> list[Reply | Exception]:
         results = engine.sample_batch(items[0][0], [request for _, request in items])
@@ -60,32 +79,45 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
 
     def worker() -> Worker:
         if not workers:
-            workers.append(Worker(asyncio.get_running_loop(), run_sample_batch))
+            workers.append(Worker(asyncio.get_running_loop(), run_sample_batch,
+                                  request_timeout_s=limits.request_timeout_s))
         return workers[0]
 
     def submit(model_id: str, seq_id: int | None, run: Callable[[], Reply]) -> dict[str, Any]:
+        expire_idle_sessions()
         return {"request_id": worker().submit(model_id, seq_id, run), "model_id": model_id}
 
-    app.state.stop = lambda: workers and workers[0].stop()
+    def expire_idle_sessions() -> None:
+        """Release what sessions without a heartbeat for `session_idle_s` held (checked at most every 5 s)."""
+        now = time.monotonic()
+        if now < sweep["next"]:
+            return
+        sweep["next"] = now + min(5.0, limits.session_idle_s / 2)
+        expired = [sid for sid, s in sessions.items() if now - s.last_seen > limits.session_idle_s]
+        for session_id in expired:
+            del sessions[session_id]
+        live = set(sessions)
+        worker().submit("", None, _json(lambda: {"released": engine.expire_sessions(
+            expired, live, limits.session_idle_s)}))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.headers.get("x-api-key") != api_key:
-            return JSONResponse({"error": "missing or wrong API key (X-API-Key)", "category": "user"}, status_code=401)
-        length = request.headers.get("content-length")
-        if length is not None and int(length) > max_body_bytes:
-            return JSONResponse({"error": f"request body over {max_body_bytes} bytes"}, status_code=413)
-        # Faults are injected before the request is handled, so a retry never repeats a side effect.
-        if fault_rate and request.url.path not in _NO_FAULTS and fault_random.random() < fault_rate:
+    def inject_fault(path: str) -> JSONResponse | None:
+        if fault_rate and path not in _NO_FAULTS and fault_random.random() < fault_rate:
             app.state.fault_counts["injected"] += 1
             kind = fault_random.choice(["500", "429", "503"])
             return JSONResponse({"error": f"injected transient fault ({kind})"}, status_code=int(kind),
                                 headers={"Retry-After": "0"})
-        return await call_next(request)
+        return None
 
-    async def body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        return json.loads(raw) if raw else {}
+    app.state.stop = lambda wait_s=0.0: workers and workers[0].stop(wait_s)
+    app.add_middleware(EdgeGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes,
+                       inject_fault=inject_fault)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError):
+        return user_error_reply(exc)
+
+    async def parsed(request: Request, model: type[W]) -> W:
+        return parse(model, await request.body())
 
     # ------------------------------------------------------------------ session
     @app.post("/api/v1/client/config")
@@ -99,13 +131,22 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
 
     @app.post("/api/v1/create_session")
     async def create_session(request: Request):
-        payload = await body(request)
+        payload = await parsed(request, wire.CreateSession)
+        expire_idle_sessions()
+        if len(sessions) >= limits.max_sessions:
+            raise UserError(f"the server holds {len(sessions)} live sessions, its cap "
+                            "(DPO_LOCAL_MAX_SESSIONS): finish a session first")
         session_id = ids.new_session_id()
-        sessions[session_id] = payload.get("tags", [])
+        sessions[session_id] = _Session(list(payload.tags))
         return {"type": "create_session", "session_id": session_id}
 
     @app.post("/api/v1/session_heartbeat")
     async def heartbeat(request: Request):
+        session_id = (await parsed(request, wire.Heartbeat)).session_id
+        if session_id in sessions:
+            sessions[session_id].last_seen = time.monotonic()
+        elif len(sessions) < limits.max_sessions:  # a client that outlived a server restart stays known
+            sessions[session_id] = _Session([])
         return {"type": "session_heartbeat"}
 
     @app.post("/api/v1/sessions/{session_id}/finish")
@@ -121,6 +162,10 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
 
     @app.get("/api/v1/healthz")
     async def healthz():
+        # The watchdog: a dead engine thread, or one job far past its budget, is not healthy.
+        problem = workers[0].health(limits.request_timeout_s + 60.0) if workers else None
+        if problem is not None:
+            return JSONResponse({"status": "unhealthy", "error": problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/api/v1/get_server_capabilities")
@@ -135,26 +180,26 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
     # ------------------------------------------------------------------ training
     @app.post("/api/v1/create_model")
     async def create_model(request: Request):
-        payload = await body(request)
-        model_id = ids.training_model_id(payload["session_id"], payload["model_seq_id"])
+        payload = await parsed(request, wire.CreateModel)
+        model_id = ids.training_model_id(payload.session_id, payload.model_seq_id)
+        lora = payload.lora_config.model_dump() if payload.lora_config else None
         return submit(model_id, 0, _json(lambda: {"type": "create_model", "model_id": engine.create_model(
-            model_id, payload["base_model"], payload.get("lora_config"))}))
+            model_id, payload.base_model, lora)}))
 
     @app.post("/api/v1/get_info")
     async def get_info(request: Request):
-        payload = await body(request)
+        payload = await parsed(request, wire.ModelRequest)
         try:
-            return await asyncio.to_thread(engine.info, payload["model_id"])
+            return await asyncio.to_thread(engine.info, payload.model_id)
         except UserError as exc:
-            return _user_error(exc, 404)
+            return user_error_reply(exc, 404)
 
     @app.post("/api/v1/forward_backward")
     async def forward_backward(request: Request):
-        raw = protocol.maybe_decompress(await request.body(), request.headers.get("content-encoding"))
-        try:
-            model_id, seq_id, loss_fn, forward_only, data = protocol.decode_forward_backward(raw)
-        except UserError as exc:
-            return _user_error(exc, 400)
+        model_id, seq_id, loss_fn, forward_only, data = protocol.decode_forward_backward(await request.body())
+        context = engine.model_context_length(model_id)
+        for index, datum in enumerate(data):
+            check_context(len(datum.tokens), context, f"data[{index}].model_input")
 
         def run() -> Reply:
             logprobs, metrics = engine.forward_backward(model_id, data, loss_fn, forward_only)
@@ -164,73 +209,65 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
 
     @app.post("/api/v1/optim_step")
     async def optim_step(request: Request):
-        payload = await body(request)
-        try:
-            params = check_optimizer(payload.get("adam_params") or payload.get("optim_params") or {})
-        except UserError as exc:
-            return _user_error(exc, 400)
-        return submit(payload["model_id"], payload.get("seq_id"),
-                      _json(lambda: {"metrics": engine.optim_step(payload["model_id"], params)}))
+        payload = await parsed(request, wire.OptimStep)
+        params = payload.adam_params.model_dump()
+        return submit(payload.model_id, payload.seq_id,
+                      _json(lambda: {"metrics": engine.optim_step(payload.model_id, params)}))
 
     @app.post("/api/v1/save_weights")
     async def save_weights(request: Request):
-        payload = await body(request)
-        name = payload.get("path") or f"step-{next(names)}"
-        return submit(payload["model_id"], payload.get("seq_id"), _json(lambda: {"type": "save_weights", "path": (
-            engine.save_state(payload["model_id"], name, bool(payload.get("overwrite"))))}))
+        payload = await parsed(request, wire.SaveWeights)
+        name = payload.path or f"step-{next(names)}"
+        return submit(payload.model_id, payload.seq_id, _json(lambda: {"type": "save_weights", "path": (
+            engine.save_state(payload.model_id, name, payload.overwrite))}))
 
     @app.post("/api/v1/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request):
-        payload = await body(request)
-        model_id = payload["model_id"]
-        if payload.get("path"):
+        payload = await parsed(request, wire.SaveWeightsForSampler)
+        model_id = payload.model_id
+        if payload.path:
             run = _json(lambda: {"type": "save_weights_for_sampler",
-                                 "path": engine.save_sampler(model_id, payload["path"])})
+                                 "path": engine.save_sampler(model_id, payload.path)})
         else:  # an ephemeral sampler over the current weights, owned by the model's session
-            sampler_id = ids.sampler_id(ids.session_of(model_id),
-                                        payload.get("sampling_session_seq_id", next(names)))
+            seq = payload.sampling_session_seq_id
+            sampler_id = ids.sampler_id(ids.session_of(model_id), next(names) if seq is None else seq)
             run = _json(lambda: {"type": "save_weights_for_sampler",
                                  "sampling_session_id": engine.snapshot_sampler(model_id, sampler_id)})
-        return submit(model_id, payload.get("seq_id"), run)
+        return submit(model_id, payload.seq_id, run)
 
     @app.post("/api/v1/load_weights")
     async def load_weights(request: Request):
-        payload = await body(request)
-        path, optimizer = payload["path"], bool(payload.get("optimizer"))
-        if payload.get("model_id"):
-            model_id = payload["model_id"]
+        payload = await parsed(request, wire.LoadWeights)
+        path, optimizer = payload.path, payload.optimizer
+        if payload.model_id:
+            model_id = payload.model_id
             load = lambda: engine.load_weights(model_id, path, optimizer)  # noqa: E731
         else:  # create-from-state: a new training model in the client's session
-            model_id = ids.training_model_id(payload["session_id"], payload["model_seq_id"])
+            model_id = ids.training_model_id(payload.session_id, payload.model_seq_id)
             load = lambda: engine.create_from_checkpoint(model_id, path, optimizer)  # noqa: E731
-        return submit(model_id, payload.get("seq_id"),
+        return submit(model_id, payload.seq_id,
                       _json(lambda: {"type": "load_weights", "path": path, "model_id": load()}))
 
     @app.post("/api/v1/unload_model")
     async def unload_model(request: Request):
-        payload = await body(request)
-        model_id = payload["model_id"]
+        model_id = (await parsed(request, wire.ModelRequest)).model_id
         return submit(model_id, None,
                       _json(lambda: {"type": "unload_model", "model_id": engine.unload_model(model_id)}))
 
     @app.post("/api/v1/weights_info")
     async def weights_info(request: Request):
-        payload = await body(request)
+        payload = await parsed(request, wire.WeightsInfo)
         try:
-            return await asyncio.to_thread(engine.weights_info, payload.get("tinker_path", ""))
+            return await asyncio.to_thread(engine.weights_info, payload.tinker_path)
         except UserError as exc:
-            return _user_error(exc, 404)
+            return user_error_reply(exc, 404)
 
     # ------------------------------------------------------------------ sampling
     @app.post("/api/v1/create_sampling_session")
     async def create_sampling_session(request: Request):
-        payload = await body(request)
-        sampler_id = ids.sampler_id(payload["session_id"], payload["sampling_session_seq_id"])
-        try:
-            await asyncio.to_thread(engine.create_sampler, sampler_id, payload.get("base_model"),
-                                    payload.get("model_path"))
-        except UserError as exc:
-            return _user_error(exc, 400)
+        payload = await parsed(request, wire.CreateSamplingSession)
+        sampler_id = ids.sampler_id(payload.session_id, payload.sampling_session_seq_id)
+        await asyncio.to_thread(engine.create_sampler, sampler_id, payload.base_model, payload.model_path)
         return {"type": "create_sampling_session", "sampling_session_id": sampler_id}
 
     @app.post("/api/v1/join_sampling_session")
@@ -246,44 +283,46 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, max_body_b
 
     @app.post("/api/v1/asample")
     async def asample(request: Request):
-        payload = await body(request)
-        num_samples = int(payload.get("num_samples", 1))
-        params = payload.get("sampling_params") or {}
-        try:
-            source = engine.sampler_source(payload.get("sampling_session_id"), payload.get("base_model"),
-                                           payload.get("model_path"))
-            sample_request = SampleRequest(protocol.prompt_tokens(payload.get("prompt")), num_samples, params,
-                                           bool(payload.get("prompt_logprobs")),
-                                           int(payload.get("topk_prompt_logprobs") or 0))
-        except UserError as exc:
-            return _user_error(exc, 400)
+        payload = await parsed(request, wire.Sample)
+        source = engine.sampler_source(payload.sampling_session_id, payload.base_model, payload.model_path)
+        prompt, params = payload.prompt.tokens, payload.sampling_params.model_dump()
+        context = engine.context_length(source.base_model)
+        check_context(len(prompt), context, "prompt")
+        max_tokens = 16 if params["max_tokens"] is None else params["max_tokens"]
+        check_context(len(prompt) + max_tokens, context, "sampling_params.max_tokens", "prompt + max_tokens")
+        job_budget = Budget(limits.request_timeout_s)
+        sample_request = SampleRequest(prompt, payload.num_samples, params, bool(payload.prompt_logprobs),
+                                       payload.topk_prompt_logprobs, budget=job_budget)
+        expire_idle_sessions()
         request_id = worker().submit("", None, None, group=engine.sample_group_key(source, params),
-                                     item=(source, sample_request), rows=max(num_samples, 1))
-        return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(num_samples)]}
+                                     item=(source, sample_request), rows=payload.num_samples, budget=job_budget)
+        return {"request_id": request_id,
+                "sample_sequence_ids": [f"{request_id}:{i}" for i in range(payload.num_samples)]}
 
     # ------------------------------------------------------------------ futures
     @app.post("/api/v1/retrieve_future")
     async def retrieve_future(request: Request):
-        payload = await body(request)
-        record = worker().futures.get(payload.get("request_id", ""))
+        request_id = (await parsed(request, wire.FutureRequest)).request_id
+        record = worker().futures.get(request_id)
         if record is None:
-            return JSONResponse({"error": f"unknown request_id {payload.get('request_id')!r}", "category": "user"})
+            return JSONResponse({"error": f"unknown request_id {request_id!r}", "category": "user"})
         try:
             await asyncio.wait_for(record.done.wait(), timeout=LONG_POLL_SECONDS)
         except asyncio.TimeoutError:
-            return {"type": "try_again", "request_id": payload["request_id"], "queue_state": "active"}
+            return {"type": "try_again", "request_id": request_id, "queue_state": "active"}
         return Response(content=record.payload, media_type=record.media_type)
 
     @app.post("/api/v1/cancel_future")
     async def cancel_future(request: Request):
-        return {}
+        # Queued: answered "cancelled" at once; running: it stops at its next decode step or micro-batch.
+        return {"cancelled": worker().cancel((await parsed(request, wire.FutureRequest)).request_id)}
 
     # ------------------------------------------------------------------ REST
     def rest(call: Callable[[], Any]) -> Any:
         try:
             return call()
         except UserError as exc:
-            return _user_error(exc, 404)
+            return user_error_reply(exc, 404)
 
     @app.get("/api/v1/training_runs/{run_id}")
     async def training_run(run_id: str):

@@ -24,7 +24,7 @@ class ModelStore:
     """The frozen base models and tokenizers one server process serves, loaded on first use."""
 
     def __init__(self, cache_dir: Path, local_models: dict[str, Path] | None = None, device: str = "auto",
-                 threads: int = 0, stand_in: str = ""):
+                 dtype: str = "auto", threads: int = 0, stand_in: str = ""):
         self.cache_dir = Path(cache_dir)
         # "tinker": answer like Tinker today (its lineup; Qwen3-8B backed by a tiny Qwen3 with the real tokenizer)
         self.stand_in = stand_in
@@ -32,7 +32,9 @@ class ModelStore:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
-        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         self.threads = threads
         self._bases: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}

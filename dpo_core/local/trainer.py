@@ -2,7 +2,8 @@
 
 Only the `cross_entropy` loss (`sum_t -logprob_t * weight_t`) is served: `forward_backward_custom` and DPO need
 no other. Speed notes (measured on 2 vCPUs, see bench/):
-- per-token logprobs are `gather - logsumexp` (cross_entropy on transposed logits was ~4x slower);
+- per-token logprobs are `gather - logsumexp` over chunks of positions (`logprobs.py`), never the full
+  [tokens x vocab] logits (cross_entropy on transposed logits was ~4x slower);
 - `forward_backward_custom` sends a forward-only pass and then a forward_backward over the same datums: the
   first pass keeps its autograd graph (up to `graph_cache_tokens`), so the second runs only backward;
 - a request's datums run in micro-batches of at most `micro_batch_tokens` padded tokens, gradients accumulate.
@@ -19,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dpo_core.local import budget as budgets
 from dpo_core.local import ids
 from dpo_core.local.checkpoints import CheckpointStore
+from dpo_core.local.logprobs import final_hidden_states, token_logprobs
 from dpo_core.local.store import ModelStore
 from dpo_core.local.validation import UserError, check_datums, check_loss_fn
 from dpo_core.models import MODEL_LOAD_LOCK
@@ -71,11 +74,12 @@ class Trainer:
     """The live LoRA training models, keyed by model id (= training run id)."""
 
     def __init__(self, store: ModelStore, checkpoints: CheckpointStore, counters: dict[str, int],
-                 micro_batch_tokens: int = 2048, graph_cache_tokens: int = 16384):
+                 micro_batch_tokens: int = 2048, graph_cache_tokens: int = 16384, max_models: int = 0):
         self.store, self.checkpoints, self.counters = store, checkpoints, counters
         self.micro_batch_tokens = micro_batch_tokens
         self.graph_cache_tokens = graph_cache_tokens
         self.models: dict[str, TrainingModel] = {}
+        self.max_models = max_models  # each holds a copy of its base model: ~12 MB for local/tiny, far more else
 
     # ------------------------------------------------------------------ lifetime
     def get(self, model_id: str) -> TrainingModel:
@@ -90,6 +94,11 @@ class Trainer:
     def create(self, model_id: str, base_model: str, lora: dict[str, Any] | None) -> str:
         from peft import LoraConfig, get_peft_model
 
+        if model_id in self.models:  # replacing it would silently drop another client's weights
+            raise UserError(f"model {model_id!r} already exists: use a new model_seq_id, or unload_model first")
+        if self.max_models and len(self.models) >= self.max_models:
+            raise UserError(f"the server holds {len(self.models)} live training models, its cap "
+                            "(DPO_LOCAL_MAX_TRAINING_MODELS): finish a session or unload_model first")
         lora = {**DEFAULT_LORA, **(lora or {})}
         if int(lora["rank"]) < 1:
             raise UserError(f"lora rank must be >= 1, got {lora['rank']}")
@@ -106,7 +115,11 @@ class Trainer:
         seed = lora.get("seed")
         with MODEL_LOAD_LOCK, torch.random.fork_rng(devices=[]):
             torch.manual_seed(0 if seed is None else int(seed))
-            module = get_peft_model(copy.deepcopy(base), config)
+            # peft rewires the module it is given, so it gets a copy of the module tree, but the copy shares the
+            # frozen base tensors: nothing writes them, and a second copy per training model (0.5 GB for SmolLM2
+            # in fp32) showed up in peak RSS.
+            shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
+            module = get_peft_model(copy.deepcopy(base, memo=shared), config)
         module.eval()  # no dropout anywhere; LoRA params still train
         params = [p for p in module.parameters() if p.requires_grad]
         self.models[model_id] = TrainingModel(model_id, base_model, lora, module, new_optimizer(params))
@@ -146,19 +159,22 @@ class Trainer:
         return groups
 
     def _logprobs(self, module: Any, data: list[Datum], indices: list[int]) -> list[torch.Tensor]:
-        """Per-token logprobs of each datum's target tokens (gather - logsumexp)."""
-        longest = max(len(data[i].tokens) for i in indices)
+        """Per-token fp32 logprobs of each datum's target tokens, differentiable w.r.t. the LoRA weights.
+
+        The unembedding runs chunk by chunk (`token_logprobs`): neither this pass nor a graph kept for the
+        backward ever holds [tokens x vocab] logits, which dominated peak memory (0.8 GB per 4096 SmolLM2 tokens).
+        """
+        lengths = [len(data[i].tokens) for i in indices]
         # Right padding needs no attention mask: causal attention never looks ahead at the pads.
-        input_ids = torch.zeros((len(indices), longest), dtype=torch.long)
-        targets = torch.zeros((len(indices), longest), dtype=torch.long)
+        input_ids = torch.zeros((len(indices), max(lengths)), dtype=torch.long)
         for row, i in enumerate(indices):
-            n = len(data[i].tokens)
-            input_ids[row, :n] = torch.tensor(data[i].tokens, dtype=torch.long)
-            targets[row, :n] = torch.from_numpy(data[i].target_tokens.astype(np.int64))
-        input_ids, targets = input_ids.to(self.store.device), targets.to(self.store.device)
-        logits = module(input_ids=input_ids, use_cache=False).logits.float()
-        logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        return [logprobs[row, : len(data[i].tokens)] for row, i in enumerate(indices)]
+            input_ids[row, : lengths[row]] = torch.tensor(data[i].tokens, dtype=torch.long)
+        targets = torch.cat([torch.from_numpy(data[i].target_tokens.astype(np.int64)) for i in indices])
+        hidden, head = final_hidden_states(module, input_ids.to(self.store.device))
+        # The pads are dropped before the head: they would cost a vocab-wide matmul each and score nothing.
+        real_positions = torch.cat([hidden[row, :n] for row, n in enumerate(lengths)])
+        logprobs = token_logprobs(real_positions, head.weight, targets.to(self.store.device), bias=head.bias)
+        return list(logprobs.split(lengths))
 
     @staticmethod
     def _graph_key(data: list[Datum], indices: list[int]) -> str:
@@ -179,15 +195,29 @@ class Trainer:
         vocab = self.store.base(entry.base_model).config.vocab_size
         for index, datum in enumerate(data):
             if max(datum.tokens, default=0) >= vocab or int(datum.target_tokens.max(initial=0)) >= vocab:
-                raise UserError(f"datum {index}: token id out of range for {entry.base_model} (vocab {vocab})")
+                raise UserError(f"data[{index}]: token id out of range for {entry.base_model} (allowed 0..{vocab - 1})")
         if entry.kept_version != entry.version:
             entry.kept_graphs.clear()
         if forward_only:
             return self._forward(entry, data)
         outputs: list[np.ndarray | None] = [None] * len(data)
-        total_loss = 0.0
         self.counters["forward_backward_requests"] += 1
+        grads_before = [None if p.grad is None else p.grad.clone() for p in entry.trainable()]
+        try:
+            total_loss = self._accumulate(entry, data, outputs)
+        except BaseException:  # out of budget or non-finite: the gradients stay as they were before this request
+            for param, grad in zip(entry.trainable(), grads_before):
+                param.grad = grad
+            entry.kept_graphs.clear()
+            raise
+        entry.kept_graphs.clear()
+        return outputs, {"loss:sum": total_loss}
+
+    def _accumulate(self, entry: TrainingModel, data: list[Datum], outputs: list[np.ndarray | None]) -> float:
+        """Backward over `data` micro-batch by micro-batch; fills `outputs`, returns `loss:sum`."""
+        total_loss = 0.0
         for indices in self._micro_batches(data):
+            budgets.current().check()
             kept = entry.kept_graphs.pop(self._graph_key(data, indices), None)
             if kept is not None:
                 self.counters["graph_reuse_microbatches"] += 1
@@ -199,11 +229,12 @@ class Trainer:
                 weights = torch.from_numpy(data[i].weights.astype(np.float32)).to(lp.device)
                 loss = loss + (-(lp * weights).sum())
                 outputs[i] = lp.detach().float().cpu().numpy()
+            if not torch.isfinite(loss):
+                raise UserError("forward_backward: the loss is not finite (NaN or inf); no gradient was applied")
             loss.backward()
             total_loss += float(loss.detach())
             self.counters["trained_tokens"] += sum(len(data[i].tokens) for i in indices)
-        entry.kept_graphs.clear()
-        return outputs, {"loss:sum": total_loss}
+        return total_loss
 
     def _forward(self, entry: TrainingModel, data: list[Datum]) -> tuple[list[np.ndarray], dict[str, float]]:
         """A forward-only pass that keeps its graphs (within budget) for the backward that usually follows."""
@@ -231,15 +262,30 @@ class Trainer:
         entry = self.get(model_id)
         entry.kept_graphs.clear()
         params = entry.trainable()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, max_norm=float(adam.get("grad_clip_norm") or 0.0) or float("inf")
-        )
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads \
+            else torch.zeros(())
+        if not torch.isfinite(grad_norm):
+            entry.optimizer.zero_grad(set_to_none=True)  # the poisoned accumulation is dropped, weights untouched
+            raise UserError("optim_step: the accumulated gradients are not finite; the step was refused, the "
+                            "model is unchanged and its gradients were cleared")
+        torch.nn.utils.clip_grad_norm_(params, max_norm=float(adam.get("grad_clip_norm") or 0.0) or float("inf"))
         for group in entry.optimizer.param_groups:
             group["lr"] = float(adam.get("learning_rate", 1e-4))
             group["betas"] = (float(adam.get("beta1", 0.9)), float(adam.get("beta2", 0.95)))
             group["eps"] = float(adam.get("eps", 1e-12))
             group["weight_decay"] = float(adam.get("weight_decay", 0.0))
+        # Kept to undo a step that would overflow (finite inputs can still reach inf with an extreme rate).
+        weights_before = [p.detach().clone() for p in params]
+        state_before = copy.deepcopy(entry.optimizer.state_dict())
         entry.optimizer.step()
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            with torch.no_grad():
+                for param, before in zip(params, weights_before):
+                    param.copy_(before)
+            entry.optimizer.load_state_dict(state_before)
+            raise UserError("optim_step: this step would write NaN/inf into the weights (learning rate "
+                            f"{adam.get('learning_rate')}); it was refused and the model left as it was")
         entry.optimizer.zero_grad(set_to_none=True)
         entry.version += 1
         entry.steps += 1

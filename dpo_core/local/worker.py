@@ -3,7 +3,9 @@
 Among queued jobs of one model, the lowest `seq_id` goes first (the SDK numbers one model's requests, and
 with chunking they may arrive out of order); queued sampling requests of the same sampler and filters run
 together as one batched generation. Every outcome becomes a reply: a result, a user error (not retried by the
-SDK), or a server error with its traceback logged; the thread survives whatever one job does.
+SDK), or a server error with its traceback logged; the thread survives whatever one job does: even a fault in
+the queue itself fails the jobs at hand, not the thread. Each job runs under a `Budget` (time limit, cancel
+flag) that long jobs check between steps; `health()` reports a dead or stuck thread to `/healthz`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo_core.local import budget as budgets
 from dpo_core.local.validation import UserError
 
 log = logging.getLogger("dpo_core.local")
@@ -49,15 +52,19 @@ class _Job:
     group: str | None = field(default=None, compare=False)  # sampling requests that may share a batch
     item: Any = field(default=None, compare=False)
     rows: int = field(default=0, compare=False)
+    budget: budgets.Budget = field(default_factory=budgets.Budget, compare=False)
 
 
 class Worker:
     """One thread that runs engine work; sampling batches hold up to `max_batch_rows` rows."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, batch_runner: BatchRunner | None = None,
-                 max_batch_rows: int = 256):
+                 max_batch_rows: int = 256, request_timeout_s: float = float("inf")):
         self.loop = loop
         self.batch_runner, self.max_batch_rows = batch_runner, max_batch_rows
+        self.request_timeout_s = request_timeout_s
+        self._running: list[_Job] = []  # what the thread works on now (for cancel and the watchdog)
+        self._running_since: float | None = None
         self.futures: OrderedDict[str, FutureRecord] = OrderedDict()
         self._jobs: list[_Job] = []
         self._arrivals = itertools.count()
@@ -67,7 +74,11 @@ class Worker:
         self._thread.start()
 
     def submit(self, model_key: str, seq_id: int | None, run: Callable[[], Reply] | None,
-               group: str | None = None, item: Any = None, rows: int = 1) -> str:
+               group: str | None = None, item: Any = None, rows: int = 1,
+               budget: budgets.Budget | None = None) -> str:
+        """Queue a job; `seq_id` orders one model's jobs (an int: anything else would break the ordering)."""
+        if seq_id is not None and (not isinstance(seq_id, int) or isinstance(seq_id, bool)):
+            raise UserError(f"seq_id must be an integer, got {seq_id!r}")
         request_id = uuid.uuid4().hex
         self.futures[request_id] = FutureRecord(asyncio.Event())
         while len(self.futures) > KEEP_RESULTS:
@@ -76,9 +87,36 @@ class Worker:
                 break
             self.futures.popitem(last=False)
         with self._cond:
-            self._jobs.append(_Job(next(self._arrivals), model_key, seq_id or 0, request_id, run, group, item, rows))
+            if self._stopped:
+                raise UserError("the server is shutting down")
+            self._jobs.append(_Job(next(self._arrivals), model_key, seq_id or 0, request_id, run, group, item, rows,
+                                   budget or budgets.Budget(self.request_timeout_s)))
             self._cond.notify()
         return request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a queued job (answered at once) or a running one (it stops at its next step)."""
+        with self._cond:
+            for job in self._jobs:
+                if job.request_id == request_id:
+                    self._jobs.remove(job)
+                    job.budget.cancel()
+                    self._reply([job], [budgets.JobInterrupted("request cancelled")])
+                    return True
+            for job in self._running:
+                if job.request_id == request_id:
+                    job.budget.cancel()
+                    return True
+        return False
+
+    def health(self, stuck_after_s: float) -> str | None:
+        """What is wrong with the engine thread (dead, or one job running far past its budget), or None."""
+        if not self._thread.is_alive():
+            return "the engine thread has stopped" if self._stopped else "the engine thread died"
+        since = self._running_since
+        if since is not None and time.monotonic() - since > stuck_after_s:
+            return f"the engine has been busy with one job for {time.monotonic() - since:.0f} s"
+        return None
 
     def _next_jobs(self) -> list[_Job]:
         first = min(self._jobs)
@@ -97,17 +135,20 @@ class Worker:
         self._jobs.remove(job)
         return [job]
 
-    def _run(self, jobs: list[_Job]) -> list[Reply]:
-        if jobs[0].group is not None:
-            try:
-                outcomes = self.batch_runner([j.item for j in jobs])
-            except Exception as exc:
-                outcomes = [exc] * len(jobs)
-        else:
-            try:
-                outcomes = [jobs[0].run()]
-            except Exception as exc:
-                outcomes = [exc]
+    def _run(self, jobs: list[_Job]) -> list[Reply | Exception]:
+        budgets.set_current(jobs[0].budget)
+        try:
+            jobs[0].budget.check()  # cancelled or out of time while queued
+            if jobs[0].group is not None:
+                return self.batch_runner([j.item for j in jobs])
+            return [jobs[0].run()]
+        except Exception as exc:
+            return [exc] * len(jobs)
+        finally:
+            budgets.set_current(None)
+
+    @staticmethod
+    def _replies(jobs: list[_Job], outcomes: list[Reply | Exception]) -> list[Reply]:
         replies = []
         for job, outcome in zip(jobs, outcomes):
             if isinstance(outcome, UserError):
@@ -120,16 +161,32 @@ class Worker:
             replies.append(outcome)
         return replies
 
+    def _reply(self, jobs: list[_Job], outcomes: list[Reply | Exception]) -> None:
+        for job, (payload, media_type) in zip(jobs, self._replies(jobs, outcomes)):
+            try:
+                self.loop.call_soon_threadsafe(self._finish, job.request_id, payload, media_type)
+            except RuntimeError:  # the event loop is closed: the server is gone, nobody polls any more
+                pass
+
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._jobs and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                jobs = self._next_jobs()
-            for job, (payload, media_type) in zip(jobs, self._run(jobs)):
-                self.loop.call_soon_threadsafe(self._finish, job.request_id, payload, media_type)
+            jobs: list[_Job] = []
+            try:
+                with self._cond:
+                    while not self._jobs and not self._stopped:
+                        self._cond.wait()
+                    if self._stopped:
+                        return
+                    jobs = self._next_jobs()
+                    self._running, self._running_since = jobs, time.monotonic()
+                self._reply(jobs, self._run(jobs))
+            except Exception as exc:  # a fault outside any job (queue, replies): fail what was taken, go on
+                log.error("engine queue fault: %s", "".join(traceback.format_exception(exc)))
+                with self._cond:
+                    self._jobs = [j for j in self._jobs if j not in jobs]
+                self._reply(jobs, [exc] * len(jobs))
+            finally:
+                self._running, self._running_since = [], None
 
     def _finish(self, request_id: str, payload: bytes, media_type: str) -> None:
         record = self.futures.get(request_id)
@@ -137,9 +194,16 @@ class Worker:
             record.payload, record.media_type = payload, media_type
             record.done.set()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Stop taking jobs, cancel the running one at its next step, and wait up to `wait_s` for the thread."""
         with self._cond:
             self._stopped = True
+            for job in self._running:
+                job.budget.cancel("cancelled: the server is shutting down")
+            queued, self._jobs = self._jobs, []
+            self._reply(queued, [budgets.JobInterrupted("the server is shutting down")] * len(queued))
             self._cond.notify_all()
+        if wait_s and self._thread is not threading.current_thread():
+            self._thread.join(wait_s)
 
 

@@ -45,6 +45,7 @@ def test_deployment_runs_to_completed_and_everything_stops(tmp_path, registered)
     env.pop("PREFECT_API_URL", None)
     params = {"config": {"datasets": [2], "models": ["local/tiny"], "learning_rate": [0.001], "batch_size": 32,
                          "max_length": 128, "eval_num_samples": 2, "eval_max_prompts": 3, "eval_max_tokens": 8,
+                         "allow_few_steps": True,  # 3 steps: the deployment is under test, not learning
                          "report_dir": str(tmp_path / "report")}}
     try:
         up = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=300)

@@ -69,6 +69,7 @@ def local_data(project_env, monkeypatch):
 
 
 SMALL = dict(datasets=[1, 2], models=["local/tiny"], learning_rate=[1e-3], batch_size=32, max_length=128,
+             allow_few_steps=True,  # 3 steps on purpose: the suite machinery, not learning, is under test
              eval_num_samples=2, eval_max_prompts=3, eval_max_tokens=8)
 
 
@@ -124,13 +125,23 @@ def test_missing_dataset_is_skipped_and_a_failed_experiment_is_reported(prefect_
     from flows.suite import dpo_suite
 
     (local_data / "dataset3_llm_judge_diversity.parquet").unlink()
-    config = SuiteConfig(datasets=[3, 1], models=["local/tiny", "Qwen/Qwen3-8B"], learning_rate=[1e-3],
-                         batch_size=32, max_length=128, evaluate=False)
+    # Valid rows whose prompts alone fill max_length: validation passes, training refuses (a failed experiment).
+    too_long = local_data / "long_prompts.jsonl"
+    too_long.write_text("".join(json.dumps({"prompt": f"Question {i}: " + "tell me more " * 80, "chosen": "Yes.",
+                                            "rejected": "No."}) + "\n" for i in range(4)))
+    config = SuiteConfig(datasets=[3, 1, str(too_long)], models=["local/tiny"], learning_rate=[1e-3],
+                         batch_size=32, max_length=128, evaluate=False, allow_few_steps=True)
     state = dpo_suite(config, return_state=True)
     assert state.is_failed()
-    assert "qwen38b" in state.message and "not served by the local server" in state.message
+    assert "dataset-long_prompts" in state.message and "max_length=128" in state.message
     assert "dataset 3" not in state.message  # missing: skipped with a warning, not a failure
     assert [r.name.split("_")[1] for r in (project_env / "experiments").glob("dataset1_*")] == ["tiny"]
+
+    # An explicit model the service does not serve is an error before any training (issue 13).
+    unserved = config.model_copy(update={"datasets": [2], "models": ["local/tiny", "Qwen/Qwen3-8B"]})
+    state = dpo_suite(unserved, return_state=True)
+    assert state.is_failed() and "Qwen/Qwen3-8B" in state.message and "not served by the local server" in state.message
+    assert not list((project_env / "experiments").glob("dataset2_*"))
 
 
 def test_suite_keeps_secrets_out_of_files_logs_parameters_and_artifacts(prefect_harness, project_env, monkeypatch):
@@ -148,6 +159,7 @@ def test_suite_keeps_secrets_out_of_files_logs_parameters_and_artifacts(prefect_
     monkeypatch.setenv("WANDB_API_KEY", wandb_canary)
     monkeypatch.setenv("DPO_WANDB_MODE", "offline")
     config = SuiteConfig(datasets=[2], models=["local/tiny"], learning_rate=[1e-3], batch_size=80, max_length=128,
+                         allow_few_steps=True,
                          eval_num_samples=2, eval_max_prompts=2, eval_max_tokens=4, wandb_project="canary-check",
                          report_dir=str(project_env / "report"))
     state = dpo_suite(config, return_state=True)

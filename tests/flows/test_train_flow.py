@@ -21,7 +21,8 @@ def test_train_flow_runs_registers_and_keeps_secrets_out(prefect_harness, projec
     from flows.train import dpo_train
 
     monkeypatch.setenv("TINKER_API_KEY", CANARY)  # present in the environment, but backend=local
-    config = TrainConfig(model_name="local/tiny", dataset=2, batch_size=16, learning_rate=1e-3, max_length=128)
+    config = TrainConfig(model_name="local/tiny", dataset=2, batch_size=16, learning_rate=1e-3, max_length=128,
+                         allow_few_steps=True)  # 5 steps: the flow is under test, not learning
     state = dpo_train(config, return_state=True)
     assert state.is_completed()
     result = state.result()

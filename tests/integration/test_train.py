@@ -17,7 +17,8 @@ from dpo_core.train import train
 DATA = Path(__file__).resolve().parents[2] / "data"
 TINY = "local/tiny"
 METRIC_KEYS = {"step", "epoch", "split", "dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
-               "logps/chosen", "logps/rejected", "learning_rate", "num_pairs", "num_tokens", "progress", "time/step"}
+               "logps/chosen", "logps/rejected", "learning_rate", "num_pairs", "num_tokens", "progress", "time/step",
+               "time/start"}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,18 @@ def test_extending_epochs_continues_the_run(service_client, dataset, tmp_path):
     assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
+def test_extending_epochs_of_a_decaying_schedule_is_refused_with_the_way_out(service_client, dataset, tmp_path):
+    from dpo_core.config import ConfigError
+
+    _train(service_client, dataset, tmp_path / "run", tmp_path / "ref", _config(num_epochs=1, lr_schedule="linear"))
+    with pytest.raises(ConfigError) as refused:
+        _train(service_client, dataset, tmp_path / "run", tmp_path / "ref", _config(num_epochs=2, lr_schedule="linear"))
+    message = str(refused.value)
+    assert "linear learning-rate schedule over 2 steps" in message and "resume=false" in message
+    assert "lr_schedule=constant" in message
+    assert [m["step"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0, 1]  # nothing trained
+
+
 def test_beta_sweep_computes_reference_logprobs_once(service_client, server, dataset, tmp_path):
     before = server.engine.counters["prompt_logprob_requests"]
     for beta in (0.1, 0.2):
@@ -127,7 +140,7 @@ def test_wandb_offline_logs_metrics_and_config_without_secrets(tmp_path, registe
     settings = Settings(data_dir=DATA, experiments_dir=tmp_path / "experiments", cache_dir=registered,
                         local_storage=tmp_path / "storage", backend="local", wandb_mode="offline")
     dataset = experiment.validate_dataset(3, settings)
-    config = _config(dataset=3, num_epochs=1, batch_size=32, wandb_project="cs329x-dpo")
+    config = _config(dataset=3, num_epochs=1, batch_size=32, wandb_project="cs329x-dpo", allow_few_steps=True)
     result = experiment.train_experiment(config, settings, dataset)
     run_dir = Path(result.run_dir)
     wandb_files = list((run_dir / "wandb").rglob("*"))

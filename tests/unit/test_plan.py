@@ -23,7 +23,7 @@ def test_plan_crosses_datasets_models_rates_and_betas_in_order():
 def test_plan_takes_the_backends_defaults_when_unset():
     [local], local_eval = plan(SuiteConfig(datasets=[1]), "local")
     assert (local.model_name, local.batch_size, local.max_length, local.learning_rate) == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct", 8, 256, 1e-4)
+        "HuggingFaceTB/SmolLM2-135M-Instruct", 6, 256, 1e-4)
     assert (local_eval.num_samples, local_eval.max_prompts, local_eval.max_tokens) == (4, 24, 64)
     tinker_runs, tinker_eval = plan(SuiteConfig(datasets=[1]), "tinker")
     assert len(tinker_runs) == 3 and {e.batch_size for e in tinker_runs} == {256}

@@ -1,0 +1,84 @@
+"""End to end, across processes as across machines: `deployments/dpo.sh up` with two process workers (one flow
+run each at a time), then `python flows/suite.py dispatch=pool ...`: each experiment is a run of the
+`dpo-train/default` deployment, both workers train one, and the suite collects them and writes the report.
+Every process shares the experiments folder, the reference cache, server storage and Prefect result storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "deployments" / "dpo.sh"
+
+_TRAIN_RUNS = """
+import json
+from prefect import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+with get_client(sync_client=True) as client:
+    runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["dpo-train"])))
+    print(json.dumps([{"id": str(r.id), "name": r.name, "state": r.state.name,
+                       "parent": str(r.parent_task_run_id) if r.parent_task_run_id else None} for r in runs]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_pool_dispatch_spreads_experiments_over_two_workers(tmp_path, registered):
+    port = _free_port()
+    env = {
+        **os.environ, "DPO_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "DPO_PYTHON": sys.executable, "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"),
+        "DPO_LOCAL_STORAGE": str(tmp_path / "storage"), "DPO_DATA_DIR": str(ROOT / "data"),
+        "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local",
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+        # Two workers that take one flow run each at a time, polling often, so two experiments go one to each.
+        "DPO_WORKERS": "2", "DPO_WORKER_LIMIT": "1", "PREFECT_WORKER_QUERY_SECONDS": "2",
+    }
+    env.pop("PREFECT_API_URL", None)
+    api = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    run_dir = tmp_path / "prefect-home" / "run"
+    try:
+        up = subprocess.run(["bash", str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=600)
+        assert up.returncode == 0, up.stdout + up.stderr
+        status = subprocess.run(["bash", str(SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert "worker: running" in status.stdout and "worker-2: running" in status.stdout, status.stdout
+
+        suite = subprocess.run(
+            [sys.executable, "flows/suite.py", "dispatch=pool", "datasets=1,2", "models=local/tiny",
+             "learning_rate=0.001", "batch_size=32", "max_length=128", "eval_num_samples=2", "eval_max_prompts=3",
+             "eval_max_tokens=8", f"report_dir={tmp_path / 'report'}"],
+            env=api, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert suite.returncode == 0, suite.stdout[-3000:] + suite.stderr[-3000:]
+
+        # Both experiments trained, by deployment runs of dpo-train, each a child of the suite's run.
+        probe = subprocess.run([sys.executable, "-c", _TRAIN_RUNS], env=api, capture_output=True, text=True,
+                               timeout=120, cwd=ROOT)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        train_runs = json.loads(probe.stdout.strip().splitlines()[-1])
+        assert len(train_runs) == 2 and all(r["state"] == "Completed" and r["parent"] for r in train_runs)
+        assert sorted(r["name"].split("_")[0] for r in train_runs) == ["dataset1", "dataset2"]
+        # Each worker submitted one of them (a worker names the flow runs it submits in its log).
+        logs = {name: (run_dir / f"{name}.log").read_text() for name in ("worker", "worker-2")}
+        for name, log in logs.items():
+            assert sum(r["id"] in log for r in train_runs) == 1, f"{name}: {log[-2000:]}"
+
+        # The report is complete: the base model and both experiments.
+        report = (tmp_path / "report" / "report.md").read_text()
+        assert all(r["name"] in report for r in train_runs), report[:2000]
+        assert len(list((tmp_path / "experiments").glob("dataset*_tiny_*/checkpoints.jsonl"))) == 2
+    finally:
+        down = subprocess.run(["bash", str(SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0
+    status = subprocess.run(["bash", str(SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert "server: stopped" in status.stdout and "worker: stopped" in status.stdout
+    assert "worker-2: stopped" in status.stdout

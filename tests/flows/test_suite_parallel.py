@@ -1,0 +1,100 @@
+"""The suite on a remote backend: a local server started as its own process (`python -m dpo_core.local serve`,
+as on a GPU box) and reached like Tinker, through TINKER_BASE_URL + TINKER_API_KEY. Its experiments train
+concurrently, with the metrics of a sequential run; a wrong key is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_core.plan import SuiteConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "tml-remote-test-key"
+
+
+@pytest.fixture(scope="module")
+def remote_server(tmp_path_factory, registered):
+    """A server process on loopback with a key of ours; stopped (SIGTERM) after the module."""
+    storage = tmp_path_factory.mktemp("remote-storage")
+    env = {**os.environ, "DPO_CACHE_DIR": str(registered), "DPO_LOCAL_STORAGE": str(storage)}
+    process = subprocess.Popen([sys.executable, "-m", "dpo_core.local", "serve", "--port", "0", "--api-key", KEY],
+                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        for line in process.stdout:  # the first lines say where it listens, once it is ready
+            found = re.search(r"ready at (http://127\.0\.0\.1:\d+)", line)
+            if found:
+                url = found.group(1)
+                break
+        assert url, "the server process ended before it was ready"
+        assert KEY not in line  # a key given by the user is never printed
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+@pytest.fixture
+def remote_env(project_env, monkeypatch, remote_server):
+    """A user's environment for the tinker backend pointed at the remote server."""
+    monkeypatch.setenv("DPO_BACKEND", "tinker")
+    monkeypatch.setenv("TINKER_BASE_URL", remote_server)
+    monkeypatch.setenv("TINKER_API_KEY", KEY)
+    return project_env
+
+
+def test_wrong_key_is_refused(remote_server):
+    import tinker
+
+    from dpo_core.backend import service_client
+    from dpo_core.settings import Settings
+
+    settings = Settings(backend="tinker", tinker_base_url=remote_server, tinker_api_key="tml-wrong-key")
+    with pytest.raises(tinker.AuthenticationError):  # on creating the session or on the first call
+        with service_client(settings) as client:
+            client.get_server_capabilities()
+
+
+def _metrics(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_experiments_train_concurrently_with_sequential_results(prefect_harness, remote_env, monkeypatch):
+    from flows.suite import dpo_suite
+
+    # Three experiments (a beta sweep) of >= 10 steps each on local/tiny; no evaluation: training is the subject.
+    small = dict(datasets=[2], models=["local/tiny"], learning_rate=[1e-3], dpo_beta=[0.05, 0.1, 0.2],
+                 batch_size=8, max_length=128, evaluate=False)
+    runs = {}
+    for label, parallel in (("parallel", None), ("sequential", 1)):
+        # Separate experiments folders, so the sequential suite trains again rather than hitting the cache.
+        monkeypatch.setenv("DPO_EXPERIMENTS_DIR", str(remote_env / label))
+        state = dpo_suite(SuiteConfig(**small, max_parallel=parallel), return_state=True)
+        assert state.is_completed(), state.message
+        runs[label] = sorted(state.result()["experiments"])
+    assert len(runs["parallel"]) == 3
+
+    # On the tinker backend the default is 3 at once here: every experiment's steps overlap the others' in time.
+    spans = [(m[0]["time/start"], m[-1]["time/start"] + m[-1]["time/step"])
+             for m in (_metrics(run) for run in runs["parallel"])]
+    assert all(len(_metrics(run)) >= 10 for run in runs["parallel"])
+    latest_start, earliest_end = max(s for s, _ in spans), min(e for _, e in spans)
+    assert latest_start < earliest_end, spans
+    # The sequential run's experiments do not overlap: the comparison above measures something.
+    seq = sorted((m[0]["time/start"], m[-1]["time/start"] + m[-1]["time/step"])
+                 for m in (_metrics(run) for run in runs["sequential"]))
+    assert all(a[1] <= b[0] for a, b in zip(seq, seq[1:]))
+
+    # Identical training: every metric of every step except the timings.
+    for parallel_run, sequential_run in zip(runs["parallel"], runs["sequential"]):
+        assert Path(parallel_run).name == Path(sequential_run).name
+        untimed = [[{k: v for k, v in m.items() if not k.startswith("time/")} for m in _metrics(run)]
+                   for run in (parallel_run, sequential_run)]
+        assert untimed[0] == untimed[1]
