@@ -56,6 +56,10 @@ class TrainConfig(FrozenModel):
     resume: bool = True  # rerun of an unfinished run with the same config continues it
     allow_few_steps: bool = False  # run a plan of fewer than MIN_STEPS optimizer steps anyway
 
+    # --- held-out evaluation (never trained on; DPO metrics before training and at every saved checkpoint) ---
+    held_out_fraction: float = Field(default=0.1, ge=0, lt=1)  # 0 = train on every pair, no held-out metrics
+    held_out_min_pairs: int = Field(default=8, ge=1)  # at least this many held out (none below 2x this many)
+
     @field_validator("dataset")
     @classmethod
     def _dataset_known(cls, value: int | str) -> int | str:
@@ -137,9 +141,20 @@ def num_steps(num_pairs: int, batch_size: int, num_epochs: int) -> int:
     return math.ceil(num_pairs / batch_size) * num_epochs
 
 
+def held_out_size(num_pairs: int, fraction: float, min_pairs: int) -> int:
+    """Pairs a run holds out (dpo_core.data.held_out_split; it may round up to whole prompts): none when
+    `fraction` is 0 or the dataset has fewer than 2 x `min_pairs` pairs, else max(ceil(fraction * n), min_pairs)."""
+    if fraction <= 0 or num_pairs < 2 * max(min_pairs, 1):
+        return 0
+    return max(math.ceil(fraction * num_pairs), min_pairs)
+
+
 def check_step_count(config: TrainConfig, num_pairs: int, source: str) -> None:
     """Refuse a plan of fewer than MIN_STEPS optimizer steps (unless `allow_few_steps`), naming the count and the
     fixes: a smaller batch_size, more pairs, or more epochs."""
+    total = num_pairs
+    held = held_out_size(total, config.held_out_fraction, config.held_out_min_pairs)
+    num_pairs = total - held  # the held-out pairs are never trained on
     steps = num_steps(num_pairs, config.batch_size, config.num_epochs)
     if steps >= MIN_STEPS or config.allow_few_steps:
         return
@@ -148,9 +163,10 @@ def check_step_count(config: TrainConfig, num_pairs: int, source: str) -> None:
                  None)
     epochs = math.ceil(MIN_STEPS / math.ceil(num_pairs / config.batch_size))
     fixes = ([f"batch_size={batch}"] if batch else []) + [
-        f"more pairs (>= {(per_epoch - 1) * config.batch_size + 1} at this batch size)", f"num_epochs={epochs}"]
+        f"more pairs (>= {(per_epoch - 1) * config.batch_size + 1 + held} at this batch size)", f"num_epochs={epochs}"]
+    held_note = f" ({held} held out)" if held else ""
     raise ConfigError(
-        f"{source}: {num_pairs} pairs at batch_size={config.batch_size} for num_epochs={config.num_epochs} make "
+        f"{source}: {total} pairs{held_note} at batch_size={config.batch_size} for num_epochs={config.num_epochs} make "
         f"{steps} optimizer step{'s' if steps != 1 else ''} (fewer than {MIN_STEPS}); use {', or '.join(fixes)}; "
         "or allow_few_steps=true to run it anyway")
 
@@ -249,3 +265,6 @@ class EvalConfig(FrozenModel):
     bucket_edges: tuple[float, float] = (1 / 3, 2 / 3)  # creativity: low < edge0 <= mid < edge1 <= high
     bootstrap: int = Field(default=1000, ge=100)
     quality: bool = True  # the base model's mean token logprob of each sample (fluency proxy)
+    # The judge's 1-10 quality rubric score of each sample (judge = the base model, the rating-from-distribution
+    # method of dpo_core.judge): the quality signal that is NOT dataset 2's selection criterion (the logprob is).
+    quality_judge: bool = True

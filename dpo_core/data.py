@@ -27,6 +27,9 @@ DATASET_FILES: dict[int, str] = {
     3: "dataset3_llm_judge_diversity.parquet",
 }
 DATASET_CRITERIA: dict[int, str] = {1: "embedding diversity", 2: "quality", 3: "LLM-judge diversity"}
+# The positive control (issue 15): pairs built to change diversity strongly, so the study can show its instrument
+# sees an effect when there is one (chosen = the most diverse candidate of a prompt's pool, rejected = the least).
+CONTROL_DATASET_FILE = "control_diversity.parquet"
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 PROMPT_ROLES = {"system", "user", "assistant"}
 RESPONSE_ROLES = {"assistant"}
@@ -164,9 +167,41 @@ def resolve_dataset(dataset: int | str | Path, data_dir: Path) -> Path:
         path = Path(data_dir) / DATASET_FILES[number]
     else:
         path = Path(dataset)
+        if not path.exists() and not path.is_absolute() and (Path(data_dir) / path).exists():
+            path = Path(data_dir) / path  # a bare file name in the data folder, e.g. the positive control's
     if not path.exists():
         raise DatasetNotFoundError(path)
     return path
+
+
+def held_out_split(pairs: Sequence[PreferencePair], fraction: float, min_pairs: int, seed: int
+                   ) -> tuple[list[int], list[int]]:
+    """(train, held-out) positions of a fixed, seeded held-out split; pairs sharing a prompt stay together.
+
+    The held-out part is `max(ceil(fraction * n), min_pairs)` pairs (whole prompts, so it may be a few more),
+    and none at all when `fraction` is 0 or the dataset has fewer than `2 * min_pairs` pairs: a split that
+    would leave training with less than half the data is not worth its noise. Positions are returned sorted.
+    """
+    from dpo_core.config import held_out_size  # the one size rule, shared with the step-count check
+
+    target = held_out_size(len(pairs), fraction, min_pairs)
+    if target == 0:
+        return list(range(len(pairs))), []
+    groups: dict[str, list[int]] = {}
+    for position, pair in enumerate(pairs):
+        groups.setdefault(" ".join(pair.prompt_text().split()).lower(), []).append(position)
+    order = sorted(groups)  # a fixed order before shuffling: the split does not depend on row order
+    rng = np.random.default_rng(seed)
+    rng.shuffle(order)
+    held: list[int] = []
+    for prompt in order:
+        if len(held) >= target:
+            break
+        held.extend(groups[prompt])
+    if len(held) >= len(pairs):
+        return list(range(len(pairs))), []
+    held_set = set(held)
+    return [i for i in range(len(pairs)) if i not in held_set], sorted(held)
 
 
 def content_hash(path: Path) -> str:

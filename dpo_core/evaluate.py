@@ -2,8 +2,11 @@
 
 Per evaluated model, `<out_dir>/` holds `samples.jsonl` (every completion), `scores.parquet` (one row per
 prompt: creativity, bucket, every metric) and `summary.json` (means with bootstrap 95% CIs, overall and per
-creativity bucket). Quality sits next to diversity so gibberish does not pass as "diverse": `quality_logprob` is
-the base model's mean token logprob of each sample (higher = more fluent under the base model).
+creativity bucket). Quality sits next to diversity so gibberish does not pass as "diverse": `quality_judge` is the
+base model's 1-10 rating of each sample under a quality rubric (dpo_core.judge, expected rating from its
+next-token distribution), the quality the report uses; `quality_logprob` is the base model's mean token logprob
+(fluency). The logprob is exactly dataset 2's selection signal, so a dataset-2 model scoring higher on it is
+circular; the judge's rubric score is a different question to the same base model, not the selection signal.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dpo_core.sampling import Sampler
 
 BUCKETS = ("low", "mid", "high")
 METRICS = ("distinct_1", "distinct_2", "self_bleu", "compression_ratio", "embedding_distance", "vendi",
-           "mean_words", "mean_tokens", "quality_logprob")
+           "mean_words", "mean_tokens", "quality_judge", "quality_logprob")
 
 
 class EvalOverlapError(ValueError):
@@ -95,6 +98,14 @@ def sample_and_score(
         base = Sampler(target.model_name, renderer_name=target.renderer_name, service_client=service_client)
         for sample, score in zip(samples, base.mean_logprobs(completions)):
             sample["quality_logprob"] = score
+    if config.quality_judge:
+        from dpo_core.judge import QUALITY_RUBRIC, rubric_ratings
+
+        text_of = {p.prompt_id: p.prompt for p in prompts}
+        ratings = rubric_ratings(service_client, target.model_name, QUALITY_RUBRIC,
+                                 [(text_of[s["prompt_id"]], s["text"]) for s in samples])
+        for sample, rating in zip(samples, ratings):
+            sample["quality_judge"] = rating
 
     texts = [s["text"] for s in samples]
     vectors = embedder.encode(texts) if embedder is not None else None
@@ -106,6 +117,9 @@ def sample_and_score(
                                          [s["num_tokens"] for s in own])
         if config.quality:
             scores["quality_logprob"] = float(np.nanmean([s["quality_logprob"] for s in own]))
+        if config.quality_judge:
+            judged = [s["quality_judge"] for s in own if not np.isnan(s["quality_judge"])]
+            scores["quality_judge"] = float(np.mean(judged)) if judged else float("nan")
         rows.append({"prompt_id": prompt.prompt_id, "creativity_score": prompt.creativity_score,
                      "bucket": bucket_of(prompt.creativity_score, config.bucket_edges), **scores})
     table = pd.DataFrame(rows)

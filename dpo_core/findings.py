@@ -30,7 +30,10 @@ OVERALL = "all"
 DEFAULT_BUCKET_EDGES = (1 / 3, 2 / 3)  # creativity: low < 1/3 <= mid < 2/3 <= high
 DEFAULT_BUCKET_NAMES = ("low", "mid", "high")
 DIVERSITY_METRICS = ("embedding_distance", "vendi", "distinct_1", "distinct_2", "self_bleu", "compression_ratio")
-CONTEXT_METRICS = ("quality_logprob", "mean_words", "mean_tokens")
+# quality_judge: the base model's quality-rubric rating (independent of every dataset's selection signal);
+# quality_logprob: its mean token logprob, which is dataset 2's selection signal (circular for dataset 2).
+CONTEXT_METRICS = ("quality_judge", "quality_logprob", "mean_words", "mean_tokens")
+CIRCULAR_NOTE = {"quality_logprob": "fluency (quality_logprob: dataset 2's own selection signal)"}
 FAMILY_DIVERSITY, FAMILY_LENGTH_CONTROLLED, FAMILY_CONTEXT = "diversity", "length-controlled", "context"
 VERSUS_BASE = "base"
 QUALITY_DATASET = "2"
@@ -186,7 +189,9 @@ def comparison_sentence(rows: pd.DataFrame, higher_is_more_diverse: Mapping[str,
         if equal:
             parts.append("at equal length: " + "; ".join(equal))
     context = rows[(rows["family"] == FAMILY_CONTEXT) & (rows["scope"] == OVERALL)].set_index("metric")
-    for metric, name in ((length_metric, "length (words)"), (quality_metric, f"quality ({quality_metric})")):
+    shown = [(length_metric, "length (words)"), (quality_metric, f"quality ({quality_metric})")]
+    shown += [(m, note) for m, note in CIRCULAR_NOTE.items() if m != quality_metric]
+    for metric, name in shown:
         if metric in context.index:
             parts.append(f"{name} {_effect(context.loc[metric], with_means=True)}")
     return f"{head}: " + "; ".join(parts) + "."

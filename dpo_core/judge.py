@@ -60,6 +60,43 @@ def rating_from_distribution(first_token: dict[str, float], zero_after_one: floa
     return sum(r * p for r, p in mass_of.items()) / mass, mass
 
 
+def _distribution_ratings(sampler: tinker.SamplingClient, renderer: object, judge_model: str,
+                          requests: list[str], min_mass: float) -> list[float | None]:
+    """The expected 1-10 rating of each filled-in rubric under the judge's next-token distribution (all in flight)."""
+    one, zero = (renderer.tokenizer.encode(d, add_special_tokens=False) for d in ("1", "0"))
+    if len(one) != 1 or len(zero) != 1:
+        raise ValueError(f"judge {judge_model!r} does not spell numbers digit by digit; use judge_scoring=text")
+    futures = []
+    for text in requests:
+        prefix = renderer.build_generation_prompt([{"role": "user", "content": text}], prefill=RATING_PREFILL).to_ints()
+        # prompt logprobs of prefix + "1" "0": top-k at the first answer position, and P("0" | "1")
+        futures.append((len(prefix), sampler.sample(
+            tinker.ModelInput.from_ints(prefix + one + zero), 1, tinker.SamplingParams(max_tokens=1),
+            include_prompt_logprobs=True, topk_prompt_logprobs=20)))
+    ratings = []
+    for position, future in futures:
+        response = future.result()
+        first: dict[str, float] = {}
+        for token, logprob in response.topk_prompt_logprobs[position] or []:
+            word = renderer.tokenizer.decode([token])
+            first[word] = first.get(word, 0.0) + math.exp(logprob)
+        rating, _ = rating_from_distribution(first, math.exp(response.prompt_logprobs[position + 1]), min_mass)
+        ratings.append(rating)
+    return ratings
+
+
+def rubric_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric: str,
+                   items: list[tuple[str, str]], min_mass: float = 0.5) -> list[float]:
+    """The judge's expected 1-10 rating of each (prompt, response) under `rubric`, from its next-token
+    distribution; NaN where less than `min_mass` of the probability fell on the ratings. Uncached: used by the
+    evaluation, whose own folder is the cache."""
+    renderer = rendering.get_renderer(judge_model)
+    sampler = service_client.create_sampling_client(base_model=judge_model).result()
+    ratings = _distribution_ratings(sampler, renderer, judge_model,
+                                    [rubric.format(prompt=p, response=r) for p, r in items], min_mass)
+    return [float("nan") if r is None else float(r) for r in ratings]
+
+
 def judge_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric: str, prompts: list[dict],
                   candidates: dict[str, list[dict]], config: PairsConfig, cache: StageCache, stage: str
                   ) -> tuple[dict[str, list[float]], int]:
@@ -91,25 +128,10 @@ def judge_ratings(service_client: tinker.ServiceClient, judge_model: str, rubric
         return renderer.build_generation_prompt([{"role": "user", "content": text}], prefill=prefill)
 
     if config.judge_scoring == "distribution":
-        one, zero = (renderer.tokenizer.encode(d, add_special_tokens=False) for d in ("1", "0"))
-        if len(one) != 1 or len(zero) != 1:
-            raise ValueError(f"judge {judge_model!r} does not spell numbers digit by digit; "
-                             "use judge_scoring=text")
-        futures = []
-        for prompt_id, _, index in todo:
-            prefix = judge_input(prompt_id, index, RATING_PREFILL).to_ints()
-            # prompt logprobs of prefix + "1" "0": top-k at the first answer position, and P("0" | "1")
-            futures.append((len(prefix), sampler.sample(
-                tinker.ModelInput.from_ints(prefix + one + zero), 1, tinker.SamplingParams(max_tokens=1),
-                include_prompt_logprobs=True, topk_prompt_logprobs=20)))
-        for (prompt_id, _, index), (position, future) in zip(todo, futures):
-            response = future.result()
-            first = {}
-            for token, logprob in response.topk_prompt_logprobs[position] or []:
-                word = renderer.tokenizer.decode([token])
-                first[word] = first.get(word, 0.0) + math.exp(logprob)
-            rating, _ = rating_from_distribution(first, math.exp(response.prompt_logprobs[position + 1]),
-                                                 config.judge_min_mass)
+        ratings = _distribution_ratings(sampler, renderer, judge_model, [
+            (rubric.format(prompt=by_id[prompt_id]["prompt"], response=candidates[prompt_id][index]["text"]))
+            for prompt_id, _, index in todo], config.judge_min_mass)
+        for (prompt_id, _, index), rating in zip(todo, ratings):
             if rating is not None:
                 out[prompt_id][index] = rating
     else:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +60,12 @@ class PairsConfig(FrozenModel):
     judge_scoring: Literal["distribution", "text"] = "distribution"
     judge_min_mass: float = Field(default=0.5, gt=0, le=1)  # distribution: least probability on the ratings
     min_distance: float = Field(default=0.02, ge=0)  # drop pairs closer than this (cosine distance)
+    # Pair hygiene: a candidate that stopped at max_tokens is cut mid-answer; DPO would learn "shorter/longer"
+    # from it rather than the criterion. Excluded by default (counted in pairs_summary.json either way).
+    exclude_truncated: bool = True
+    # Length-balanced selection: no pair whose longer text has more than this many times the shorter's words
+    # (the next-best rejected candidate is tried instead). None = no limit.
+    max_length_ratio: float | None = Field(default=None, ge=1)
     max_prompts: int | None = Field(default=None, ge=1)
     out_dir: str = "data"
 
@@ -103,6 +109,29 @@ def select_by_quality(quality: Sequence[float]) -> tuple[int, int] | None:
     if quality[chosen] == quality[rejected]:
         return None
     return chosen, rejected
+
+
+def length_ratio(a_words: int, b_words: int) -> float:
+    """Longer / shorter word count (inf when one text is empty)."""
+    low, high = sorted((a_words, b_words))
+    return math.inf if low == 0 else high / low
+
+
+def select_length_balanced(select: Callable[[list[float]], tuple[int, int] | None], quality: Sequence[float],
+                           words: Sequence[int], max_ratio: float | None) -> tuple[int, int] | None:
+    """`select(quality)`, retried without each rejected candidate whose length is more than `max_ratio` times
+    off the chosen one's (its quality set to NaN takes it out of every selection rule)."""
+    remaining = list(quality)
+    while True:
+        pick = select(remaining)
+        if pick is None or max_ratio is None or length_ratio(words[pick[0]], words[pick[1]]) <= max_ratio:
+            return pick
+        remaining[pick[1]] = math.nan
+
+
+def truncated(pool: Sequence[dict], max_tokens: int) -> list[bool]:
+    """Which candidates stopped at max_tokens (cut mid-answer)."""
+    return [len(candidate["tokens"]) >= max_tokens for candidate in pool]
 
 
 def mean_distances(embeddings: np.ndarray) -> list[float]:
@@ -221,13 +250,20 @@ def build_datasets(prompts: list[dict], candidates: dict[str, list[dict]], quali
     rows: dict[int, list[dict]] = {1: [], 2: [], 3: []}
     dropped = {1: 0, 2: 0, 3: 0}
     no_pair = {1: 0, 2: 0, 3: 0}
+    truncated_count = 0
     for prompt in prompts:
         pid = prompt["prompt_id"]
-        pool, q, vectors = candidates[pid], quality[pid], embeddings[pid]
+        pool, q, vectors = candidates[pid], list(quality[pid]), embeddings[pid]
         d = mean_distances(vectors)
+        cut = truncated(pool, config.max_tokens)
+        truncated_count += sum(cut)
+        if config.exclude_truncated:
+            q = [math.nan if was_cut else value for value, was_cut in zip(q, cut)]
+        words = [len(candidate["text"].split()) for candidate in pool]
         scores = {1: ("diversity", d), 2: ("quality", q), 3: ("originality", originality[pid])}
-        picks = {1: select_by_score(q, d, config.rho), 2: select_by_quality(q),
-                 3: select_by_score(q, originality[pid], config.rho)}
+        rules = {1: lambda qq: select_by_score(qq, d, config.rho), 2: select_by_quality,
+                 3: lambda qq, o=originality[pid]: select_by_score(qq, o, config.rho)}
+        picks = {n: select_length_balanced(rule, q, words, config.max_length_ratio) for n, rule in rules.items()}
         for number, pick in picks.items():
             if pick is None:
                 no_pair[number] += 1
@@ -247,19 +283,75 @@ def build_datasets(prompts: list[dict], candidates: dict[str, list[dict]], quali
                 "criterion": CRITERIA[number], "chosen_quality": q[chosen], "rejected_quality": q[rejected],
                 f"chosen_{name}": values[chosen], f"rejected_{name}": values[rejected],
                 "chosen_diversity": d[chosen], "rejected_diversity": d[rejected],
+                "chosen_words": words[chosen], "rejected_words": words[rejected],
+                "chosen_truncated": cut[chosen], "rejected_truncated": cut[rejected],
                 "model": config.model_name, "judge_model": config.judge_model or config.model_name,
                 "seed": config.seed, "num_candidates": len(pool),
             })
     tables = {n: pd.DataFrame(r) for n, r in rows.items()}
-    summary = {"prompts": len(prompts), "per_dataset": {}}
+    summary = {"prompts": len(prompts), "per_dataset": {},
+               "truncated_candidates": {"count": truncated_count, "excluded": config.exclude_truncated,
+                                        "max_tokens": config.max_tokens},
+               "max_length_ratio": config.max_length_ratio}
     for number, table in tables.items():
         gaps = {}
         if len(table):
             gaps = {"quality_gap_mean": float((table["chosen_quality"] - table["rejected_quality"]).mean()),
-                    "diversity_gap_mean": float((table["chosen_diversity"] - table["rejected_diversity"]).mean())}
+                    "diversity_gap_mean": float((table["chosen_diversity"] - table["rejected_diversity"]).mean()),
+                    # chosen-vs-rejected length: DPO on summed logprobs learns a length gap as readily as the
+                    # criterion, so it is reported next to the criterion's own gap
+                    "chosen_words_mean": float(table["chosen_words"].mean()),
+                    "rejected_words_mean": float(table["rejected_words"].mean()),
+                    "length_gap_words_mean": float((table["chosen_words"] - table["rejected_words"]).mean()),
+                    "pairs_with_truncated_text": int((table["chosen_truncated"] | table["rejected_truncated"]).sum())}
         summary["per_dataset"][number] = {"criterion": CRITERIA[number], "pairs": int(len(table)),
                                           "dropped_too_close": dropped[number], "no_pair": no_pair[number], **gaps}
     return tables, summary
+
+
+def positive_control_pairs(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The positive control's pairs from built datasets: per prompt, chosen = the candidate with the highest
+    embedding diversity d_i, rejected = the lowest, among every candidate text the tables hold for it, with no
+    quality filter (built to change diversity strongly, so the study can show its instrument sees it).
+
+    d_i is comparable across the tables because all of them rank the same candidate pool of a prompt. Prompts
+    whose texts are all the same yield no pair."""
+    texts: dict[str, dict[str, float]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for table in tables:
+        for row in table.itertuples():
+            info.setdefault(row.prompt_id, {"prompt": row.prompt, "creativity_score": row.creativity_score,
+                                            "model": row.model, "seed": row.seed})
+            pool = texts.setdefault(row.prompt_id, {})
+            pool.setdefault(row.chosen, float(row.chosen_diversity))
+            pool.setdefault(row.rejected, float(row.rejected_diversity))
+    rows = []
+    for prompt_id in sorted(texts):
+        ranked = sorted(texts[prompt_id].items(), key=lambda item: (item[1], item[0]))
+        (rejected, low), (chosen, high) = ranked[0], ranked[-1]
+        if _normalised(chosen) == _normalised(rejected):
+            continue
+        rows.append({"prompt_id": prompt_id, "prompt": info[prompt_id]["prompt"], "chosen": chosen,
+                     "rejected": rejected, "creativity_score": info[prompt_id]["creativity_score"],
+                     "criterion": "positive_control_diversity", "chosen_diversity": high, "rejected_diversity": low,
+                     "model": info[prompt_id]["model"], "seed": info[prompt_id]["seed"]})
+    return pd.DataFrame(rows)
+
+
+def write_positive_control(data_dir: Path) -> Path:
+    """`<data_dir>/control_diversity.parquet` from the three datasets there (one documented command:
+    `python -m dpo_core.pairs control data`)."""
+    import io
+
+    from dpo_core.data import CONTROL_DATASET_FILE
+
+    tables = [pd.read_parquet(Path(data_dir) / DATASET_FILES[n]) for n in sorted(DATASET_FILES)
+              if (Path(data_dir) / DATASET_FILES[n]).exists()]
+    buffer = io.BytesIO()
+    positive_control_pairs(tables).to_parquet(buffer, index=False)
+    path = Path(data_dir) / CONTROL_DATASET_FILE
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def write_datasets(tables: dict[int, pd.DataFrame], out_dir: Path) -> dict[int, str]:
@@ -323,3 +415,11 @@ def build_pairs(service_client: tinker.ServiceClient, config: PairsConfig, cache
     gap_plot(tables, out_dir / "pairs_gaps.png")
     atomic_write_bytes(out_dir / "pairs_summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "control":
+        sys.exit("usage: python -m dpo_core.pairs control DATA_DIR")
+    print(write_positive_control(Path(sys.argv[2])))

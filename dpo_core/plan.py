@@ -13,6 +13,7 @@ from pydantic import Field, create_model, field_validator
 
 from dpo_core.config import (LOCAL_DEFAULT_MODEL, SEED_MODELS, ConfigError, EvalConfig, FrozenModel, TrainConfig,
                              run_name)
+from dpo_core.data import CONTROL_DATASET_FILE
 
 # TrainConfig fields the suite sweeps over: a list of values, one experiment per combination.
 SWEPT = ("learning_rate", "dpo_beta")
@@ -25,10 +26,14 @@ LIST_FIELDS = ("datasets", "models", *SWEPT)
 
 # Local default: the shipped datasets x SmolLM2-135M, sized so training and evaluation finish in minutes on
 # 2 CPUs. lr 1e-4 rather than the seed's 1e-5 so 10 steps move a LoRA adapter measurably.
-LOCAL_DEFAULTS = {"models": [LOCAL_DEFAULT_MODEL], "learning_rate": [1e-4], "batch_size": 8, "max_length": 256,
-                  "eval_num_samples": 4, "eval_max_prompts": 24, "eval_max_tokens": 64}
+# The positive control (data/control_diversity.parquet: chosen = most diverse candidate, rejected = least) runs
+# with the first model and hyper-parameters, so the report can say whether its instrument sees a built-in effect.
+# batch 6: the shipped 80-pair datasets keep 72 pairs for training after the held-out split, 12 steps per epoch.
+LOCAL_DEFAULTS = {"models": [LOCAL_DEFAULT_MODEL], "learning_rate": [1e-4], "batch_size": 6, "max_length": 256,
+                  "eval_num_samples": 4, "eval_max_prompts": 24, "eval_max_tokens": 64, "positive_control": True}
 TINKER_DEFAULTS = {"models": list(SEED_MODELS), "learning_rate": [1e-5], "batch_size": 256, "max_length": 1024,
-                   "eval_num_samples": 8, "eval_max_prompts": None, "eval_max_tokens": 256}
+                   "eval_num_samples": 8, "eval_max_prompts": None, "eval_max_tokens": 256,
+                   "positive_control": False}
 
 
 def _experiment_fields() -> dict[str, Any]:
@@ -77,6 +82,7 @@ SuiteConfig = create_model(
     # which runs every request on one engine thread: README, "Scale out"). dispatch=pool: deployment runs.
     max_parallel=(int | None, Field(default=None, ge=1)),
     dispatch=(Literal["local", "pool"], "local"),
+    positive_control=(bool | None, None),  # None = the backend's default (on for the local backend)
 )
 
 
@@ -135,6 +141,12 @@ def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> 
         TrainConfig(model_name=model, dataset=dataset, learning_rate=lr, dpo_beta=beta, **shared)
         for dataset, model, lr, beta in itertools.product(config.datasets, models, rates, config.dpo_beta)
     ]
+    # By default only with the default datasets: a run narrowed to some datasets (datasets=1) asked for those.
+    control = config.positive_control if config.positive_control is not None else (
+        defaults["positive_control"] and "datasets" not in config.model_fields_set)
+    if control and models:
+        experiments.append(TrainConfig(model_name=models[0], dataset=CONTROL_DATASET_FILE, learning_rate=rates[0],
+                                       dpo_beta=config.dpo_beta[0], **shared))
     eval_config = EvalConfig(
         eval_prompts=config.eval_prompts,
         num_samples=config.eval_num_samples or defaults["eval_num_samples"],

@@ -34,6 +34,7 @@ class RunConfig(FrozenModel):
     dataset_sha256: str
     renderer_name: str
     versions: dict[str, str]
+    held_out_rows: list[int] = []  # dataset rows (0-based) of the held-out split: never trained on
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunConfig:

@@ -1,8 +1,10 @@
 """The comparison report: datasets x models x hyperparameters against the base models, by creativity bucket.
 
-Writes `report.md`, `table.csv` (every number in the report, one row per evaluated model) and PNG plots into
-one folder. All numbers come from the evaluations' `summary.json`, which are computed from their
-`scores.parquet` (per prompt), so the report can be checked against the per-prompt files.
+Writes `report.md`, `table.csv` (every number in the report, one row per evaluated model), `paired.csv` (every
+paired test of the Findings) and PNG plots into one folder. The report opens with **Findings**: each trained
+model vs its base model and vs the dataset-2 model, paired prompt by prompt (dpo_core.findings), the held-out
+DPO accuracy of every run with a CI, and whether the positive control was detected. The per-model tables come
+from the evaluations' `summary.json`, computed from their `scores.parquet` (per prompt).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from dpo_core import findings, stats
 from dpo_core.checkpoints import read_jsonl
 from dpo_core.config import EvalConfig, FrozenModel
-from dpo_core.data import DATASET_CRITERIA
+from dpo_core.data import CONTROL_DATASET_FILE, DATASET_CRITERIA
 from dpo_core.diversity import HIGHER_IS_MORE_DIVERSE
 from dpo_core.fsutil import atomic_folder
 from dpo_core.evaluate import BUCKETS
@@ -79,9 +83,118 @@ def write_report(entries: Sequence[ReportEntry], out_dir: Path, title: str = "dp
     with atomic_folder(out_dir) as tmp:
         table = build_table(entries)
         table.to_csv(tmp / "table.csv", index=False)
-        plots = _plots(entries, table, tmp)
-        (tmp / "report.md").write_text(_with_notes(_markdown(entries, table, plots, title), notes))
+        section, finding_plots = findings_section(entries, tmp)
+        plots = finding_plots + _plots(entries, table, tmp)
+        (tmp / "report.md").write_text(_with_notes(_markdown(entries, table, plots, title, section), notes))
     return out_dir / "report.md"
+
+
+def is_control(entry: ReportEntry) -> bool:
+    """The positive control: a run on the control dataset (pairs built to change diversity strongly)."""
+    return bool(entry.dataset) and Path(str(entry.dataset)).name == CONTROL_DATASET_FILE
+
+
+def _read_samples(eval_dir: Path) -> list[dict[str, Any]]:
+    # json.loads per line, not pandas.read_json: that would turn a prompt_id like "007" into the int 7.
+    return [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+
+
+def held_out_rows(entries: Sequence[ReportEntry], seed: int = 0) -> pd.DataFrame:
+    """Per trained run: held-out DPO accuracy (bootstrap 95% CI over the held-out pairs), loss and margin,
+    before training and at the last saved checkpoint."""
+    rows = []
+    for entry in entries:
+        path = Path(entry.run_dir) / "held_out.jsonl" if entry.run_dir else None
+        if path is None or not path.exists():
+            continue
+        records = read_jsonl(path)
+        if not records:
+            continue
+        initial, last = records[0], records[-1]
+        correct = np.asarray(last["margins"], dtype=float) > 0
+        ci_low, ci_high = stats.paired_bootstrap_ci(correct.astype(float), seed=seed)
+        rows.append({"label": entry.label, "dataset": entry.dataset, "checkpoint": last["name"],
+                     "step": last["step"], "num_pairs": last["num_pairs"], "accuracy": last["accuracy"],
+                     "accuracy_ci_low": ci_low, "accuracy_ci_high": ci_high, "dpo_loss": last["dpo_loss"],
+                     "margin": last["margin"], "initial_accuracy": initial["accuracy"],
+                     "initial_dpo_loss": initial["dpo_loss"], "above_chance": bool(ci_low > 0.5)})
+    return pd.DataFrame(rows)
+
+
+def findings_section(entries: Sequence[ReportEntry], out: Path) -> tuple[str, list[str]]:
+    """The Findings markdown (paired comparisons, length, held-out accuracy, positive control) and its plots."""
+    config = _eval_config(entries)
+    edges, seed = tuple(config.get("bucket_edges", EvalConfig().bucket_edges)), int(config.get("seed", 0))
+    scores = {e.label: pd.read_parquet(Path(e.eval_dir) / "scores.parquet") for e in entries}
+    samples = {e.label: _read_samples(Path(e.eval_dir)) for e in entries}
+    comparisons = findings.plan_comparisons(entries)
+    table = findings.paired_table(scores, comparisons, samples=samples, bucket_edges=edges, seed=seed)
+    table.to_csv(out / "paired.csv", index=False)
+    plots = []
+    for versus, name in ((findings.VERSUS_BASE, "paired_vs_base.png"),
+                         (f"dataset {findings.QUALITY_DATASET}", "paired_vs_dataset2.png")):
+        if (table["versus"] == versus).any():
+            findings.plot_paired_differences(table, out / name, versus=versus)
+            plots.append(name)
+    names = {str(k): v for k, v in DATASET_CRITERIA.items()}
+    controls = [e for e in entries if is_control(e)]
+    names |= {str(e.dataset): "positive control: chosen = most diverse candidate, rejected = least" for e in controls}
+    markdown = findings.findings_markdown(table, HIGHER_IS_MORE_DIVERSE, dataset_names=names,
+                                          quality_metric=_quality_metric(scores))
+    lines = [markdown.rstrip(), ""]
+    if controls:
+        lines += ["### Positive control", ""]
+        lines += [findings.positive_control_sentence(table, e.label) for e in controls] + [""]
+    lines += _held_out_lines(held_out_rows(entries, seed), out)
+    lines += _length_lines(scores, table)
+    return "\n".join(lines), plots
+
+
+def _quality_metric(scores: dict[str, pd.DataFrame]) -> str:
+    """The judge's rubric score when every evaluation has it (not dataset 2's selection signal), else fluency."""
+    return "quality_judge" if scores and all("quality_judge" in s for s in scores.values()) else "quality_logprob"
+
+
+def _held_out_lines(held: pd.DataFrame, out: Path) -> list[str]:
+    if held.empty:
+        return []
+    held.to_csv(out / "held_out.csv", index=False)
+    lines = ["### Held-out DPO accuracy", "",
+             "On each dataset's held-out pairs (a fixed, seeded split, never trained on; rows in each run's "
+             "config.json), computed on the saved weights; bootstrap 95% CI over the pairs. Training-batch "
+             "metrics are in each run's metrics.jsonl.", "",
+             "| run | dataset | pairs | accuracy before | accuracy at checkpoint | loss before → after | margin | "
+             "CI above 0.5 |", "|---|---|---|---|---|---|---|---|"]
+    for row in held.itertuples():
+        lines.append(f"| {row.label} | {row.dataset} | {row.num_pairs} | {row.initial_accuracy:.2f} | "
+                     f"{row.accuracy:.2f} [{row.accuracy_ci_low:.2f}, {row.accuracy_ci_high:.2f}] "
+                     f"({row.checkpoint}, step {row.step}) | {row.initial_dpo_loss:.3f} → {row.dpo_loss:.3f} | "
+                     f"{row.margin:+.3f} | {'yes' if row.above_chance else 'no'} |")
+    return lines + [""]
+
+
+def _length_lines(scores: dict[str, pd.DataFrame], table: pd.DataFrame) -> list[str]:
+    """Mean length per model and its paired change vs the base model: a diversity change that is only a length
+    change shows up here and in the length-controlled (lc_) rows of paired.csv."""
+    from dpo_core.length_control import mean_lengths
+
+    lengths = mean_lengths(scores)
+    change = table[(table["metric"] == "mean_words") & (table["scope"] == findings.OVERALL)
+                   & (table["versus"] == findings.VERSUS_BASE)].set_index("model")
+    lines = ["### Length", "", "| model | mean words | mean tokens | words vs base [95% CI] |", "|---|---|---|---|"]
+    for row in lengths.itertuples():
+        delta = "-"
+        if row.label in change.index:
+            c = change.loc[row.label]
+            delta = f"{c['difference']:+.1f} [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]"
+        lines.append(f"| {row.label} | {row.mean_words:.1f} | {row.mean_tokens:.1f} | {delta} |")
+    return lines + [""]
+
+
+def _eval_config(entries: Sequence[ReportEntry]) -> dict[str, Any]:
+    if not entries:
+        return {}
+    return json.loads((Path(entries[0].eval_dir) / "summary.json").read_text()).get("eval_config", {})
 
 
 # --- plan notes (added for issue 13's lineup-aware planning; kept apart from the findings) ---
@@ -94,7 +207,8 @@ def _with_notes(markdown: str, notes: Sequence[str] | None) -> str:
     return f"{title}\n{block}\n{rest}"
 
 
-def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[str], title: str) -> str:
+def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[str], title: str,
+              findings_md: str = "") -> str:
     lines = [f"# {title}", ""]
     first = json.loads((Path(entries[0].eval_dir) / "summary.json").read_text()) if entries else {}
     config = first.get("eval_config", {})
@@ -106,16 +220,22 @@ def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[s
         "Higher is more diverse for " + ", ".join(m for m in DIVERSITY if HIGHER_IS_MORE_DIVERSE[m])
         + "; lower is more diverse for " + ", ".join(m for m in DIVERSITY if not HIGHER_IS_MORE_DIVERSE[m])
         + ". `quality_logprob` is the base model's mean token logprob of the samples (fluency; higher is better).",
+        " `quality_judge` is the base model's 1-10 rating under a quality rubric (expected rating from its "
+        "next-token distribution): the quality the findings use, since `quality_logprob` is dataset 2's own "
+        "selection signal.",
         "", "Datasets: " + "; ".join(f"{n} = {c}" for n, c in DATASET_CRITERIA.items()) + ".", "",
+        findings_md, "",
         "## Overall", "",
     ]
-    header = ["model", "dataset", "lr", "β", *DIVERSITY, "quality_logprob", "mean_tokens", "DPO acc", "DPO margin"]
+    header = ["model", "dataset", "lr", "β", *DIVERSITY, "quality_judge", "quality_logprob", "mean_tokens",
+              "train-batch DPO acc", "train-batch DPO margin"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for _, row in table.iterrows():
         cells = [row["model"], str(row["dataset"]), _num(row["learning_rate"], "g"), _num(row["dpo_beta"], "g")]
         cells += [_fmt(_stat(row, m, "all")) for m in DIVERSITY]
-        cells += [_fmt(_stat(row, "quality_logprob", "all")), _fmt(_stat(row, "mean_tokens", "all"), 1),
+        cells += [_fmt(_stat(row, "quality_judge", "all")), _fmt(_stat(row, "quality_logprob", "all")),
+                  _fmt(_stat(row, "mean_tokens", "all"), 1),
                   _num(row["dpo/accuracy"], ".2f"), _num(row["dpo/margin"], ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     for metric in DIVERSITY:

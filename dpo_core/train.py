@@ -27,7 +27,7 @@ import torch
 from dpo_core import rendering
 from dpo_core.checkpoints import append_jsonl, read_checkpoints, read_jsonl
 from dpo_core.config import TrainConfig
-from dpo_core.data import DatasetError, PreferencePair
+from dpo_core.data import DatasetError, PreferencePair, held_out_split
 from dpo_core.fsutil import atomic_write_bytes
 from dpo_core.loss import dpo_loss
 from dpo_core.records import RunConfig, TrainOutcome
@@ -101,16 +101,54 @@ def reference_logprobs(service_client: tinker.ServiceClient, base_model: str, re
         if cached.shape == (len(rendered), 2):
             return cached
     sampler = service_client.create_sampling_client(base_model=base_model).result()
-    datums = [d for pair in rendered for d in (pair.chosen, pair.rejected)]
-    futures = []
-    for datum in datums:
-        # The full sequence is input + last target; compute_logprobs returns [None, lp_1, ..., lp_n-1].
-        futures.append(sampler.compute_logprobs(tinker.ModelInput.from_ints(_full_tokens(datum))))
-    sums = [_weighted_sum(d, [0.0 if v is None else v for v in f.result()[1:]]) for d, f in zip(datums, futures)]
-    values = np.asarray(sums, dtype=np.float64).reshape(len(rendered), 2)
+    values = summed_logprobs(sampler, rendered)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cache_file, _npy_bytes(values))
     return values
+
+
+def summed_logprobs(sampling_client: Any, rendered: Sequence[RenderedPair]) -> np.ndarray:
+    """`[num_pairs, 2]` summed response logprobs (chosen, rejected) under the sampling client's weights."""
+    datums = [d for pair in rendered for d in (pair.chosen, pair.rejected)]
+    # The full sequence is input + last target; compute_logprobs returns [None, lp_1, ..., lp_n-1].
+    futures = [sampling_client.compute_logprobs(tinker.ModelInput.from_ints(_full_tokens(d))) for d in datums]
+    sums = [_weighted_sum(d, [0.0 if v is None else v for v in f.result()[1:]]) for d, f in zip(datums, futures)]
+    return np.asarray(sums, dtype=np.float64).reshape(len(rendered), 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def held_out_metrics(policy: np.ndarray, reference: np.ndarray, beta: float) -> dict[str, Any]:
+    """DPO loss, accuracy and margin of `[n, 2]` (chosen, rejected) summed logprobs, plus the per-pair margins
+    (so a report can put a CI on the accuracy). Accuracy counts a pair when chosen's reward is strictly higher,
+    as the training loss's metric does."""
+    chosen_reward = beta * (policy[:, 0] - reference[:, 0])
+    rejected_reward = beta * (policy[:, 1] - reference[:, 1])
+    margins = chosen_reward - rejected_reward
+    return {"dpo_loss": float(np.mean(np.logaddexp(0.0, -margins))), "accuracy": float(np.mean(margins > 0)),
+            "margin": float(np.mean(margins)), "chosen_reward": float(np.mean(chosen_reward)),
+            "rejected_reward": float(np.mean(rejected_reward)), "num_pairs": int(len(margins)),
+            "margins": [float(m) for m in margins]}
+
+
+def evaluate_held_out(training_client: Any, held_out: Sequence[RenderedPair], reference: np.ndarray, beta: float
+                      ) -> dict[str, Any]:
+    """Held-out DPO metrics of the training client's current weights (called right after they are saved).
+
+    A forward pass without gradients on the training client, not a sampling client of the saved path: the
+    weights are the same, and the local server would otherwise keep one merged copy of the model per checkpoint
+    (a run killed for memory at 8 GB on a shared 2-vCPU machine showed the cost)."""
+    datums = [d for pair in held_out for d in (pair.chosen, pair.rejected)]
+    outputs = training_client.forward(datums, "cross_entropy").result().loss_fn_outputs
+    sums = [_weighted_sum(d, out["logprobs"].to_numpy()) for d, out in zip(datums, outputs)]
+    return held_out_metrics(np.asarray(sums, dtype=np.float64).reshape(len(held_out), 2), reference, beta)
+
+
+def _log_held_out(path: Path, name: str, step: int, metrics: dict[str, Any]) -> None:
+    append_jsonl(path, {"name": name, "step": step, "split": "held_out", **metrics})
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -176,7 +214,9 @@ def train(
     metrics_file, checkpoints_file = run_dir / "metrics.jsonl", run_dir / "checkpoints.jsonl"
     renderer_name = config.renderer_name or rendering.renderer_name_for(config.model_name)
     renderer = rendering.get_renderer(config.model_name, renderer_name)
-    rendered = render_pairs(pairs, renderer, config.max_length, dataset_path)
+    all_rendered = render_pairs(pairs, renderer, config.max_length, dataset_path)
+    train_rows, held_rows = held_out_split(pairs, config.held_out_fraction, config.held_out_min_pairs, config.seed)
+    rendered = [all_rendered[i] for i in train_rows]
     n_batches = math.ceil(len(rendered) / config.batch_size)
     total_steps = n_batches * config.num_epochs
 
@@ -189,10 +229,19 @@ def train(
         _check_schedule_continues(config, run_dir, n_batches, start_step, total_steps)
 
     ref_file = reference_dir / f"{reference_key(config.model_name, dataset_hash, renderer_name, config.max_length)}.npy"
-    reference = reference_logprobs(service_client, config.model_name, rendered, ref_file)
+    # Over the whole dataset (the cache key is the dataset's), then split: the held-out rows are never trained on.
+    all_reference = reference_logprobs(service_client, config.model_name, all_rendered, ref_file)
+    reference, held_reference = all_reference[train_rows], all_reference[held_rows]
+    held_out = [all_rendered[i] for i in held_rows]
     # The folder appears only once the inputs are known good: a refused dataset leaves nothing behind.
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, config, dataset_path, dataset_hash, renderer_name)
+    _write_config(run_dir, config, dataset_path, dataset_hash, renderer_name, [pairs[i].row for i in held_rows])
+    held_out_file = run_dir / "held_out.jsonl"
+    if held_out and not last:
+        # Before training the LoRA adapter is zero (B = 0 at init), so the policy IS the reference: its held-out
+        # logprobs are the reference's, computed above from the same base weights.
+        _rewrite_jsonl(held_out_file, [])
+        _log_held_out(held_out_file, "initial", 0, held_out_metrics(held_reference, held_reference, config.dpo_beta))
 
     if metrics_file.exists():
         # Steps logged after the last checkpoint (or before any) are redone: each step appears exactly once.
@@ -227,7 +276,8 @@ def train(
         loss_metrics = backward.result().metrics
         optim.result()
         metrics = {
-            "step": step, "epoch": epoch,
+            # Measured on the batch just trained on (before its update): "train_batch", unlike held_out.jsonl.
+            "step": step, "epoch": epoch, "split": "train_batch",
             **{k: loss_metrics[k] for k in ("dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
                                              "logps/chosen", "logps/rejected") if k in loss_metrics},
             "learning_rate": lr, "num_pairs": len(indices),
@@ -242,27 +292,34 @@ def train(
         if done == total_steps or (config.save_every and done % config.save_every == 0):
             name = "final" if done == total_steps else f"{done:06d}"
             _save_checkpoint(training_client, checkpoints_file, name, done, n_batches)
+            if held_out:
+                _log_held_out(held_out_file, name, done,
+                              evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
     return TrainOutcome(run_dir=str(run_dir), steps=total_steps, already_finished=False,
                         final=read_checkpoints(run_dir)[-1])
 
 
-def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int) -> None:
+def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int) -> str:
     # Unique names per save: a rerun of a half-saved step writes new paths instead of colliding.
     suffix = f"{name}-{int(time.time() * 1000) % 10**9}"
     state = training_client.save_state(suffix)
     sampler = training_client.save_weights_for_sampler(suffix)
     epoch, batch = divmod(done, n_batches)
+    sampler_path = sampler.result().path
     append_jsonl(checkpoints_file, {
         "name": name, "epoch": epoch, "batch": batch, "step": done,
-        "state_path": state.result().path, "sampler_path": sampler.result().path,
+        "state_path": state.result().path, "sampler_path": sampler_path,
     })
+    return sampler_path
 
 
-def _write_config(run_dir: Path, config: TrainConfig, dataset_path: str, dataset_hash: str, renderer: str) -> None:
+def _write_config(run_dir: Path, config: TrainConfig, dataset_path: str, dataset_hash: str, renderer: str,
+                  held_out_rows: list[int]) -> None:
     from importlib.metadata import version
 
     record = RunConfig(
         train_config=config, dataset_path=dataset_path, dataset_sha256=dataset_hash, renderer_name=renderer,
+        held_out_rows=held_out_rows,
         versions={p: version(p) for p in ("dpo-suite", "tinker", "tinker-cookbook", "torch", "transformers")},
     )
     atomic_write_bytes(run_dir / "config.json", record.model_dump_json(indent=2).encode())

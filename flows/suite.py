@@ -45,7 +45,8 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
 
     # --- validate: each dataset once; a missing one is skipped, a bad one gates its experiments ---
     validated = {}
-    for dataset in config.datasets:
+    # (the planned experiments may add one: the positive control's dataset)
+    for dataset in dict.fromkeys([*config.datasets, *(e.dataset for e in suite.experiments)]):
         state = validate_dataset(dataset, return_state=True)
         if state.is_completed():
             validated[dataset] = result = state.result()

@@ -15,11 +15,13 @@ from tasks.setup import task_tags
 
 
 def _report_inputs(parameters: dict[str, Any]) -> list[str]:
-    """The bytes the report is made of: each evaluation's summary and each experiment's metrics and config."""
-    files = [Path(eval_dir) / "summary.json" for eval_dir in parameters["eval_dirs"]]
+    """The bytes the report is made of: each evaluation's summary, per-prompt scores and samples (the paired
+    findings), and each experiment's metrics, held-out metrics and config."""
+    files = [Path(eval_dir) / name for eval_dir in parameters["eval_dirs"]
+             for name in ("summary.json", "scores.parquet", "samples.jsonl")]
     for request in parameters["requests"]:
         if request.run_dir:
-            files += [Path(request.run_dir) / "metrics.jsonl", Path(request.run_dir) / "config.json"]
+            files += [Path(request.run_dir) / name for name in ("metrics.jsonl", "held_out.jsonl", "config.json")]
     return [data.content_hash(file) for file in files if file.exists()]
 
 

@@ -83,7 +83,9 @@ def test_suite_runs_caches_and_reruns_only_what_changed(prefect_harness, project
     assert [r.name.split("_")[0] for r in runs] == ["dataset1", "dataset2"]
     for run in runs:
         assert (run / "checkpoints.jsonl").exists() and list((run / "eval").glob("final_*/scores.parquet"))
-    assert (project_env / "report" / "report.md").exists()
+    report = (project_env / "report" / "report.md").read_text()
+    assert report.index("## Findings") < report.index("## Overall") and "### Held-out DPO accuracy" in report
+    assert all(len((run / "held_out.jsonl").read_text().splitlines()) == 2 for run in runs)  # initial, final
     assert {"validation-1", "validation-2", "dpo-checkpoints", "dpo-diversity-report"} <= _artifacts(
         first.state_details.flow_run_id)
     # The report's numbers are the per-prompt files' means.

@@ -16,7 +16,7 @@ from dpo_core.train import train
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 TINY = "local/tiny"
-METRIC_KEYS = {"step", "epoch", "dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
+METRIC_KEYS = {"step", "epoch", "split", "dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
                "logps/chosen", "logps/rejected", "learning_rate", "num_pairs", "num_tokens", "progress", "time/step",
                "time/start"}
 
@@ -164,3 +164,61 @@ def test_concurrent_runs_of_one_experiment_get_separate_folders(tmp_path, regist
     assert third == first  # released: the same experiment resumes its folder
     other.close()
     again.close()
+
+
+class RecordingService:
+    """The real ServiceClient, recording every datum its training clients are asked to train on."""
+
+    def __init__(self, inner):
+        self._inner, self.trained_tokens = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def create_lora_training_client(self, *args, **kwargs):
+        service = self
+
+        class Recording:
+            def __init__(self, inner):
+                self._inner = inner
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+            def forward_backward_custom(self, data, loss_fn):
+                service.trained_tokens += [tuple(d.model_input.to_ints()) for d in data]
+                return self._inner.forward_backward_custom(data, loss_fn)
+
+        return type("Future", (), {"result": lambda _self: Recording(
+            self._inner.create_lora_training_client(*args, **kwargs).result())})()
+
+
+def test_held_out_pairs_are_never_trained_on_and_scored_at_every_save(service_client, tmp_path):
+    path = data.resolve_dataset(1, DATA)
+    pairs, _ = data.validate(path)
+    pairs = pairs[:20]
+    recording = RecordingService(service_client)
+    config = _config(num_epochs=2, save_every=4, held_out_fraction=0.2, held_out_min_pairs=4)
+    train(config, recording, pairs, run_dir=tmp_path / "run", dataset_path=str(path),
+          dataset_hash=data.content_hash(path), reference_dir=tmp_path / "ref")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    held_rows = saved["held_out_rows"]
+    assert len(held_rows) == 4
+    # Every row not held out is trained on, and no held-out pair's tokens were ever sent to a training step.
+    from dpo_core import rendering
+    from dpo_core.train import render_pairs
+
+    renderer = rendering.get_renderer(TINY, rendering.renderer_name_for(TINY))
+    rendered = render_pairs(pairs, renderer, config.max_length, str(path))
+    held = {tuple(p.chosen.model_input.to_ints()) for p, pair in zip(rendered, pairs) if pair.row in held_rows}
+    trained = set(recording.trained_tokens)
+    assert held and not held & trained
+    assert {tuple(p.chosen.model_input.to_ints()) for p, pair in zip(rendered, pairs)
+            if pair.row not in held_rows} <= trained
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(metrics) == 8 and all(m["split"] == "train_batch" for m in metrics)  # 16 pairs / 4 x 2 epochs
+    scored = read_jsonl(tmp_path / "run" / "held_out.jsonl")
+    assert [r["name"] for r in scored] == ["initial", "000004", "final"] and all(r["num_pairs"] == 4 for r in scored)
+    assert scored[0]["dpo_loss"] == pytest.approx(math.log(2)) and scored[0]["margin"] == 0
+    # Computed on the saved weights: they moved the held-out margins away from the reference's zero.
+    assert scored[-1]["margins"] != scored[0]["margins"] and scored[-1]["dpo_loss"] != pytest.approx(math.log(2))

@@ -78,10 +78,12 @@ def test_few_steps_are_refused_with_the_count_and_the_fixes():
     with pytest.raises(ConfigError) as refused:
         check_step_count(config, 80, "dataset1_embedding_diversity.parquet")
     message = str(refused.value)
-    assert "80 pairs at batch_size=256" in message and "1 optimizer step " in message
-    assert "batch_size=8" in message and "num_epochs=10" in message and "allow_few_steps=true" in message
+    # 8 of the 80 pairs are held out (never trained on): 72 train, so batch 7 is the largest with 10 steps
+    assert "80 pairs (8 held out) at batch_size=256" in message and "1 optimizer step " in message
+    assert "batch_size=7" in message and "num_epochs=10" in message and "allow_few_steps=true" in message
     check_step_count(config.model_copy(update={"allow_few_steps": True}), 80, "x")
-    check_step_count(config.model_copy(update={"batch_size": 8}), 80, "x")
+    check_step_count(config.model_copy(update={"batch_size": 7}), 80, "x")
+    check_step_count(config.model_copy(update={"batch_size": 8, "held_out_fraction": 0.0}), 80, "x")
     assert num_steps(80, 8, 1) == 10 and num_steps(81, 8, 1) == 11
 
 

@@ -70,3 +70,31 @@ def test_rating_from_distribution_refuses_a_judge_that_is_not_rating():
     assert rating is None and mass == pytest.approx(0.1)  # "0", "07" and "²" are not ratings 1-10
     assert rating_from_distribution({"5": 1.0}, 0.9, min_mass=0.5) == (5.0, 1.0)
     assert rating_from_distribution({}, 0.0, min_mass=0.1) == (None, 0.0)
+
+
+def test_length_balanced_selection_skips_rejected_candidates_too_far_in_length():
+    from dpo_core.pairs import select_length_balanced
+
+    quality = [0.9, 0.5, 0.1]
+    words = [10, 12, 40]  # the worst candidate is 4x longer than the best
+    assert select_length_balanced(select_by_quality, quality, words, None) == (0, 2)
+    assert select_length_balanced(select_by_quality, quality, words, 1.5) == (0, 1)
+    assert select_length_balanced(select_by_quality, [0.9, 0.1], [10, 40], 1.5) is None
+
+
+def test_truncated_candidates_are_excluded_and_counted_and_length_gaps_reported():
+    from dpo_core.pairs import PairsConfig, build_datasets
+
+    pool = [{"text": "a b c d", "tokens": [1] * 4}, {"text": "e f", "tokens": [1] * 2},
+            {"text": "g h i j k l m n", "tokens": [1] * 8}]  # the third stopped at max_tokens = 8
+    prompts = [{"prompt_id": "p0", "prompt": "write", "creativity_score": 0.5}]
+    vectors = {"p0": np.eye(3)}
+    config = PairsConfig(prompts="unused", max_tokens=8)
+    tables, summary = build_datasets(prompts, {"p0": pool}, {"p0": [0.1, 0.5, 0.9]}, {"p0": [5.0, 6.0, 7.0]},
+                                     vectors, config)
+    assert tables[2].iloc[0]["chosen"] == "e f" and tables[2].iloc[0]["rejected"] == "a b c d"
+    assert summary["truncated_candidates"] == {"count": 1, "excluded": True, "max_tokens": 8}
+    assert summary["per_dataset"][2]["length_gap_words_mean"] == -2.0
+    kept, flagged = build_datasets(prompts, {"p0": pool}, {"p0": [0.1, 0.5, 0.9]}, {"p0": [5.0, 6.0, 7.0]},
+                                   vectors, config.model_copy(update={"exclude_truncated": False}))
+    assert kept[2].iloc[0]["chosen_truncated"] and flagged["per_dataset"][2]["pairs_with_truncated_text"] == 1

@@ -23,7 +23,7 @@ def test_plan_crosses_datasets_models_rates_and_betas_in_order():
 def test_plan_takes_the_backends_defaults_when_unset():
     [local], local_eval = plan(SuiteConfig(datasets=[1]), "local")
     assert (local.model_name, local.batch_size, local.max_length, local.learning_rate) == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct", 8, 256, 1e-4)
+        "HuggingFaceTB/SmolLM2-135M-Instruct", 6, 256, 1e-4)
     assert (local_eval.num_samples, local_eval.max_prompts, local_eval.max_tokens) == (4, 24, 64)
     tinker_runs, tinker_eval = plan(SuiteConfig(datasets=[1]), "tinker")
     assert len(tinker_runs) == 3 and {e.batch_size for e in tinker_runs} == {256}
@@ -69,3 +69,14 @@ def test_learning_rate_at_follows_the_schedule(schedule, halfway):
         assert learning_rate_at(config, 2, 10) == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 0.2)))
     if schedule == "linear":
         assert learning_rate_at(config, 9, 10) == pytest.approx(1e-5)
+
+
+def test_local_default_plan_adds_the_positive_control_last_and_only_by_default():
+    experiments, _ = plan(SuiteConfig(), "local")
+    assert [e.dataset for e in experiments] == [1, 2, 3, "control_diversity.parquet"]
+    control = experiments[-1]
+    assert (control.model_name, control.learning_rate) == (experiments[0].model_name, experiments[0].learning_rate)
+    assert [e.dataset for e in plan(SuiteConfig(datasets=[1]), "local")[0]] == [1]  # narrowed: no control
+    assert [e.dataset for e in plan(SuiteConfig(datasets=[1], positive_control=True), "local")[0]] == [
+        1, "control_diversity.parquet"]
+    assert "control_diversity.parquet" not in [e.dataset for e in plan(SuiteConfig(), "tinker")[0]]

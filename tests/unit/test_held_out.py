@@ -1,0 +1,59 @@
+"""The held-out split (fixed, seeded, disjoint from training, whole prompts) and held-out DPO metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dpo_core.data import PreferencePair, held_out_split
+from dpo_core.train import held_out_metrics
+
+
+def _pairs(prompts: list[str]) -> list[PreferencePair]:
+    def message(text):
+        return ({"role": "user", "content": text},)
+
+    return [PreferencePair(prompt=message(p), chosen=({"role": "assistant", "content": "a"},),
+                           rejected=({"role": "assistant", "content": "b"},), row=i) for i, p in enumerate(prompts)]
+
+
+def test_split_is_disjoint_complete_seeded_and_sized():
+    pairs = _pairs([f"prompt {i}" for i in range(80)])
+    train, held = held_out_split(pairs, 0.1, 8, seed=0)
+    assert len(held) == 8 and not set(train) & set(held) and sorted(train + held) == list(range(80))
+    assert held_out_split(pairs, 0.1, 8, seed=0) == (train, held)  # fixed for a seed
+    assert held_out_split(pairs, 0.1, 8, seed=1)[1] != held
+    assert len(held_out_split(pairs, 0.25, 8, seed=0)[1]) == 20  # the fraction wins when larger
+
+
+def test_split_does_not_depend_on_row_order():
+    prompts = [f"prompt {i}" for i in range(40)]
+    held = {pairs_prompt for pairs_prompt in (prompts[i] for i in held_out_split(_pairs(prompts), 0.2, 8, 3)[1])}
+    reversed_prompts = prompts[::-1]
+    held_reversed = {reversed_prompts[i] for i in held_out_split(_pairs(reversed_prompts), 0.2, 8, 3)[1]}
+    assert held == held_reversed
+
+
+def test_pairs_of_one_prompt_stay_on_one_side():
+    prompts = [f"prompt {i // 3}" for i in range(60)]  # three pairs per prompt
+    train, held = held_out_split(_pairs(prompts), 0.1, 8, seed=0)
+    assert len(held) == 9  # 8 rounded up to whole prompts
+    assert not {prompts[i] for i in train} & {prompts[i] for i in held}
+
+
+def test_no_split_when_disabled_or_too_small():
+    assert held_out_split(_pairs([f"p{i}" for i in range(80)]), 0.0, 8, 0)[1] == []
+    assert held_out_split(_pairs([f"p{i}" for i in range(15)]), 0.1, 8, 0) == (list(range(15)), [])
+
+
+def test_held_out_metrics_known_answers():
+    reference = np.zeros((4, 2))
+    assert held_out_metrics(reference, reference, 0.1)["dpo_loss"] == pytest.approx(math.log(2))
+    policy = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # margins 0.1, 0.2, -0.1, 0 (beta 0.1)
+    result = held_out_metrics(policy, reference, 0.1)
+    assert result["accuracy"] == 0.5 and result["margin"] == pytest.approx(0.05)
+    assert result["margins"] == pytest.approx([0.1, 0.2, -0.1, 0.0]) and result["num_pairs"] == 4
+    expected = np.mean([math.log1p(math.exp(-m)) for m in (0.1, 0.2, -0.1, 0.0)])
+    assert result["dpo_loss"] == pytest.approx(expected)

@@ -1,0 +1,90 @@
+"""The report on hand-made evaluation folders: Findings first, paired CIs, held-out accuracy, the control."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dpo_core.config import EvalConfig
+from dpo_core.evaluate import aggregate, bucket_of
+from dpo_core.report import ReportEntry, held_out_rows, write_report
+
+NUM_PROMPTS = 30
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def _eval_folder(folder: Path, shift: float, rng: np.random.Generator, config: EvalConfig) -> str:
+    """Per-prompt scores with embedding_distance shifted by `shift`, and 4 samples per prompt."""
+    creativity = np.linspace(0.0, 0.99, NUM_PROMPTS)
+    base = np.random.default_rng(7)  # the same per-prompt baseline for every model: a paired design
+    scores = pd.DataFrame({
+        "prompt_id": [f"{i:03d}" for i in range(NUM_PROMPTS)], "creativity_score": creativity,
+        "bucket": [bucket_of(c, config.bucket_edges) for c in creativity],
+        "embedding_distance": base.uniform(0.3, 0.6, NUM_PROMPTS) + shift + rng.normal(0, 0.005, NUM_PROMPTS),
+        "vendi": base.uniform(1.5, 3.0, NUM_PROMPTS) + rng.normal(0, 0.01, NUM_PROMPTS),
+        "quality_judge": base.uniform(4, 7, NUM_PROMPTS) + rng.normal(0, 0.05, NUM_PROMPTS),
+        "quality_logprob": base.uniform(-3, -2, NUM_PROMPTS) + rng.normal(0, 0.01, NUM_PROMPTS),
+        "mean_words": np.full(NUM_PROMPTS, 6.0), "mean_tokens": np.full(NUM_PROMPTS, 9.0)})
+    samples = [{"prompt_id": pid, "sample_index": k, "num_tokens": 9,
+                "text": " ".join(rng.choice(WORDS, 6))} for pid in scores["prompt_id"] for k in range(4)]
+    folder.mkdir(parents=True)
+    scores.to_parquet(folder / "scores.parquet", index=False)
+    (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    summary = {"num_prompts": NUM_PROMPTS, "eval_config": config.model_dump(mode="json"), **aggregate(scores, config)}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return str(folder)
+
+
+def _run_folder(folder: Path, held_margins: list[float]) -> str:
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 0, "split": "train_batch", "dpo_loss": 0.69,
+                                                      "accuracy": 0.5, "margin": 0.0}) + "\n")
+    margins = np.asarray(held_margins)
+    rows = [{"name": "initial", "step": 0, "dpo_loss": 0.693, "accuracy": 0.0, "margin": 0.0,
+             "num_pairs": len(margins), "margins": [0.0] * len(margins)},
+            {"name": "final", "step": 9, "dpo_loss": float(np.mean(np.logaddexp(0, -margins))),
+             "accuracy": float(np.mean(margins > 0)), "margin": float(margins.mean()), "num_pairs": len(margins),
+             "margins": margins.tolist()}]
+    (folder / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder)
+
+
+def _entries(tmp_path: Path) -> list[ReportEntry]:
+    config, rng = EvalConfig(), np.random.default_rng(0)
+    setting = {"model_name": "m", "learning_rate": 1e-4, "dpo_beta": 0.1}
+    entries = [ReportEntry(label="m (base)", model_name="m", eval_dir=_eval_folder(tmp_path / "base", 0.0, rng, config))]
+    for dataset, shift, margins in (("1", 0.0, [0.2] * 8), ("2", 0.0, [0.2] * 6 + [-0.1] * 2),
+                                    ("control_diversity.parquet", 0.08, [0.3] * 8)):
+        name = f"run{len(entries)}"
+        entries.append(ReportEntry(label=name, dataset=dataset, run_dir=_run_folder(tmp_path / name, margins),
+                                   eval_dir=_eval_folder(tmp_path / f"eval{name}", shift, rng, config), **setting))
+    return entries
+
+
+def test_report_opens_with_findings_held_out_accuracy_and_the_control(tmp_path):
+    report = write_report(_entries(tmp_path), tmp_path / "report")
+    text = report.read_text()
+    header_end = text.index("## Findings")
+    assert "## Overall" not in text[:header_end] and text.index("## Overall") > header_end
+    findings = text[header_end:text.index("## Overall")]
+    assert "### Dataset 1 (embedding diversity)" in findings and "### Positive control" in findings
+    assert "Positive control `run3`: the instrument detected a diversity change vs base (embedding_distance" in findings
+    assert "quality (quality_judge)" in findings and "dataset 2's own selection signal" in findings
+    paired = pd.read_csv(tmp_path / "report" / "paired.csv")
+    control = paired[(paired["model"] == "run3") & (paired["metric"] == "embedding_distance")
+                     & (paired["scope"] == "all") & (paired["versus"] == "base")].iloc[0]
+    assert 0.07 < control["ci_low"] < 0.08 < control["ci_high"] < 0.09 and control["significant"]
+    assert {"lc_distinct_1", "lc_self_bleu"} <= set(paired["metric"])  # the length-controlled view
+    assert (tmp_path / "report" / "paired_vs_base.png").exists()
+    assert (tmp_path / "report" / "paired_vs_dataset2.png").exists()
+    assert "### Held-out DPO accuracy" in findings and "### Length" in findings
+
+
+def test_held_out_accuracy_ci_says_whether_it_is_above_chance(tmp_path):
+    held = held_out_rows(_entries(tmp_path)).set_index("dataset")
+    assert held.loc["1", "accuracy"] == 1.0 and held.loc["1", "above_chance"]
+    assert held.loc["2", "accuracy"] == 0.75 and held.loc["2", "accuracy_ci_low"] <= 0.5
+    assert not held.loc["2", "above_chance"] and held.loc["1", "initial_accuracy"] == 0.0
