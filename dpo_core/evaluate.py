@@ -12,17 +12,18 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import tinker
 
 from dpo_core import diversity
 from dpo_core.config import EvalConfig
 from dpo_core.data import EvalPrompt
 from dpo_core.fsutil import atomic_folder
-from dpo_core.sampling import Sampler
+
+if TYPE_CHECKING:  # `import tinker` imports torch: only where a model is sampled (the report reads BUCKETS)
+    import tinker
 
 BUCKETS = ("low", "mid", "high")
 METRICS = ("distinct_1", "distinct_2", "self_bleu", "compression_ratio", "embedding_distance", "vendi",
@@ -79,6 +80,8 @@ def sample_and_score(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Sample, score and write the three files for one model; returns the summary."""
+    from dpo_core.sampling import Sampler
+
     sampler = Sampler(target.model_name, target.model_path, config.temperature, config.max_tokens,
                       top_p=config.top_p, seed=config.seed, service_client=service_client)
     # Each request asks for all k samples of one prompt; a window of `concurrency` requests in flight.
@@ -90,8 +93,7 @@ def sample_and_score(
          "stop_reason": c.stop_reason}
         for prompt, pool in zip(prompts, pools) for index, c in enumerate(pool)]
     if config.quality:
-        base = Sampler(target.model_name, service_client=service_client)
-        for sample, score in zip(samples, base.mean_logprobs(completions)):
+        for sample, score in zip(samples, _fluency(sampler, target, completions, service_client)):
             sample["quality_logprob"] = score
 
     texts = [s["text"] for s in samples]
@@ -112,6 +114,22 @@ def sample_and_score(
                "eval_config": config.model_dump(mode="json"), **aggregate(table, config)}
     _write_outputs(out_dir, samples, table, summary)
     return summary
+
+
+def _fluency(sampler: Any, target: EvalTarget, completions: list[Any], service_client: Any) -> list[float]:
+    """The base model's mean token logprob of each completion.
+
+    A base model sampled at temperature 1 without a nucleus already returned exactly these logprobs with its
+    samples, so only trained checkpoints pay the scoring pass (a forward over prompt + response per sample,
+    which cost as much as sampling itself on a CPU).
+    """
+    from dpo_core.sampling import Sampler
+
+    if target.model_path is None and sampler.samples_are_model_logprobs() and all(
+            c.logprobs is not None and len(c.logprobs) == len(c.tokens) for c in completions):
+        return [float(np.mean(c.logprobs)) if c.tokens else float("nan") for c in completions]
+    base = Sampler(target.model_name, service_client=service_client)
+    return base.mean_logprobs(completions)
 
 
 def aggregate(table: pd.DataFrame, config: EvalConfig) -> dict[str, Any]:

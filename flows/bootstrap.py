@@ -17,6 +17,7 @@ def with_shared_backend(flow_function):
     active one) talks to the same local server, so models load once and concurrent sampling batches together.
     Put it under `@flow(...)`; Prefect reads the wrapped function's signature."""
     import functools
+    import inspect
 
     @functools.wraps(flow_function)
     def run_with_backend(*args, **kwargs):
@@ -25,4 +26,7 @@ def with_shared_backend(flow_function):
         with shared_backend():
             return flow_function(*args, **kwargs)
 
+    # Prefect resolves string annotations (`from __future__ import annotations`) in the namespace of the function
+    # it is given, this module, which lacks the flow's parameter types: hand it the evaluated signature.
+    run_with_backend.__signature__ = inspect.signature(flow_function, eval_str=True)
     return run_with_backend
