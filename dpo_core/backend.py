@@ -12,11 +12,12 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import tinker
+from typing import TYPE_CHECKING, Any
 
 from dpo_core.settings import Settings, apply_offline_env
+
+if TYPE_CHECKING:  # `import tinker` imports torch (~4 s): only once a client is built, never in a cached rerun
+    import tinker
 
 
 class _DropTryAgain(logging.Filter):
@@ -117,6 +118,8 @@ def service_client(settings: Settings, backend: Backend | None = None) -> Iterat
     `backend` (default: the entered `Backend`), or, with none entered, one for the duration of this block.
 
     The client's session is closed on exit (the local server then frees its training models)."""
+    import tinker
+
     apply_offline_env(settings)
     quiet_sdk_polling()
     with contextlib.ExitStack() as stack:

@@ -261,7 +261,7 @@ class EvalConfig(FrozenModel):
     max_tokens: int = Field(default=128, ge=1)
     seed: int = 0
     max_prompts: int | None = Field(default=None, ge=1)  # evaluate a creativity-stratified subset
-    concurrency: int = Field(default=16, ge=1)  # sampling requests in flight
+    concurrency: int = Field(default=64, ge=1)  # sampling requests in flight (the local server batches them)
     bucket_edges: tuple[float, float] = (1 / 3, 2 / 3)  # creativity: low < edge0 <= mid < edge1 <= high
     bootstrap: int = Field(default=1000, ge=100)
     quality: bool = True  # the base model's mean token logprob of each sample (fluency proxy)

@@ -11,21 +11,24 @@ circular; the judge's rubric score is a different question to the same base mode
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import tinker
 
 from dpo_core import diversity
 from dpo_core.config import EvalConfig
 from dpo_core.data import EvalPrompt
 from dpo_core.fsutil import atomic_folder
-from dpo_core.sampling import Sampler
+
+if TYPE_CHECKING:  # `import tinker` imports torch: only where a model is sampled (the report reads BUCKETS)
+    import tinker
 
 BUCKETS = ("low", "mid", "high")
 METRICS = ("distinct_1", "distinct_2", "self_bleu", "compression_ratio", "embedding_distance", "vendi",
@@ -83,20 +86,22 @@ def sample_and_score(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Sample, score and write the three files for one model; returns the summary."""
+    from dpo_core.sampling import Sampler
+
     sampler = Sampler(target.model_name, target.model_path, config.temperature, config.max_tokens,
                       top_p=config.top_p, seed=config.seed, renderer_name=target.renderer_name,
                       service_client=service_client)
     # Each request asks for all k samples of one prompt; a window of `concurrency` requests in flight.
-    pools = sampler.sample_many([p.prompt for p in prompts], config.num_samples, concurrency=config.concurrency,
-                                progress=f"sampling {target.label}" if progress else None)
+    with _sampling_base(target):
+        pools = sampler.sample_many([p.prompt for p in prompts], config.num_samples, concurrency=config.concurrency,
+                                    progress=f"sampling {target.label}" if progress else None)
     completions = [c for pool in pools for c in pool]
     samples: list[dict[str, Any]] = [
         {"prompt_id": prompt.prompt_id, "sample_index": index, "text": c.text, "num_tokens": len(c.tokens),
          "stop_reason": c.stop_reason}
         for prompt, pool in zip(prompts, pools) for index, c in enumerate(pool)]
     if config.quality:
-        base = Sampler(target.model_name, renderer_name=target.renderer_name, service_client=service_client)
-        for sample, score in zip(samples, base.mean_logprobs(completions)):
+        for sample, score in zip(samples, _fluency(sampler, target, completions, service_client)):
             sample["quality_logprob"] = score
     if config.quality_judge:
         from dpo_core.judge import QUALITY_RUBRIC, rubric_ratings
@@ -128,6 +133,52 @@ def sample_and_score(
                "eval_config": config.model_dump(mode="json"), **aggregate(table, config)}
     _write_outputs(out_dir, samples, table, summary)
     return summary
+
+
+def _fluency(sampler: Any, target: EvalTarget, completions: list[Any], service_client: Any) -> list[float]:
+    """The base model's mean token logprob of each completion.
+
+    A base model sampled at temperature 1 without a nucleus already returned exactly these logprobs with its
+    samples, so only trained checkpoints pay the scoring pass (a forward over prompt + response per sample,
+    which cost as much as sampling itself on a CPU).
+    """
+    from dpo_core.sampling import Sampler
+
+    if target.model_path is None and sampler.samples_are_model_logprobs() and all(
+            c.logprobs is not None and len(c.logprobs) == len(c.tokens) for c in completions):
+        return [float(np.mean(c.logprobs)) if c.tokens else float("nan") for c in completions]
+    base = Sampler(target.model_name, renderer_name=target.renderer_name, service_client=service_client)
+    _wait_for_base_sampling(target.model_name)
+    return base.mean_logprobs(completions)
+
+
+# Base models being sampled by evaluations in this process (a suite evaluates the base model and its
+# checkpoints concurrently). The local server batches queued requests of the same model together, scoring
+# requests included: a checkpoint's 96 scoring requests queued beside the base model's sampling rode along its
+# 64-step decode as dead rows (measured: one 224-row batch, 192 of them scoring rows, took 36% of the server's
+# time). So scoring on a base model waits until this process has finished sampling it.
+_BASE_SAMPLING: dict[str, int] = {}
+_BASE_SAMPLING_DONE = threading.Condition()
+
+
+@contextlib.contextmanager
+def _sampling_base(target: EvalTarget):
+    if target.model_path is not None:
+        yield
+        return
+    with _BASE_SAMPLING_DONE:
+        _BASE_SAMPLING[target.model_name] = _BASE_SAMPLING.get(target.model_name, 0) + 1
+    try:
+        yield
+    finally:
+        with _BASE_SAMPLING_DONE:
+            _BASE_SAMPLING[target.model_name] -= 1
+            _BASE_SAMPLING_DONE.notify_all()
+
+
+def _wait_for_base_sampling(model_name: str) -> None:
+    with _BASE_SAMPLING_DONE:
+        _BASE_SAMPLING_DONE.wait_for(lambda: not _BASE_SAMPLING.get(model_name))
 
 
 def aggregate(table: pd.DataFrame, config: EvalConfig) -> dict[str, Any]:

@@ -8,20 +8,22 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_core import data
-from dpo_core.backend import check_model_supported, service_client
 from dpo_core.checkpoints import final_record
 from dpo_core.config import (ConfigError, EvalConfig, FrozenModel, TrainConfig, check_step_count, choose_run_dir,
                              model_slug)
-from dpo_core.logging_sinks import build_sinks
 from dpo_core.records import RunConfig, TrainOutcome
-from dpo_core.report import ReportEntry
 from dpo_core.settings import Settings
-from dpo_core.train import train
+
+# The backend, training, sampling and report modules import tinker (hence torch), transformers, the cookbook or
+# pandas: each function imports what it computes with, so a fully cached rerun loads none of them.
+if TYPE_CHECKING:
+    from dpo_core.report import ReportEntry
 
 
 class ValidatedDataset(FrozenModel):
@@ -86,6 +88,10 @@ def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path,
 
 
 def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> TrainOutcome:
+    from dpo_core.backend import check_model_supported, service_client
+    from dpo_core.logging_sinks import build_sinks
+    from dpo_core.train import train
+
     pairs = data.load_pairs(Path(dataset.path))
     if data.content_hash(Path(dataset.path)) != dataset.sha256:
         raise ValueError(f"{dataset.path} changed after validation; rerun to validate it again")
@@ -115,14 +121,46 @@ def eval_fingerprint(config: EvalConfig, settings: Settings) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
 
-def prepare_concurrent_evaluation() -> None:
-    """Resolve transformers' and the cookbook's lazy imports in this thread before evaluations run in several
-    (their lazy module loading is not thread-safe)."""
-    import transformers
-    from tinker_cookbook import renderers, tokenizer_utils  # noqa: F401
+_PREPARE_LOCK = threading.Lock()
+_shared: dict[str, Any] = {}
 
-    for name in ("AutoModel", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerFast"):
-        getattr(transformers, name)
+
+def prepare_concurrent_evaluation() -> None:
+    """Resolve transformers' and the cookbook's lazy imports once, one thread at a time (their lazy module
+    loading is not thread-safe). Called by each evaluation rather than on import, so a fully cached rerun never
+    imports them."""
+    with _PREPARE_LOCK:
+        if _shared.get("prepared"):
+            return
+        import transformers
+        from tinker_cookbook import renderers, tokenizer_utils  # noqa: F401
+
+        for name in ("AutoModel", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerFast"):
+            getattr(transformers, name)
+        _shared["prepared"] = True
+
+
+class _SerialEmbedder:
+    """An embedder several threads share: one `encode` at a time (a fast tokenizer used from two threads at
+    once raises "Already borrowed", and two encodes would only split the same CPUs)."""
+
+    def __init__(self, embedder: Any):
+        self._embedder, self._lock = embedder, threading.Lock()
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        with self._lock:
+            return self._embedder.encode(texts)
+
+
+def shared_embedder() -> Any:
+    """One sentence embedder per process: the concurrent evaluations of a suite share it, loaded once (each
+    evaluation loaded its own before)."""
+    from dpo_core import diversity
+
+    with _PREPARE_LOCK:
+        if "embedder" not in _shared:
+            _shared["embedder"] = _SerialEmbedder(diversity.Embedder())
+        return _shared["embedder"]
 
 
 class EvalRequest(FrozenModel):
@@ -161,6 +199,8 @@ def plan_evaluation(run_dirs: Sequence[str]) -> list[EvalRequest]:
 
 def report_entries(requests: Sequence[EvalRequest], eval_dirs: Sequence[str]) -> list[ReportEntry]:
     """The report's rows: each evaluated model with its eval folder (and its hyperparameters, if trained)."""
+    from dpo_core.report import ReportEntry
+
     entries = []
     for request, eval_dir in zip(requests, eval_dirs):
         row = {"label": request.label, "model_name": request.model_name, "eval_dir": eval_dir}
@@ -178,8 +218,10 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
     A base model's evaluation lives in `experiments/base_models/<model>/eval_<fingerprint>/`, a trained
     model's in `<run_dir>/eval/final_<fingerprint>/`.
     """
-    from dpo_core import diversity, evaluate
+    from dpo_core import evaluate
+    from dpo_core.backend import service_client
 
+    prepare_concurrent_evaluation()
     prompts_file = eval_prompts_path(eval_config, settings)
     prompts = evaluate.select_prompts(data.load_eval_prompts(prompts_file), eval_config)
     for dataset_path in request.training_datasets:
@@ -197,7 +239,7 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
             r"[^A-Za-z0-9_-]", "-", rendered)
         out_dir = (Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name)
                    / f"eval_{fingerprint}{suffix}")
-    embedder = diversity.Embedder()
+    embedder = shared_embedder()
     with service_client(settings) as client:
         target = evaluate.EvalTarget(request.label, request.model_name, request.model_path, request.renderer_name)
         evaluate.sample_and_score(client, target, prompts, eval_config, embedder, out_dir)
@@ -215,6 +257,7 @@ def write_report(entries: Sequence[ReportEntry], out_dir: str, notes: Sequence[s
 def build_pairs(config: Any, settings: Settings) -> dict[str, Any]:
     """Sample candidate pools and write the three datasets (see dpo_core.pairs); returns the summary."""
     from dpo_core import pairs
+    from dpo_core.backend import check_model_supported, service_client
 
     with service_client(settings) as client:
         check_model_supported(client, config.model_name, settings.resolved_backend())

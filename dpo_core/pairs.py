@@ -25,19 +25,19 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
-import tinker
 from pydantic import Field
 
 from dpo_core import diversity
 from dpo_core.config import LOCAL_DEFAULT_MODEL, FrozenModel
 from dpo_core.data import DATASET_FILES, DatasetError, read_table
 from dpo_core.fsutil import atomic_write_bytes
-from dpo_core.judge import ORIGINALITY_RUBRIC, QUALITY_RUBRIC, judge_ratings
-from dpo_core.sampling import Completion, Sampler
+
+if TYPE_CHECKING:  # tinker imports torch: loaded by the stages that sample, not by importing the config
+    import tinker
 
 CRITERIA = {1: "embedding_diversity", 2: "quality", 3: "llm_judge_diversity"}
 
@@ -192,6 +192,8 @@ class StageCache:
 def sample_candidates(service_client: tinker.ServiceClient, prompts: list[dict], config: PairsConfig,
                       cache: StageCache) -> dict[str, list[dict]]:
     """prompt_id -> candidates [{text, tokens, prompt_tokens}]; all uncached prompts in flight at once."""
+    from dpo_core.sampling import Sampler
+
     params = {"model": config.model_name, "k": config.num_candidates, "t": config.temperature,
               "max_tokens": config.max_tokens, "seed": config.seed}
     out, todo = {}, []
@@ -216,6 +218,8 @@ def sample_candidates(service_client: tinker.ServiceClient, prompts: list[dict],
 def logprob_quality(service_client: tinker.ServiceClient, model_name: str, candidates: dict[str, list[dict]],
                     cache: StageCache) -> dict[str, list[float]]:
     """Mean token logprob of each candidate under the base model (NaN for an empty candidate)."""
+    from dpo_core.sampling import Completion, Sampler
+
     out, todo = {}, []
     for prompt_id, pool in candidates.items():
         key = cache.key("logprob", model_name, pool)
@@ -393,6 +397,8 @@ def gap_plot(tables: dict[int, pd.DataFrame], out: Path) -> None:
 
 def build_pairs(service_client: tinker.ServiceClient, config: PairsConfig, cache_dir: Path) -> dict[str, Any]:
     """All stages for one prompts file; writes the three datasets and `pairs_summary.json`, returns the summary."""
+    from dpo_core.judge import ORIGINALITY_RUBRIC, QUALITY_RUBRIC, judge_ratings
+
     prompts = load_prompts(Path(config.prompts), config.max_prompts)
     cache = StageCache(Path(cache_dir) / "pairs")
     judge = config.judge_model or config.model_name

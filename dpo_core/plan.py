@@ -34,6 +34,12 @@ LOCAL_DEFAULTS = {"models": [LOCAL_DEFAULT_MODEL], "learning_rate": [1e-4], "bat
 TINKER_DEFAULTS = {"models": list(SEED_MODELS), "learning_rate": [1e-5], "batch_size": 256, "max_length": 1024,
                    "eval_num_samples": 8, "eval_max_prompts": None, "eval_max_tokens": 256,
                    "positive_control": False}
+# `preset=quick`: the fast rehearsal of the offline suite (every stage runs, on less work), laid over the
+# backend's defaults; keys given explicitly still win. Half the tokens per pair (max_length 128), 11 steps of 7
+# pairs (near the fewest the step-count guard allows on the shipped 72 trained pairs), 6 eval prompts (2 per bucket)
+# x k=2 x 32 tokens. Its numbers are a smoke test of the pipeline, not a finding: use the defaults for the study.
+PRESETS = {"default": {}, "quick": {"batch_size": 7, "max_length": 128, "eval_num_samples": 2,
+                                    "eval_max_prompts": 6, "eval_max_tokens": 32}}
 
 
 def _experiment_fields() -> dict[str, Any]:
@@ -71,6 +77,7 @@ SuiteConfig = create_model(
     "SuiteConfig", __base__=_SuiteFields, __module__=__name__,
     __doc__="The whole study. Unset fields take the backend's defaults (Tinker: the seed's 3 datasets x 3 models).",
     **_experiment_fields(),
+    preset=(Literal[tuple(PRESETS)], "default"),
     evaluate=(bool, True),
     eval_num_samples=(int | None, Field(default=None, ge=2)),
     eval_max_prompts=(int | None, Field(default=None, ge=1)),
@@ -129,7 +136,7 @@ def resolve_models(config: SuiteConfig, backend: str, served: dict[str, bool]) -
 def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> tuple[list[TrainConfig], EvalConfig]:
     """Every experiment (dataset x model x lr x beta, in that order) and the evaluation settings. `models`
     (from `resolve_models`) replaces the configured or default models."""
-    defaults = TINKER_DEFAULTS if backend == "tinker" else LOCAL_DEFAULTS
+    defaults = {**(TINKER_DEFAULTS if backend == "tinker" else LOCAL_DEFAULTS), **PRESETS[config.preset]}
     shared = {name: getattr(config, name) for name in TrainConfig.model_fields
               if name not in PER_EXPERIMENT and name not in SWEPT}
     for name in BACKEND_DEFAULTED:

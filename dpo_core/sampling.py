@@ -22,12 +22,14 @@ Message = dict[str, str]
 
 @dataclass(frozen=True)
 class Completion:
-    """One sampled response: its text, its tokens, and the rendered prompt it continued."""
+    """One sampled response: its text, its tokens, the rendered prompt it continued, and the sampled tokens'
+    logprobs under the sampling distribution (None when the service returned none)."""
 
     text: str
     tokens: list[int]
     prompt_tokens: list[int]
     stop_reason: str = "stop"
+    logprobs: list[float] | None = None
 
 
 class Sampler:
@@ -71,7 +73,14 @@ class Sampler:
 
         tokens = list(sequence.tokens)
         message, _ = self.renderer.parse_response(tokens)
-        return Completion(get_text_content(message), tokens, prompt_tokens, sequence.stop_reason)
+        logprobs = sequence.logprobs
+        return Completion(get_text_content(message), tokens, prompt_tokens, sequence.stop_reason,
+                          None if logprobs is None else list(logprobs))
+
+    def samples_are_model_logprobs(self) -> bool:
+        """Whether the logprobs returned with samples are the model's own token logprobs: at temperature 1 with
+        no nucleus, the sampling distribution is the model's, so fluency under this model needs no second pass."""
+        return self.temperature == 1.0 and self.top_p == 1.0
 
     def sample_many(self, prompts: Sequence[str | Sequence[Message]], num_samples: int = 1, seed: int | None = None,
                     *, concurrency: int | None = None, progress: str | None = None) -> list[list[Completion]]:
@@ -114,7 +123,11 @@ class Sampler:
 
     def mean_logprobs(self, completions: Sequence[Completion]) -> list[float]:
         """Mean token logprob of each completion's response under this sampler's model: a fluency score
-        (NaN for an empty response). All requests in flight at once."""
+        (NaN for an empty response). All requests in flight at once.
+
+        The whole sequence is scored, not only the response (`prompt_logprobs_last_n`, which would let Tinker
+        serve the shared prompt from its prefix cache): the local server does not honour that field yet, and
+        the SDK then refuses its answer."""
         futures = [self._client.compute_logprobs(tinker.ModelInput.from_ints(c.prompt_tokens + c.tokens))
                    if c.tokens else None for c in completions]
         scores = []

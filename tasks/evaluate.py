@@ -14,10 +14,6 @@ from tasks.caching import content_key
 from tasks.policy import CACHED, NETWORK_RETRIES, where
 from tasks.setup import task_tags
 
-# Evaluations run in worker threads; transformers' and the cookbook's lazy imports are not thread-safe, so
-# they are resolved here, in the flow's thread, when the flow imports its tasks.
-experiment.prepare_concurrent_evaluation()
-
 
 def _registries(parameters: dict[str, Any]) -> list[str | None]:
     return [data.content_hash(Path(run_dir) / name) if (Path(run_dir) / name).exists() else None

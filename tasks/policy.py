@@ -6,22 +6,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
-import tinker
-
 from dpo_core.settings import Settings
 from tasks.caching import compute_identity
 
-TRANSIENT = (tinker.APIConnectionError, tinker.APITimeoutError, tinker.InternalServerError,
-             tinker.RateLimitError, httpx.TransportError)
 CACHED = {"persist_result": True, "result_serializer": "json"}
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """The network-level errors worth a retry. Imported here, not at module level: `import tinker` imports torch
+    (~4 s), which a cached rerun never needs."""
+    import httpx
+    import tinker
+
+    return (tinker.APIConnectionError, tinker.APITimeoutError, tinker.InternalServerError,
+            tinker.RateLimitError, httpx.TransportError)
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only network-level failures; a user error (bad data, unknown model) fails at once."""
     try:
         state.result()
-    except TRANSIENT:
+    except transient_errors():
         return True
     except Exception:
         return False

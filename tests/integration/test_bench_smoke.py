@@ -71,3 +71,18 @@ def test_suite_overhead_benchmark_smoke():
     assert direct_s > 0 and cold_s > 0 and cli_s > 0
     # The cached rerun trains and samples nothing: it is all cache hits, well under the cold run.
     assert rerun_s < cold_s
+
+
+def test_suite_eval_benchmark_smoke():
+    out = _smoke("suite_eval")
+    tokens = _number(r"= (\d+) tokens, ", out)
+    sampling_s = _number(r"sampling \(all in flight, stop=\[\]\): ([\d.]+) s", out)
+    suite_s = _number(r"suite evaluation \(4 threads\): ([\d.]+) s", out)
+    generated = _number(r"; (\d+) tokens generated", out)
+    ratio = _number(r"ratio suite evaluation / sampling wall: ([\d.]+)x", out)
+    # Smoke: 2 models x 3 prompts x k=2 x 4 tokens; the evaluation samples no more than the nominal tokens.
+    assert tokens == 2 * 3 * 2 * 4 and 0 < generated <= tokens
+    assert sampling_s > 0 and suite_s > 0
+    assert ratio == pytest.approx(suite_s / sampling_s, rel=0.1, abs=0.05)
+    # The profile names where the evaluation's time went, and the server batched the sampling requests.
+    assert "sampling:" in out and "embedding:" in out and "server batches:" in out
