@@ -55,7 +55,8 @@ def test_pool_dispatch_spreads_experiments_over_two_workers(tmp_path, registered
 
         suite = subprocess.run(
             [sys.executable, "flows/suite.py", "dispatch=pool", "datasets=1,2", "models=local/tiny",
-             "learning_rate=0.001", "batch_size=32", "max_length=128", "eval_num_samples=2", "eval_max_prompts=3",
+             "learning_rate=0.001", "batch_size=32", "allow_few_steps=true", "max_length=128", "eval_num_samples=2",
+             "eval_max_prompts=3",
              "eval_max_tokens=8", f"report_dir={tmp_path / 'report'}"],
             env=api, capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert suite.returncode == 0, suite.stdout[-3000:] + suite.stderr[-3000:]

@@ -35,7 +35,8 @@ def _evaluate(run_dir: str, report_dir: Path, runner_kind: str, monkeypatch) -> 
 def test_dask_evaluations_equal_the_thread_runner(prefect_harness, project_env, monkeypatch):
     from flows.train import dpo_train
 
-    outcome = dpo_train(TrainConfig(model_name=TINY, dataset=2, learning_rate=1e-3, batch_size=32, max_length=128))
+    outcome = dpo_train(TrainConfig(model_name=TINY, dataset=2, learning_rate=1e-3, batch_size=32, max_length=128,
+                                    allow_few_steps=True))  # runner equality, not learning: 3 steps do
     # The same experiment in a second experiments folder: its evaluations are new work (not cache hits) and
     # land in their own folders, while both read the same checkpoint from the shared server storage.
     threads_dir = Path(outcome.run_dir)
