@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers.deployments import dpo_sh_env
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deployments" / "dpo.sh"
@@ -26,23 +27,9 @@ print(json.dumps({"limits": limits, "tags": tags}))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_deployment_runs_to_completed_and_everything_stops(tmp_path, registered):
-    port = _free_port()
-    env = {
-        **os.environ, "DPO_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "DPO_PYTHON": sys.executable, "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"),
-        "DPO_LOCAL_STORAGE": str(tmp_path / "storage"), "DPO_DATA_DIR": str(ROOT / "data"),
-        "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local",
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
-        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
-    }
-    env.pop("PREFECT_API_URL", None)
+    port = free_port()
+    env = dpo_sh_env(tmp_path, registered, port)
     params = {"config": {"datasets": [2], "models": ["local/tiny"], "learning_rate": [0.001], "batch_size": 32,
                          "max_length": 128, "eval_num_samples": 2, "eval_max_prompts": 3, "eval_max_tokens": 8,
                          "allow_few_steps": True,  # 3 steps: the deployment is under test, not learning

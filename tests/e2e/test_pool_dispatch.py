@@ -6,11 +6,12 @@ Every process shares the experiments folder, the reference cache, server storage
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers.deployments import dpo_sh_env
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deployments" / "dpo.sh"
@@ -26,25 +27,13 @@ with get_client(sync_client=True) as client:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_pool_dispatch_spreads_experiments_over_two_workers(tmp_path, registered):
-    port = _free_port()
-    env = {
-        **os.environ, "DPO_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "DPO_PYTHON": sys.executable, "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"),
-        "DPO_LOCAL_STORAGE": str(tmp_path / "storage"), "DPO_DATA_DIR": str(ROOT / "data"),
-        "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local",
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
-        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
+    port = free_port()
+    env = dpo_sh_env(tmp_path, registered, port)
+    env.update({
         # Two workers that take one flow run each at a time, polling often, so two experiments go one to each.
         "DPO_WORKERS": "2", "DPO_WORKER_LIMIT": "1", "PREFECT_WORKER_QUERY_SECONDS": "2",
-    }
-    env.pop("PREFECT_API_URL", None)
+    })
     api = {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     run_dir = tmp_path / "prefect-home" / "run"
     try:

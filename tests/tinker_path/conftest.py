@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from tests.helpers.hf_cache import loopback_hub, prime_qwen3_8b
+from tests.helpers.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 QWEN3_8B = "Qwen/Qwen3-8B"
@@ -39,12 +39,6 @@ class StandIn:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def hf_hub(tmp_path_factory):
     """A primed HF home (the real Qwen3 tokenizer under `Qwen/Qwen3-8B`) and the loopback hub answering for it."""
@@ -58,7 +52,7 @@ def standin(tmp_path_factory, cache_dir):
     """`python -m dpo_core.local serve --stand-in tinker` in its own process group, stopped with SIGTERM."""
     storage = tmp_path_factory.mktemp("standin-storage")
     log = storage.parent / "standin.log"
-    port, key = _free_port(), "tml-" + secrets.token_hex(16)
+    port, key = free_port(), "tml-" + secrets.token_hex(16)
     env = {**os.environ, "DPO_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(ROOT)}
     with log.open("wb") as out:
         process = subprocess.Popen(
