@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from dpo_core.config import LOCAL_DEFAULT_MODEL
-from dpo_core.data import DatasetError, DatasetNotFoundError, resolve_dataset, validate
+from dpo_core.data import DatasetError, DatasetNotFoundError, resolve_dataset
+from dpo_core.dataset_checks import validate
 from dpo_core.settings import Settings, apply_offline_env
 
 

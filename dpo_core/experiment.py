@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpo_core import data
+from dpo_core import data, dataset_checks
 from dpo_core.checkpoints import final_record
 from dpo_core.config import (ConfigError, EvalConfig, FrozenModel, TrainConfig, check_step_count, choose_run_dir,
                              model_slug)
@@ -38,7 +38,7 @@ def validate_dataset(dataset: int | str, settings: Settings) -> ValidatedDataset
 
     Token lengths are checked by training itself, with the run's renderer and max_length."""
     path = data.resolve_dataset(dataset, settings.data_dir)
-    _, report = data.validate(path)
+    _, report = dataset_checks.validate(path)
     return ValidatedDataset(path=str(path), sha256=data.content_hash(path), rows=report.rows,
                             report_markdown=report.to_markdown())
 

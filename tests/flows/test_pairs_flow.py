@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from dpo_core import data
+from dpo_core import data, dataset_checks
 from dpo_core.models import SMOLLM2
 from dpo_core.pairs import PairsConfig
 
@@ -27,7 +27,7 @@ def test_pairs_flow_builds_three_valid_datasets(prefect_harness, project_env):
     summary = state.result()
     for number in (1, 2, 3):
         path = project_env / "out" / data.DATASET_FILES[number]
-        pairs, report = data.validate(path)
+        pairs, report = dataset_checks.validate(path)
         table = pd.read_parquet(path)
         assert len(pairs) == summary["per_dataset"][number]["pairs"] >= 1
         assert {"prompt_id", "creativity_score", "criterion", "chosen_quality", "rejected_quality", "model",

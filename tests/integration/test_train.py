@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_core import data
+from dpo_core import data, dataset_checks
 from dpo_core.checkpoints import final_record, list_experiments, read_jsonl
 from dpo_core.config import TrainConfig
 from dpo_core.sampling import Sampler
@@ -24,7 +24,7 @@ METRIC_KEYS = {"step", "epoch", "split", "dpo_loss", "accuracy", "margin", "chos
 @pytest.fixture(scope="module")
 def dataset():
     path = data.resolve_dataset(1, DATA)
-    pairs, _ = data.validate(path)
+    pairs, _ = dataset_checks.validate(path)
     return path, pairs[:8], data.content_hash(path)
 
 
@@ -195,7 +195,7 @@ class RecordingService:
 
 def test_held_out_pairs_are_never_trained_on_and_scored_at_every_save(service_client, tmp_path):
     path = data.resolve_dataset(1, DATA)
-    pairs, _ = data.validate(path)
+    pairs, _ = dataset_checks.validate(path)
     pairs = pairs[:20]
     recording = RecordingService(service_client)
     config = _config(num_epochs=2, save_every=4, held_out_fraction=0.2, held_out_min_pairs=4)

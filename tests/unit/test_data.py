@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 
 from dpo_core import __main__ as cli
-from dpo_core.data import (
-    DatasetError, DatasetNotFoundError, content_hash, load_eval_prompts, resolve_dataset, validate,
-)
+from dpo_core.data import DatasetError, DatasetNotFoundError, content_hash, load_eval_prompts, resolve_dataset
+from dpo_core.dataset_checks import validate
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 GOOD = [
