@@ -46,6 +46,7 @@ def validate_dataset(dataset: int | str, settings: Settings) -> ValidatedDataset
 def served_models(settings: Settings) -> dict[str, bool]:
     """What the service serves (model name -> trainable there), asked before any training."""
     from dpo_core.backend import served_models as listed
+    from dpo_core.backend import service_client
 
     with service_client(settings) as client:
         return listed(client)
