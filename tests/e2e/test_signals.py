@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from dpo_core import data
+from dpo_core.records import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["models=local/tiny", "datasets=1", "batch_size=4", "max_length=128", "evaluate=false"]
@@ -49,5 +50,6 @@ def test_sigterm_stops_everything_and_the_rerun_resumes(tmp_path, registered):
     runs = list((tmp_path / "experiments").glob("dataset1_*"))
     assert len(runs) == 1  # the interrupted folder was continued, not duplicated
     steps = [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
-    expected = math.ceil(len(data.load_pairs(data.resolve_dataset(1, ROOT / "data"))) / 4)  # batch_size=4
+    held_out = len(RunConfig.read(runs[0]).held_out_rows)  # never trained on (issue 15's held-out split)
+    expected = math.ceil((len(data.load_pairs(data.resolve_dataset(1, ROOT / "data"))) - held_out) / 4)  # batch 4
     assert steps == list(range(expected))
