@@ -22,7 +22,8 @@ def test_two_suites_at_once_get_separate_complete_runs(tmp_path, registered):
     shared = {"DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"), "DPO_LOCAL_STORAGE": str(tmp_path / "storage"),
               "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local", "DPO_DATA_DIR": str(ROOT / "data")}
     command = [sys.executable, str(ROOT / "flows" / "suite.py"), f"datasets={dataset}", "models=local/tiny",
-               "batch_size=4", "max_length=128", "eval_num_samples=2", "eval_max_prompts=2", "eval_max_tokens=4",
+               "batch_size=4", "allow_few_steps=true",  # 2 steps: two suites at once are under test, not learning
+               "max_length=128", "eval_num_samples=2", "eval_max_prompts=2", "eval_max_tokens=4",
                f"report_dir={tmp_path / 'report'}"]
     processes = []
     for name in ("a", "b"):  # two terminals: each its own Prefect database and result store
