@@ -99,8 +99,9 @@ def main() -> int:
     args = parser.parse_args()
     from dpo_core.plan import SuiteConfig
 
+    # allow_few_steps: the orchestration around the work is measured here, not learning
     fields = dict(datasets=[1, 2, 3], models=[args.model], batch_size=8, max_length=128, eval_num_samples=4,
-                  eval_max_prompts=8, eval_max_tokens=16)
+                  eval_max_prompts=8, eval_max_tokens=16, allow_few_steps=True)
     if args.smoke:
         import pandas as pd
 
