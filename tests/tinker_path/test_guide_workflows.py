@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from dpo_core.data import DATASET_FILES
+from dpo_core.records import RunConfig
 from tests.tinker_path.conftest import QWEN3_8B, ROOT, run_entry
 
 PAIRS = 10  # x batch_size=1 = 10 steps: the fewest a plan may have without allow_few_steps
@@ -117,7 +118,8 @@ def test_workflow_3_default_models_replace_retired_ones_and_train_what_is_served
 
 
 def test_kill_9_mid_run_at_default_save_every_then_rerun_resumes(tinker_env, tmp_path):
-    pairs = 24  # batch 1: 24 steps, a checkpoint at step 20 (the default save_every), final at 24
+    pairs = 32  # 8 held out, batch 1: 24 steps, a checkpoint at step 20 (the default save_every), final at 24
+    steps = pairs - 8
     env = {**tinker_env, "DPO_DATA_DIR": str(_write_guide_data(tmp_path / "data", pairs))}
     command = [sys.executable, "scripts/train_dpo.py", f"model_name={QWEN3_8B}", "dataset=2", *TINY_RUN]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -142,6 +144,7 @@ def test_kill_9_mid_run_at_default_save_every_then_rerun_resumes(tinker_env, tmp
     again = run_entry(command[1:], env, ROOT)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert [p.name for p in experiments.iterdir()] == [run_dir.name]  # resumed in place, no `_2`
-    assert [m["step"] for m in _jsonl(run_dir / "metrics.jsonl")] == list(range(pairs))  # each step once
+    assert len(RunConfig.read(run_dir).held_out_rows) == pairs - steps  # never trained on
+    assert [m["step"] for m in _jsonl(run_dir / "metrics.jsonl")] == list(range(steps))  # each step once
     names = [r["name"] for r in _jsonl(run_dir / "checkpoints.jsonl")]
     assert names == ["000020", "final"]
