@@ -41,7 +41,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, registered: Path):
     from dpo_core.local.launcher import local_server
 
     storage = tmp_path_factory.mktemp("local-storage")
-    with local_server(Settings(cache_dir=registered, local_storage=storage)) as running:
+    # No cap on live training models: the session's one client (below) keeps every test's models until the end,
+    # which the default cap of 16 (DPO_LOCAL_MAX_TRAINING_MODELS, tested in tests/reliability) would refuse.
+    settings = Settings(cache_dir=registered, local_storage=storage, local_max_training_models=0)
+    with local_server(settings) as running:
         yield running
 
 
