@@ -169,9 +169,9 @@ def main() -> int:
     result = run(args.model, args.models, args.prompts, args.k, args.max_tokens, args.rounds)
     print(f"model {args.model}: {args.models} models x {result['prompts']} prompts x k={args.k} x "
           f"{args.max_tokens} tokens = {result['tokens']} tokens, {args.rounds} round(s), arms alternating")
-    print(f"  sampling (all in flight, stop=[]): {result['sampling_s']:.1f} s ({result['sampling_tok_s']:.1f} tok/s; "
+    print(f"  sampling (all in flight, stop=[]): {result['sampling_s']:.2f} s ({result['sampling_tok_s']:.1f} tok/s; "
           f"runs {[round(s, 1) for s in result['sampling_rounds']]})")
-    print(f"  suite evaluation (4 threads): {result['suite_s']:.1f} s ({result['suite_tok_s']:.1f} tok/s; "
+    print(f"  suite evaluation (4 threads): {result['suite_s']:.2f} s ({result['suite_tok_s']:.1f} tok/s; "
           f"runs {[round(s, 1) for s in result['suite_rounds']]}; {result['generated_tokens']} tokens generated)")
     print(f"  ratio suite evaluation / sampling wall: {result['ratio']:.2f}x (target <= 1.5x)")
     print("  profile of the last suite round (seconds summed over threads, calls):")

@@ -29,7 +29,8 @@ def test_sampled_logprobs_at_temperature_one_are_the_base_models_fluency(service
 
 
 def test_base_model_evaluation_sends_no_scoring_request_and_a_checkpoints_does(service_client, server, tmp_path):
-    config = EvalConfig(num_samples=2, max_tokens=6, temperature=1.0, seed=0, bootstrap=100)
+    # quality_judge off: its rubric requests are counted elsewhere; fluency scoring is what is under test
+    config = EvalConfig(num_samples=2, max_tokens=6, temperature=1.0, seed=0, bootstrap=100, quality_judge=False)
     counters = server.engine.counters
     before = counters["prompt_logprob_requests"]
     base = sample_and_score(service_client, EvalTarget("base", TINY), PROMPTS, config, None, tmp_path / "base",
