@@ -77,7 +77,7 @@ def arm_suite(model: str, steps: int, batch: int, max_length: int, threads: int,
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(local_threads=threads, local_storage=Path(tmp) / "storage", local_device=device,
                             local_dtype=dtype)
-        rendering.register_builtin(settings.cache_dir, settings.local_models)
+        rendering.register_models(settings.cache_dir, settings.local_models)
         pairs = _pairs(steps * batch)
         config = TrainConfig(model_name=model, dataset="2", learning_rate=1e-5, dpo_beta=0.1, batch_size=batch,
                              num_epochs=1, lora_rank=32, max_length=max_length, seed=0)

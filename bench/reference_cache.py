@@ -90,7 +90,7 @@ def sweep_cookbook(server, model: str, batch: int, max_length: int, work: Path) 
 def run(model: str, pairs: int, batch: int, max_length: int, repeats: int) -> dict:
     apply_offline_env()
     settings = Settings()
-    rendering.register_builtin(settings.cache_dir, settings.local_models)
+    rendering.register_models(settings.cache_dir, settings.local_models)
     _PAIRS[:] = data.load_pairs(ROOT / "data" / data.DATASET_FILES[2])[:pairs]
     results: dict[str, list[tuple[float, int]]] = {"dpo-suite": [], "cookbook": []}
     reference_share = []  # the first run's extra time (its reference pass) over a run without one

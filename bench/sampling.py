@@ -26,7 +26,7 @@ from dpo_core.settings import Settings, apply_offline_env  # noqa: E402
 def run(model: str, prompts: int, k: int, max_tokens: int) -> dict[str, float]:
     apply_offline_env()
     settings = Settings()
-    rendering.register_builtin(settings.cache_dir, settings.local_models)
+    rendering.register_models(settings.cache_dir, settings.local_models)
     renderer = rendering.get_renderer(model)
     texts = [p.prompt for p in data.load_eval_prompts(Path(settings.data_dir) / "eval_prompts.parquet")][:prompts]
     inputs = [renderer.build_generation_prompt([{"role": "user", "content": t}]) for t in texts]

@@ -19,7 +19,7 @@ def _tokenize_pair_fn(model_name: str, settings: Settings):
     """Render pairs exactly as training will, so truncation counts are the trainer's."""
     from dpo_core import rendering
 
-    rendering.register_builtin(settings.cache_dir, settings.local_models)
+    rendering.register_models(settings.cache_dir, settings.local_models)
     renderer = rendering.get_renderer(model_name)
 
     def tokenize_pair(pair):

@@ -116,7 +116,6 @@ def register_models(cache_dir: Path | None = None, local_models: dict[str, Path]
         _registered = True
 
 
-register_builtin = register_models  # the former name; registration now also happens on first use
 
 
 def _freeze(mapping: dict[str, Path] | None) -> tuple[tuple[str, str], ...]:

@@ -6,7 +6,6 @@ eval prompts, then write the comparison report. The suite runs the same tasks as
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 

@@ -31,7 +31,7 @@ def cache_dir() -> Path:
 def registered(cache_dir: Path) -> Path:
     from dpo_core import rendering
 
-    rendering.register_builtin(cache_dir)
+    rendering.register_models(cache_dir)
     return cache_dir
 
 
