@@ -54,6 +54,10 @@ class DatasetError(ValueError):
             message += f" ({hint})"
         super().__init__(message)
 
+    def __reduce__(self):
+        # Rebuilt from its parts, not its message: it crosses process boundaries (a Dask worker validates).
+        return _rebuild_dataset_error, (type(self), self.path, self.problem, self.row, self.column, self.hint)
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """The seed's error for a dataset that does not exist yet."""
@@ -64,6 +68,14 @@ class DatasetNotFoundError(FileNotFoundError):
             f"Dataset file not found: {path} (generate it with `python flows/pairs.py`, "
             "or pass dataset=PATH to an existing parquet/jsonl file or HF datasets folder)"
         )
+
+    def __reduce__(self):
+        return type(self), (self.path,)
+
+
+def _rebuild_dataset_error(cls: type[DatasetError], path: str, problem: str, row: int | None, column: str | None,
+                           hint: str) -> DatasetError:
+    return cls(path, problem, row=row, column=column, hint=hint)
 
 
 @dataclass(frozen=True)

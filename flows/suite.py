@@ -43,25 +43,26 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
         logger.warning("%s", warning)
     failures: dict[str, str] = {}
 
-    # --- validate: each dataset once; a missing one is skipped, a bad one gates its experiments ---
+    # --- validate: each dataset once, all at once on the task runner (threads, or Dask workers); a missing one
+    # is skipped, a bad one gates its experiments (the planned experiments may add one: the positive control's) ---
     validated = {}
-    # (the planned experiments may add one: the positive control's dataset)
-    for dataset in dict.fromkeys([*config.datasets, *(e.dataset for e in suite.experiments)]):
-        state = validate_dataset(dataset, return_state=True)
-        if state.is_completed():
-            validated[dataset] = result = state.result()
-            publish_validation(dataset, result.report_markdown)
-            continue
-        error = state.result(raise_on_failure=False)
-        if isinstance(error, DatasetNotFoundError):
-            logger.warning("Skipping dataset %s: %s", dataset, error)
+    datasets = dict.fromkeys([*config.datasets, *(e.dataset for e in suite.experiments)])
+    futures = {dataset: validate_dataset.submit(dataset) for dataset in datasets}
+    for dataset, future in futures.items():
+        outcome = future.result(raise_on_failure=False)
+        if future.state.is_completed():
+            validated[dataset] = outcome
+            publish_validation(dataset, outcome.report_markdown)
+        elif isinstance(outcome, DatasetNotFoundError):
+            logger.warning("Skipping dataset %s: %s", dataset, outcome)
         else:
-            failures[f"dataset {dataset}"] = str(error)
+            failures[f"dataset {dataset}"] = str(outcome)
 
     # --- refuse a plan too short to move the weights (fewer than MIN_STEPS optimizer steps), before training ---
     too_few = step_count_problems(suite.experiments, validated)
     if too_few:
-        return Failed(message="; ".join(too_few), data={"experiments": [], "report": None, "failed": too_few})
+        problems = [*too_few, *(f"{k}: {v}" for k, v in failures.items())]  # the invalid datasets too
+        return Failed(message="; ".join(problems), data={"experiments": [], "report": None, "failed": problems})
 
     # --- train: one dpo-train subflow per experiment, up to max_parallel at once; a failure stays its own ---
     runnable = [(c, n) for c, n in zip(suite.experiments, suite.run_names) if c.dataset in validated]

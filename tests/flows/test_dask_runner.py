@@ -83,3 +83,50 @@ def _assert_equal_to_float32(a, b) -> None:
         assert a == pytest.approx(b, rel=1e-6, nan_ok=True)
     else:
         assert a == b
+
+
+def _validation_reports(flow_run_id) -> dict[str, str]:
+    """The suite run's validation artifacts: key -> markdown."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a.data for a in artifacts if a.key and a.key.startswith("validation-")}
+
+
+def test_suite_validation_runs_on_an_existing_dask_scheduler(prefect_harness, project_env, monkeypatch):
+    """DPO_TASK_RUNNER_ADDRESS: the suite's validations go to the workers of a scheduler started beforehand and
+    give the reports validation gives in this process; a bad dataset's error (file, row, column) comes back from a
+    worker intact."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from dpo_core import experiment
+    from dpo_core.plan import SuiteConfig
+    from dpo_core.settings import Settings
+    from flows.suite import dpo_suite
+    from tasks.runners import task_runner_from_env
+
+    bad = project_env / "missing_rejected.jsonl"
+    bad.write_text(json.dumps({"prompt": "Say hi.", "chosen": "Hi!", "rejected": "Hello."}) + "\n"
+                   + json.dumps({"prompt": "Say bye.", "chosen": "Bye!"}) + "\n")
+    # One step of 72 trained pairs: the step-count gate stops the suite after validation, before any training.
+    config = SuiteConfig(datasets=[1, 2, 3, str(bad)], models=["local/tiny"], batch_size=72, evaluate=False)
+    # The workers start with this environment (project_env's data, experiments and cache folders).
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        monkeypatch.setenv("DPO_TASK_RUNNER", "dask")
+        monkeypatch.setenv("DPO_TASK_RUNNER_ADDRESS", cluster.scheduler_address)
+        runner = task_runner_from_env()
+        assert type(runner).__name__ == "DaskTaskRunner" and runner.address == cluster.scheduler_address
+        with Client(cluster.scheduler_address) as client, get_task_stream(client=client) as stream:
+            state = dpo_suite.with_options(task_runner=runner)(config, return_state=True)
+    assert len({entry["key"] for entry in stream.data}) >= 4, "the four validations ran on the cluster's workers"
+
+    assert state.is_failed()
+    assert "(fewer than 10)" in state.message, state.message
+    # The bad dataset's error names the file, the row and the column, through the worker's pickling too.
+    assert f"{bad}, row 1, column 'rejected'" in state.message, state.message
+    reports = _validation_reports(state.state_details.flow_run_id)
+    here = {dataset: experiment.validate_dataset(dataset, Settings()).report_markdown for dataset in (1, 2, 3)}
+    assert sorted(reports.values()) == sorted(here.values())  # datasets 1, 2 and 3; the bad one has no report

@@ -98,3 +98,36 @@ def test_experiments_train_concurrently_with_sequential_results(prefect_harness,
         untimed = [[{k: v for k, v in m.items() if not k.startswith("time/")} for m in _metrics(run)]
                    for run in (parallel_run, sequential_run)]
         assert untimed[0] == untimed[1]
+
+
+def test_a_failed_experiment_stays_its_own_while_others_train_at_once(prefect_harness, remote_env, monkeypatch):
+    """Four experiments at once (the tinker backend's default allows 4): the two on a dataset whose prompts fill
+    max_length fail, each in its own dpo-train subflow, while the two on dataset 2 train to the end."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from flows.suite import dpo_suite
+
+    monkeypatch.setenv("DPO_EXPERIMENTS_DIR", str(remote_env / "isolation"))
+    too_long = remote_env / "long_prompts.jsonl"  # valid rows; training refuses them (prompt alone > max_length)
+    too_long.write_text("".join(json.dumps({"prompt": f"Question {i}: " + "tell me more " * 80, "chosen": "Yes.",
+                                            "rejected": "No."}) + "\n" for i in range(4)))
+    config = SuiteConfig(datasets=[2, str(too_long)], models=["local/tiny"], learning_rate=[1e-3],
+                         dpo_beta=[0.05, 0.1], batch_size=7, max_length=128, evaluate=False,
+                         allow_few_steps=True)  # the 4-row dataset; dataset 2 still makes 11 steps
+    state = dpo_suite(config, return_state=True)
+
+    assert state.is_failed()
+    failed = state.result(raise_on_failure=False)  # the summary the suite returns with its Failed state
+    assert isinstance(failed, dict), failed
+    trained = sorted(Path(run) for run in failed["experiments"])
+    assert [run.name.split("_")[0] for run in trained] == ["dataset2", "dataset2"]
+    assert all(len(_metrics(str(run))) >= 10 for run in trained)
+    assert len(failed["failed"]) == 2 and all("long_prompts" in name for name in failed["failed"])
+    assert all("max_length=128" in why for why in failed["failed"].values())
+    # Each experiment its own subflow page under the suite run, with its own final state.
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+    states = sorted((run.name.split("_")[0], run.state.type.value) for run in children)
+    assert states == [("dataset-long", "FAILED")] * 2 + [("dataset2", "COMPLETED")] * 2, states

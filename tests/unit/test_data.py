@@ -153,3 +153,17 @@ def test_validate_cli(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "row 7" in err and "column 'chosen'" in err
     assert cli.main(["validate", "4"]) == 1
+
+
+def test_dataset_errors_survive_pickling():
+    """A Dask worker validates: the error that comes back is the same error, with its parts."""
+    import pickle
+
+    from dpo_core.data import DatasetError, DatasetNotFoundError
+
+    error = DatasetError("pairs.jsonl", "is null", row=4, column="rejected", hint="every pair needs all three texts")
+    back = pickle.loads(pickle.dumps(error))
+    assert (type(back), str(back), back.row, back.column) == (DatasetError, str(error), 4, "rejected")
+    missing = pickle.loads(pickle.dumps(DatasetNotFoundError("nowhere.parquet")))
+    assert (type(missing), str(missing), missing.path) == (DatasetNotFoundError, str(DatasetNotFoundError("nowhere.parquet")),
+                                                          "nowhere.parquet")
