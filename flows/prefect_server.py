@@ -5,7 +5,8 @@ after this process has imported everything, and after importing the whole server
 every API route: ~3-7 s) just to launch it in a subprocess, which then imports all of it again and runs the
 database migrations. Here `start_early()` launches the same server (Prefect's app, its UI off, in ephemeral mode)
 as the very first thing an entry point does, so its start-up overlaps this process's imports, and `connect()`
-points Prefect at it just before the flow runs.
+points Prefect at it just before the flow runs. Its database migrations run only when the database is not
+already at the revision this Prefect version last migrated it to (a memo in PREFECT_HOME).
 
     python flows/prefect_server.py FD     # the server itself, on the listening socket FD it inherits
 """
@@ -13,6 +14,7 @@ points Prefect at it just before the flow runs.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import socket
 import subprocess
@@ -20,10 +22,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 # What Prefect's own temporary server runs with (prefect/server/api/server.py, SubprocessASGIServer).
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+MIGRATION_MEMO = "dpo_suite_migrated.json"
 
 
 def prefect_env_defaults() -> None:
@@ -113,12 +118,74 @@ def connect() -> None:
 
 # --- the server process ---
 
+def _sqlite_revision(database: Path) -> str | None:
+    import sqlite3
+
+    if not database.exists():
+        return None
+    try:
+        connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        try:
+            return connection.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+        finally:
+            connection.close()
+    except (sqlite3.Error, TypeError):
+        return None
+
+
+def migrations_memo(settings: Any) -> tuple[bool, Callable[[], None]]:
+    """Whether Prefect's database is at the revision this Prefect version last migrated it to (SQLite only: its
+    migrations on start can then be skipped), and what to call once the server is up: record the revision."""
+    import prefect
+
+    secret = settings.server.database.connection_url  # filled in by Prefect: PREFECT_HOME/prefect.db by default
+    url = secret.get_secret_value() if secret is not None else ""
+    if not url.startswith("sqlite") or ":memory:" in url or not settings.server.database.migrate_on_start:
+        return False, lambda: None
+    database = Path(url.split(":///", 1)[-1].split("?", 1)[0]).expanduser().resolve()
+    memo_path = Path(settings.home).expanduser() / MIGRATION_MEMO
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = f"prefect {prefect.__version__} {database}"
+    revision = _sqlite_revision(database)
+    if revision is not None and memo.get(key) == revision:
+        return True, lambda: None
+
+    def record() -> None:
+        migrated = _sqlite_revision(database)
+        if migrated is not None:
+            memo[key] = migrated
+            tmp = memo_path.with_name(f".{MIGRATION_MEMO}.{os.getpid()}")
+            tmp.write_text(json.dumps(memo, indent=1))
+            tmp.replace(memo_path)
+
+    return False, record
+
+
 def serve(fd: int) -> None:
     """Prefect's server app (as Prefect's temporary server runs it) on the inherited listening socket `fd`."""
-    import uvicorn
+    import threading
 
+    import uvicorn
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    current, record = migrations_memo(get_current_settings())
+    if current:
+        os.environ["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
+        refresh_global_settings_context()
     server = uvicorn.Server(uvicorn.Config("prefect.server.api.server:create_app", factory=True,
                                            log_level="error", lifespan="on"))
+
+    def record_when_started() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.1)
+        if server.started:
+            record()
+
+    threading.Thread(target=record_when_started, daemon=True).start()
     server.run(sockets=[socket.socket(fileno=fd)])
 
 
