@@ -18,6 +18,7 @@ import argparse
 import io
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,10 +70,15 @@ def environment(tree: Path) -> dict[str, str]:
 def run_suite(tree: Path, env: dict[str, str], argv: list[str]) -> dict[str, float]:
     """One `python flows/suite.py` process: wall, and its phases read from the log's timestamps."""
     started_wall = datetime.now()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "flows/suite.py", *argv], cwd=tree, env=env, capture_output=True,
                           text=True)
     wall = time.perf_counter() - started
+    # CPU seconds of the process and every child it waited for (Prefect's server included): on a loaded machine
+    # the wall measures the neighbours as much as the run, this measures the run's own work.
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     log = done.stdout + done.stderr
     if done.returncode != 0:
         raise SystemExit(f"{tree.name}: flows/suite.py failed\n{log[-3000:]}")
@@ -91,7 +97,7 @@ def run_suite(tree: Path, env: dict[str, str], argv: list[str]) -> dict[str, flo
         stamp = datetime.combine(started_wall.date(), datetime.strptime(clock, "%H:%M:%S.%f").time())
         stamps[event] = (stamp - started_wall).total_seconds()
     computed = [line for line in log.splitlines() if "Task run" in line and "Finished in state Completed()" in line]
-    return {"wall": wall, "before_flow": stamps["begin"], "flow": stamps["end"] - stamps["begin"],
+    return {"wall": wall, "cpu": cpu, "before_flow": stamps["begin"], "flow": stamps["end"] - stamps["begin"],
             "exit": wall - stamps["end"], "computed": len(computed),
             "cached": log.count("Cached(type=COMPLETED)")}
 
@@ -122,15 +128,17 @@ def main() -> int:
         print(f"python flows/suite.py {' '.join(SUITE)}: cached rerun, {len(runs['after'])} round(s), arms "
               f"alternating (ABBA)")
         for name, measured in runs.items():
-            median = {key: statistics.median(r[key] for r in measured) for key in ("wall", "before_flow", "flow",
-                                                                                    "exit")}
+            median = {key: statistics.median(r[key] for r in measured)
+                      for key in ("wall", "cpu", "before_flow", "flow", "exit")}
             print(f"  {label[name]}: {median['wall']:.1f} s median (runs {[round(r['wall'], 1) for r in measured]}); "
                   f"before the flow run {median['before_flow']:.1f} s, flow {median['flow']:.1f} s, exit "
-                  f"{median['exit']:.1f} s; {measured[0]['cached']} cached task runs; load "
+                  f"{median['exit']:.1f} s; CPU {median['cpu']:.1f} s; {measured[0]['cached']} cached task runs; load "
                   f"{[round(r['load'], 1) for r in measured]}")
-        ratios = [a["wall"] / b["wall"] for a, b in zip(runs["after"], runs["before"])]
-        print(f"  ratio after/before: {statistics.median(ratios):.2f}x (per round {[round(r, 2) for r in ratios]}); "
-              f"target: a cached rerun < 15 s")
+        for key in ("wall", "cpu"):
+            ratios = [a[key] / b[key] for a, b in zip(runs["after"], runs["before"])]
+            print(f"  ratio after/before, {key}: {statistics.median(ratios):.2f}x (per round "
+                  f"{[round(r, 2) for r in ratios]})")
+        print("  target: a cached rerun < 15 s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -60,8 +60,9 @@ class TemporaryServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Prefect's temporary server exited with code {self.process.returncode} "
                                    "before it was ready (its error is printed above)")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+            try:  # waits in the socket's backlog until the server answers, or fails at once if it has exited
+                with urllib.request.urlopen(f"{self.api_url}/health",
+                                            timeout=max(deadline - time.monotonic(), 1)) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError):

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "tinker", "tinker_cookbook")
 
@@ -65,6 +67,7 @@ print(json.dumps({"completed": state.is_completed(), "reported_as_prefect_server
 """
 
 
+@pytest.mark.slow  # starts Prefect's server
 def test_a_cli_run_starts_prefects_server_early_without_importing_it(tmp_path):
     imported = _imported_after(RUN_PROBE % (("prefect.server.api.server", *HEAVY),),
                                PREFECT_HOME=str(tmp_path / "prefect"))
