@@ -4,13 +4,11 @@ and Prefect's analytics off and a patient temporary-server start-up."""
 
 from __future__ import annotations
 
-import os
-
 from dpo_core.settings import Settings, apply_offline_env
+from flows.prefect_server import prefect_env_defaults
 
 apply_offline_env(Settings())
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+prefect_env_defaults()
 
 
 def with_shared_backend(flow_function):

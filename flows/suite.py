@@ -12,6 +12,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+from flows import prefect_server  # noqa: E402  (standard library only)
+
+if __name__ == "__main__":  # Prefect's temporary server starts up while this process imports the rest
+    prefect_server.start_early()
+
 from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect is imported)
 
 from prefect import flow, get_run_logger  # noqa: E402
@@ -103,6 +108,7 @@ def main(argv: list[str]) -> int:
     config = parse_config(SuiteConfig, argv, prepare=split_lists)
     if config is None:
         return 1
+    prefect_server.connect()
     state = dpo_suite(config, return_state=True)
     print(state.message or state.name)
     return 0 if state.is_completed() else 1

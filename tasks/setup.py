@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect import get_client
+
+# The API URL of a temporary Prefect server that an entry point started for its own run (flows/prefect_server.py),
+# set beside PREFECT_API_URL and inherited by child processes: that is no Prefect server of the user's.
+TEMPORARY_API_URL_ENV = "DPO_TEMPORARY_PREFECT_API_URL"
 
 # Tag-based limits: simultaneous training runs and sampling/evaluation tasks against Tinker (or the local server).
 CONCURRENCY_LIMITS = {"tinker-train": 4, "tinker-sample": 8}
@@ -10,10 +16,11 @@ CONCURRENCY_LIMITS = {"tinker-train": 4, "tinker-sample": 8}
 
 def on_prefect_server() -> bool:
     """Whether flows report to a Prefect server (PREFECT_API_URL set in the environment or the profile), as
-    opposed to the temporary server Prefect starts for a single process."""
+    opposed to the temporary server Prefect (or `flows/prefect_server.py`) starts for a single process."""
     from prefect.settings import PREFECT_API_URL
 
-    return bool(PREFECT_API_URL.value())
+    url = PREFECT_API_URL.value()
+    return bool(url) and url != os.environ.get(TEMPORARY_API_URL_ENV)
 
 
 def task_tags(*tags: str) -> list[str]:
