@@ -127,7 +127,10 @@ class Trainer:
             module = get_peft_model(copy.deepcopy(base, memo=shared), config)
         module.eval()  # no dropout anywhere; LoRA params still train
         if self.recompute_layers:
-            recompute_layers(module, self.recompute_layers)
+            try:
+                recompute_layers(module, self.recompute_layers)
+            except NotImplementedError:  # no `layers` list to wrap: it trains as fast as before, with more memory
+                pass
         params = [p for p in module.parameters() if p.requires_grad]
         self.models[model_id] = TrainingModel(model_id, base_model, lora, module, new_optimizer(params))
         return model_id
