@@ -80,7 +80,10 @@ def arm_suite(model: str, steps: int, batch: int, max_length: int, threads: int,
         rendering.register_models(settings.cache_dir, settings.local_models)
         pairs = _pairs(steps * batch)
         config = TrainConfig(model_name=model, dataset="2", learning_rate=1e-5, dpo_beta=0.1, batch_size=batch,
-                             num_epochs=1, lora_rank=32, max_length=max_length, seed=0)
+                             num_epochs=1, lora_rank=32, max_length=max_length, seed=0,
+                             # TRL trains on every pair and evaluates nothing: so must this arm (the default
+                             # holds 8 pairs out and scores them in the timed section)
+                             held_out_fraction=0.0)
         with local_server(settings, storage=Path(tmp) / "storage") as server:
             with tinker.ServiceClient(base_url=server.base_url, api_key=server.api_key) as service:
                 # Load the base model before the clock starts (TRL's arm also loads it untimed).

@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     local_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     local_micro_batch_tokens: int = 4096  # tokens per forward/backward micro-batch (memory bound)
     local_graph_cache_tokens: int = 16384  # tokens whose autograd graph is kept between forward and backward
+    # Training memory (README "Engine facts"): the share of decoder layers that keep only their input for the
+    # backward and recompute the rest there (0 = keep everything: fastest, most memory; 1 = recompute all).
+    local_recompute_layers: float = Field(default=0.25, ge=0, le=1)
+    # glibc only: allocations of this many bytes or more are mmapped, so freed activations leave RSS (0 = off).
+    local_mmap_threshold_bytes: int = Field(default=128 * 1024, ge=0)
     local_models: dict[str, Path] = {}  # extra base models: name -> local HF model folder
     local_fault_rate: float = 0.0
     # "tinker": the server answers like Tinker today (its lineup; Qwen3-8B backed by a tiny Qwen3 model with the

@@ -18,6 +18,7 @@ import numpy as np
 
 from dpo_core.local import ids
 from dpo_core.local.checkpoints import CheckpointRef, CheckpointStore, iso_time
+from dpo_core.local.memory import release_freed_memory
 from dpo_core.local.sampler import SampleRequest, Sampler, SamplerSource
 from dpo_core.local.store import ModelStore
 from dpo_core.local.trainer import Datum, Trainer
@@ -43,7 +44,10 @@ class Engine:
         merged_cache_size: int = 4,  # one per concurrent evaluation (the suite runs 4), else they thrash
         stand_in: str = "",
         max_training_models: int = 16,  # live LoRA training models, all sessions together (0 = no cap)
+        recompute_layers: float = 0.0,  # share of decoder layers recomputed in backward instead of kept
+        mmap_threshold_bytes: int = 0,  # > 0: freed large tensors go back to the OS (process-wide; memory.py)
     ):
+        release_freed_memory(mmap_threshold_bytes)
         # Counters for tests and benchmarks (e.g. "reference logprobs computed once per sweep").
         self.counters: dict[str, int] = {
             "forward_requests": 0, "forward_backward_requests": 0, "graph_reuse_microbatches": 0,
@@ -54,7 +58,7 @@ class Engine:
                                 stand_in=stand_in)
         self.checkpoints = CheckpointStore(storage)
         self.trainer = Trainer(self.store, self.checkpoints, self.counters, micro_batch_tokens, graph_cache_tokens,
-                               max_models=max_training_models)
+                               max_models=max_training_models, recompute_layers=recompute_layers)
         self.sampler = Sampler(self.store, self.checkpoints, self.counters, merged_cache_size)
 
     @property

@@ -41,6 +41,8 @@ def build_engine(settings: Settings, storage: Path | None = None) -> Engine:
         graph_cache_tokens=settings.local_graph_cache_tokens,
         stand_in=settings.local_stand_in,
         max_training_models=settings.local_max_training_models,
+        recompute_layers=settings.local_recompute_layers,
+        mmap_threshold_bytes=settings.local_mmap_threshold_bytes,
     )
 
 

@@ -6,7 +6,9 @@ no other. Speed notes (measured on 2 vCPUs, see bench/):
   [tokens x vocab] logits (cross_entropy on transposed logits was ~4x slower);
 - `forward_backward_custom` sends a forward-only pass and then a forward_backward over the same datums: the
   first pass keeps its autograd graph (up to `graph_cache_tokens`), so the second runs only backward;
-- a request's datums run in micro-batches of at most `micro_batch_tokens` padded tokens, gradients accumulate.
+- a request's datums run in micro-batches of at most `micro_batch_tokens` padded tokens, gradients accumulate;
+- `recompute_layers` of the decoder layers keep only their inputs for backward and recompute the rest there
+  (`memory.py`): what bounds the memory of a kept graph.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dpo_core.local import budget as budgets
 from dpo_core.local import ids
 from dpo_core.local.checkpoints import CheckpointStore
 from dpo_core.local.logprobs import final_hidden_states, token_logprobs
+from dpo_core.local.memory import recompute_layers
 from dpo_core.local.store import ModelStore
 from dpo_core.local.validation import UserError, check_datums, check_loss_fn
 from dpo_core.models import MODEL_LOAD_LOCK
@@ -74,10 +77,12 @@ class Trainer:
     """The live LoRA training models, keyed by model id (= training run id)."""
 
     def __init__(self, store: ModelStore, checkpoints: CheckpointStore, counters: dict[str, int],
-                 micro_batch_tokens: int = 2048, graph_cache_tokens: int = 16384, max_models: int = 0):
+                 micro_batch_tokens: int = 2048, graph_cache_tokens: int = 16384, max_models: int = 0,
+                 recompute_layers: float = 0.0):
         self.store, self.checkpoints, self.counters = store, checkpoints, counters
         self.micro_batch_tokens = micro_batch_tokens
         self.graph_cache_tokens = graph_cache_tokens
+        self.recompute_layers = recompute_layers  # share of decoder layers recomputed in backward (memory.py)
         self.models: dict[str, TrainingModel] = {}
         self.max_models = max_models  # each holds a copy of its base model: ~12 MB for local/tiny, far more else
 
@@ -121,6 +126,11 @@ class Trainer:
             shared = {id(t): t for t in [*base.parameters(), *base.buffers()]}
             module = get_peft_model(copy.deepcopy(base, memo=shared), config)
         module.eval()  # no dropout anywhere; LoRA params still train
+        if self.recompute_layers:
+            try:
+                recompute_layers(module, self.recompute_layers)
+            except NotImplementedError:  # no `layers` list to wrap: it trains as fast as before, with more memory
+                pass
         params = [p for p in module.parameters() if p.requires_grad]
         self.models[model_id] = TrainingModel(model_id, base_model, lora, module, new_optimizer(params))
         return model_id
