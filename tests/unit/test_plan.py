@@ -23,10 +23,14 @@ def test_plan_crosses_datasets_models_rates_and_betas_in_order():
 def test_plan_takes_the_backends_defaults_when_unset():
     [local], local_eval = plan(SuiteConfig(datasets=[1]), "local")
     assert (local.model_name, local.batch_size, local.max_length, local.learning_rate) == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct", 6, 256, 1e-4)
+        "HuggingFaceTB/SmolLM2-135M-Instruct", 6, 256, 1e-3)
+    assert (local.lr_schedule, local.num_epochs, local.held_out_fraction) == ("constant", 1, 0.2)
     assert (local_eval.num_samples, local_eval.max_prompts, local_eval.max_tokens) == (4, 24, 64)
     tinker_runs, tinker_eval = plan(SuiteConfig(datasets=[1]), "tinker")
     assert len(tinker_runs) == 3 and {e.batch_size for e in tinker_runs} == {256}
+    # Tinker keeps the seed guide's training defaults
+    assert {(e.learning_rate, e.lr_schedule, e.num_epochs, e.held_out_fraction) for e in tinker_runs} == {
+        (1e-5, "linear", 1, 0.1)}
     assert tinker_eval.max_prompts is None and tinker_eval.num_samples == 8
 
 
@@ -50,7 +54,7 @@ def test_the_suite_refuses_what_train_config_refuses(bad):
 def test_plan_suite_names_each_experiment_as_its_run_folder():
     suite = plan_suite(SuiteConfig(datasets=[1, 3], dpo_beta=[0.1]), "local")
     assert [name.rsplit("_", 1)[0] for name in suite.run_names] == [
-        "dataset1_smollm2135m_lr0.0001_beta0.1", "dataset3_smollm2135m_lr0.0001_beta0.1"]
+        "dataset1_smollm2135m_lr0.001_beta0.1", "dataset3_smollm2135m_lr0.001_beta0.1"]
 
 
 def test_split_lists_splits_only_list_fields():
