@@ -8,7 +8,8 @@ as the very first thing an entry point does, so its start-up overlaps this proce
 points Prefect at it just before the flow runs. Its database migrations run only when the database is not
 already at the revision this Prefect version last migrated it to (a memo in PREFECT_HOME).
 
-    python flows/prefect_server.py FD     # the server itself, on the listening socket FD it inherits
+    python flows/prefect_server.py FD [PARENT_PID]   # the server itself, on the listening socket FD it
+                                                    # inherits; it ends when PARENT_PID dies
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class TemporaryServer:
         fd = self.socket.fileno()
         # -P: the script's folder (flows/) is not put on the server's sys.path, so no module here shadows one of
         # Prefect's.
-        self.process = subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve()), str(fd)],
-                                        pass_fds=[fd], env={**os.environ, **SERVER_ENV})
+        self.process = subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve()), str(fd),
+                                         str(os.getpid())], pass_fds=[fd], env={**os.environ, **SERVER_ENV})
         # The server holds the socket now; once it exits, a request is refused rather than left waiting.
         self.socket.close()
         atexit.register(self.stop)  # registered before Prefect's exit hooks, so it runs after they flush
@@ -165,6 +166,23 @@ def migrations_memo(settings: Any) -> tuple[bool, Callable[[], None]]:
     return False, record
 
 
+def die_with_parent(parent_pid: int) -> None:
+    """On Linux, have the kernel send this process SIGTERM when the process that started it dies, also by SIGKILL
+    (the out-of-memory killer, `kill -9`), which runs no atexit hook: no orphaned server is left holding its
+    port and database. Exits at once if that process is already gone."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the request above
+        sys.exit(0)
+
+
 def serve(fd: int) -> None:
     """Prefect's server app (as Prefect's temporary server runs it) on the inherited listening socket `fd`."""
     import threading
@@ -191,4 +209,6 @@ def serve(fd: int) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        die_with_parent(int(sys.argv[2]))
     serve(int(sys.argv[1]))

@@ -43,3 +43,44 @@ def test_other_databases_always_migrate(tmp_path):
     migrations_memo(_settings(tmp_path))[1]()
     assert migrations_memo(_settings(tmp_path, url="postgresql+asyncpg://u:p@db/prefect"))[0] is False
     assert migrations_memo(_settings(tmp_path, migrate_on_start=False))[0] is False  # the user's choice stands
+
+
+def test_the_early_server_ends_when_its_parent_is_killed(tmp_path):
+    """A CLI process killed with SIGKILL (as the out-of-memory killer does) runs no exit hook: the kernel still
+    ends the temporary server it started, instead of leaving it orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    if not sys.platform.startswith("linux"):
+        import pytest
+
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    root = Path(__file__).resolve().parents[2]
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); from flows import prefect_server; "
+              "prefect_server.start_early(); print(prefect_server._early.process.pid, flush=True); time.sleep(300)")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": ""}
+    env.pop("PREFECT_API_URL")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE, text=True, env=env)
+    server_pid = int(parent.stdout.readline())
+    time.sleep(1.0)  # the server has set its death signal by now (the first thing it does)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            return  # gone (and reaped by init)
+        try:
+            with open(f"/proc/{server_pid}/stat") as stat:
+                if stat.read().split(")")[-1].split()[0] == "Z":
+                    return  # a zombie: it has exited
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+    os.kill(server_pid, signal.SIGKILL)
+    raise AssertionError("the temporary server outlived its killed parent")
