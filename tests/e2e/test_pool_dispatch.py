@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.deployments import dpo_sh_env
 from tests.helpers.net import free_port
 
@@ -27,6 +29,7 @@ with get_client(sync_client=True) as client:
 """
 
 
+@pytest.mark.minutes(4)
 def test_pool_dispatch_spreads_experiments_over_two_workers(tmp_path, registered):
     port = free_port()
     env = dpo_sh_env(tmp_path, registered, port)

@@ -66,6 +66,7 @@ def _metrics(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.minutes(2)
 def test_experiments_train_concurrently_with_sequential_results(prefect_harness, remote_env, monkeypatch):
     from flows.suite import dpo_suite
 
