@@ -29,7 +29,7 @@ print(json.dumps({"limits": limits, "tags": tags}))
 """
 
 
-@pytest.mark.minutes(4)
+@pytest.mark.minutes(7.5)
 def test_deployment_runs_to_completed_and_everything_stops(tmp_path, registered):
     port = free_port()
     env = dpo_sh_env(tmp_path, registered, port)

@@ -25,7 +25,7 @@ def _group_alive(pgid: int) -> list[str]:
     return [line for line in listing.splitlines() if line.split()[1] == str(pgid)]
 
 
-@pytest.mark.minutes(2)
+@pytest.mark.minutes(6)
 def test_sigterm_stops_everything_and_the_rerun_resumes(tmp_path, registered):
     env = {**os.environ, "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"), "DPO_LOCAL_STORAGE": str(tmp_path / "s"),
            "DPO_DATA_DIR": str(ROOT / "data"), "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local",
