@@ -32,7 +32,7 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	touch $(STAMP)
 
 # The whole suite on pytest-xdist workers: most tests wait on servers, Prefect and subprocesses, so three workers
-# pay on 2 cores (measured: README "Tests"). --dist loadgroup keeps an xdist_group on one worker;
+# pay on 2 cores (measured: README, under the two commands). --dist loadgroup keeps an xdist_group on one worker;
 # --durations lists the slowest tests in the log. PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 3
 test: $(STAMP)
