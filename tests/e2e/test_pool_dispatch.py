@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.deployments import dpo_sh_env
 from tests.helpers.net import free_port
 
@@ -26,7 +28,24 @@ with get_client(sync_client=True) as client:
                        "parent": str(r.parent_task_run_id) if r.parent_task_run_id else None} for r in runs]))
 """
 
+# Both workers of the pool online (their first heartbeat comes as they start polling), within 5 minutes.
+_WORKERS_ONLINE = """
+import sys, time
+from prefect import get_client
+with get_client(sync_client=True) as client:
+    deadline = time.monotonic() + 300
+    while True:
+        online = [w.name for w in client.read_workers_for_work_pool("dpo-local")
+                  if getattr(w.status, "value", w.status) == "ONLINE"]
+        if len(online) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+print(online)
+sys.exit(0 if len(online) >= 2 else 1)
+"""
 
+
+@pytest.mark.minutes(8)
 def test_pool_dispatch_spreads_experiments_over_two_workers(tmp_path, registered):
     port = free_port()
     env = dpo_sh_env(tmp_path, registered, port)
@@ -41,6 +60,11 @@ def test_pool_dispatch_spreads_experiments_over_two_workers(tmp_path, registered
         assert up.returncode == 0, up.stdout + up.stderr
         status = subprocess.run(["bash", str(SCRIPT), "status"], env=env, capture_output=True, text=True, timeout=60)
         assert "worker: running" in status.stdout and "worker-2: running" in status.stdout, status.stdout
+        # Both polling before the suite submits its runs: a worker still starting up (slow on a loaded machine)
+        # would leave both runs to the other one, one after the other.
+        online = subprocess.run([sys.executable, "-c", _WORKERS_ONLINE], env=api, capture_output=True, text=True,
+                                timeout=360, cwd=ROOT)
+        assert online.returncode == 0, online.stdout + online.stderr[-2000:]
 
         suite = subprocess.run(
             [sys.executable, "flows/suite.py", "dispatch=pool", "datasets=1,2", "models=local/tiny",

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from dpo_core import data
 from dpo_core.records import RunConfig
 
@@ -23,6 +25,7 @@ def _group_alive(pgid: int) -> list[str]:
     return [line for line in listing.splitlines() if line.split()[1] == str(pgid)]
 
 
+@pytest.mark.minutes(6)
 def test_sigterm_stops_everything_and_the_rerun_resumes(tmp_path, registered):
     env = {**os.environ, "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"), "DPO_LOCAL_STORAGE": str(tmp_path / "s"),
            "DPO_DATA_DIR": str(ROOT / "data"), "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local",

@@ -32,6 +32,7 @@ def _evaluate(run_dir: str, report_dir: Path, runner_kind: str, monkeypatch) -> 
     return {"runner": type(runner).__name__, "table": table}
 
 
+@pytest.mark.minutes(6)
 def test_dask_evaluations_equal_the_thread_runner(prefect_harness, project_env, monkeypatch):
     from flows.train import dpo_train
 

@@ -41,6 +41,7 @@ def _number(pattern: str, text: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.minutes(2.5)
 def test_dpo_throughput_benchmark_smoke():
     out = _smoke("dpo_throughput")
     suite_tok_s = _number(r"dpo-suite \(local server, tinker SDK\): ([\d.]+) tok/s", out)
@@ -54,6 +55,7 @@ def test_dpo_throughput_benchmark_smoke():
     assert ratio == pytest.approx(suite_tok_s / trl_tok_s, rel=0.05, abs=0.01)
 
 
+@pytest.mark.minutes(1.5)
 def test_reference_cache_benchmark_smoke():
     out = _smoke("reference_cache")
     # The counts are exact even in smoke mode: dpo-suite computes the reference once for three betas.
@@ -62,6 +64,7 @@ def test_reference_cache_benchmark_smoke():
     assert suite > 0 and cookbook == 3 * suite
 
 
+@pytest.mark.minutes(5.5)
 def test_suite_overhead_benchmark_smoke():
     out = _smoke("suite_overhead")
     direct_s = _number(r"direct library calls: ([\d.]+) s", out)
@@ -73,6 +76,7 @@ def test_suite_overhead_benchmark_smoke():
     assert rerun_s < cold_s
 
 
+@pytest.mark.minutes(1.5)
 def test_suite_eval_benchmark_smoke():
     out = _smoke("suite_eval")
     tokens = _number(r"= (\d+) tokens, ", out)

@@ -74,6 +74,7 @@ def test_one_run_writes_the_three_files_and_learns(service_client, dataset, tmp_
     assert status.status == "finished" and status.sampler_path == records[-1]["sampler_path"]
 
 
+@pytest.mark.minutes(2)
 def test_crash_and_resume_loses_and_repeats_no_step(service_client, server, dataset, tmp_path):
     config = _config(save_every=2)
     reference = _train(service_client, dataset, tmp_path / "clean", tmp_path / "ref", config)
@@ -131,6 +132,7 @@ def test_sampler_from_final_checkpoint_differs_from_base(service_client, dataset
     assert trained != base
 
 
+@pytest.mark.minutes(2.5)
 def test_wandb_offline_logs_metrics_and_config_without_secrets(tmp_path, registered, monkeypatch):
     from dpo_core import experiment
     from dpo_core.settings import Settings

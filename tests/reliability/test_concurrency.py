@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dpo_core import checkpoints, data
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.minutes(4)
 def test_two_suites_at_once_get_separate_complete_runs(tmp_path, registered):
     pairs = data.load_pairs(data.resolve_dataset(1, ROOT / "data"))[:8]
     dataset = tmp_path / "pairs.jsonl"

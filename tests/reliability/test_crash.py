@@ -25,6 +25,7 @@ def _steps(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.exists() else []
 
 
+@pytest.mark.minutes(8)
 def test_kill_9_then_rerun_resumes_exactly(tmp_path, registered):
     rows = data.load_pairs(data.resolve_dataset(1, ROOT / "data"))[:8]
     dataset = tmp_path / "pairs.jsonl"

@@ -46,6 +46,7 @@ def guide_env(tinker_env, tmp_path) -> dict[str, str]:
             "WANDB_SILENT": "true"}
 
 
+@pytest.mark.minutes(9)
 def test_workflow_1_single_run_with_the_guides_names_and_files(guide_env, hf_hub, tmp_path):
     _, hub = hf_hub
     hub_requests_before = len(hub.requests)
@@ -94,6 +95,7 @@ def test_workflow_1_single_run_with_the_guides_names_and_files(guide_env, hf_hub
     assert (run_dir.parent / run_dir.name.replace("beta0.1", "beta0.2") / "checkpoints.jsonl").exists()
 
 
+@pytest.mark.minutes(7)
 def test_workflow_3_default_models_replace_retired_ones_and_train_what_is_served(guide_env, tmp_path):
     report_dir = tmp_path / "report"
     done = run_entry(["flows/suite.py", "datasets=1,2,3", *TINY_RUN, "eval_num_samples=2", "eval_max_prompts=3",
@@ -117,6 +119,7 @@ def test_workflow_3_default_models_replace_retired_ones_and_train_what_is_served
     assert not any("<think>" in s["text"] or "</think>" in s["text"] for s in samples)
 
 
+@pytest.mark.minutes(5.5)
 def test_kill_9_mid_run_at_default_save_every_then_rerun_resumes(tinker_env, tmp_path):
     pairs = 32  # 8 held out, batch 1: 24 steps, a checkpoint at step 20 (the default save_every), final at 24
     steps = pairs - 8

@@ -227,7 +227,9 @@ def test_primed_cache_loads_by_repo_id_online_mode_without_leaving_loopback(tmp_
 
     assert loaded["hello"] == [9707, 1879]
     assert loaded["contacted"] == ["127.0.0.1"]
-    assert loaded["seconds"] < 20  # an unreachable hub instead costs ~70 s of retries, then fails
+    # An unreachable hub instead costs ~70 s of retries, then fails; the load itself took 27 s once on the
+    # 2-vCPU machine under a load average of 15, so the bound sits between the two.
+    assert loaded["seconds"] < 45
     # Online mode really was on: transformers asked the hub, and only HEADs/metadata, never a file body.
     assert ("GET", "/api/models/Qwen/Qwen3-8B") in hub.requests
     assert ("HEAD", "/Qwen/Qwen3-8B/resolve/main/tokenizer_config.json") in hub.requests
