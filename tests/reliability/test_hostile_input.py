@@ -174,7 +174,7 @@ def test_malformed_json_is_400_and_keeps_the_connection(raw, http):
 def test_non_integer_seq_id_cannot_stop_the_engine(http, hostile):
     """The request that used to kill the engine thread (TypeError while ordering jobs) while /healthz said ok."""
     model_id = new_model(http, seq=1)
-    busy = _sample_body(num_samples=16, max_tokens=400)  # holds the engine, so the steps below queue up together
+    busy = _sample_body(num_samples=16, max_tokens=200)  # holds the engine, so the steps below queue up together
     busy_reply = http.post("/asample", json=busy)
     queued = http.post("/optim_step", json={"model_id": model_id, "seq_id": 2, "adam_params": {}})
     for seq_id in ("x", 1.5, [1]):
