@@ -2,7 +2,8 @@
 
 Per step, on a batch of explicit (chosen, rejected) pairs:
 1. reference logprobs come from an on-disk cache keyed by (base model, dataset content hash, renderer,
-   max_length), computed once from the frozen base weights and reused across epochs, resumes and sweeps;
+   max_length), computed once from the frozen base weights and reused across epochs, resumes and sweeps (and
+   per sequence across datasets that share texts);
 2. `forward_backward_custom` with the pure DPO loss of `dpo_core.loss`;
 3. `optim_step`, submitted without waiting for step 2's result;
 4. one metrics line; `state` + sampler weights every `save_every` steps and at the end (`final`).
@@ -95,25 +96,64 @@ def reference_key(base_model: str, dataset_hash: str, renderer_name: str, max_le
 
 def reference_logprobs(service_client: tinker.ServiceClient, base_model: str, rendered: Sequence[RenderedPair],
                        cache_file: Path) -> np.ndarray:
-    """`[num_pairs, 2]` summed response logprobs (chosen, rejected) of the frozen base model, cached on disk."""
+    """`[num_pairs, 2]` summed response logprobs (chosen, rejected) of the frozen base model, cached on disk.
+
+    On a miss, sequences that another cached dataset of the same folder already holds are reused, not recomputed:
+    the shipped datasets pick from the same candidate pools, so 387 of the suite's 640 sequences are distinct.
+    Each cache file has a `.seqs.json` beside it with the key of every (chosen, rejected) sequence: a hash of the
+    base model, the full token ids and the response weights, i.e. everything its summed logprob depends on."""
     if cache_file.exists():
         cached = np.load(cache_file)
         if cached.shape == (len(rendered), 2):
             return cached
-    sampler = service_client.create_sampling_client(base_model=base_model).result()
-    values = summed_logprobs(sampler, rendered)
+    keys = [[sequence_key(base_model, pair.chosen), sequence_key(base_model, pair.rejected)] for pair in rendered]
+    known = _cached_sequences(cache_file.parent)
+    missing = sorted({(i, j) for i, row in enumerate(keys) for j, key in enumerate(row) if key not in known})
+    if missing:
+        sampler = service_client.create_sampling_client(base_model=base_model).result()
+        datums = [(rendered[i].chosen, rendered[i].rejected)[j] for i, j in missing]
+        for (i, j), value in zip(missing, summed_datum_logprobs(sampler, datums)):
+            known[keys[i][j]] = value
+    values = np.asarray([[known[c], known[r]] for c, r in keys], dtype=np.float64).reshape(len(rendered), 2)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
+    # The keys first: a reader pairs a `.seqs.json` with its `.npy` only when the shapes agree.
+    atomic_write_bytes(_sequences_file(cache_file), json.dumps(keys).encode())
     atomic_write_bytes(cache_file, _npy_bytes(values))
     return values
 
 
-def summed_logprobs(sampling_client: Any, rendered: Sequence[RenderedPair]) -> np.ndarray:
-    """`[num_pairs, 2]` summed response logprobs (chosen, rejected) under the sampling client's weights."""
-    datums = [d for pair in rendered for d in (pair.chosen, pair.rejected)]
+def sequence_key(base_model: str, datum: tinker.Datum) -> str:
+    digest = hashlib.sha256(base_model.encode() + b"\0")
+    digest.update(np.asarray(_full_tokens(datum), dtype=np.int64).tobytes())
+    digest.update(np.asarray(datum.loss_fn_inputs["weights"].to_numpy(), dtype=np.float64).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _sequences_file(cache_file: Path) -> Path:
+    return cache_file.with_name(cache_file.stem + ".seqs.json")
+
+
+def _cached_sequences(folder: Path) -> dict[str, float]:
+    """Sequence key -> summed logprob, from every complete cache file in the folder (unreadable ones skipped)."""
+    known: dict[str, float] = {}
+    for seqs in folder.glob("*.seqs.json") if folder.is_dir() else ():
+        try:
+            keys = json.loads(seqs.read_text())
+            values = np.load(seqs.with_name(seqs.name.removesuffix(".seqs.json") + ".npy"))
+        except (OSError, ValueError):
+            continue
+        if values.shape != (len(keys), 2):
+            continue
+        for (chosen, rejected), (chosen_value, rejected_value) in zip(keys, values):
+            known[chosen], known[rejected] = float(chosen_value), float(rejected_value)
+    return known
+
+
+def summed_datum_logprobs(sampling_client: Any, datums: Sequence[tinker.Datum]) -> list[float]:
+    """Each datum's response logprob sum (its weights) under the sampling client's weights, all in flight at once."""
     # The full sequence is input + last target; compute_logprobs returns [None, lp_1, ..., lp_n-1].
     futures = [sampling_client.compute_logprobs(tinker.ModelInput.from_ints(_full_tokens(d))) for d in datums]
-    sums = [_weighted_sum(d, [0.0 if v is None else v for v in f.result()[1:]]) for d, f in zip(datums, futures)]
-    return np.asarray(sums, dtype=np.float64).reshape(len(rendered), 2)
+    return [_weighted_sum(d, [0.0 if v is None else v for v in f.result()[1:]]) for d, f in zip(datums, futures)]
 
 
 # ----------------------------------------------------------------------------------------------

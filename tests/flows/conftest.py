@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+from flows.prefect_server import prefect_env_defaults
+
+prefect_env_defaults()  # analytics off, the patient start-up timeout: the same as the entry points
 
 
 @pytest.fixture(scope="session")

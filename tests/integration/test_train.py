@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dpo_core import data, dataset_checks
@@ -118,6 +119,36 @@ def test_beta_sweep_computes_reference_logprobs_once(service_client, server, dat
         _train(service_client, dataset, tmp_path / f"beta{beta}", tmp_path / "ref",
                _config(dpo_beta=beta, num_epochs=1))
     assert server.engine.counters["prompt_logprob_requests"] - before == 16  # 8 pairs x 2, once
+
+
+def test_reference_logprobs_reuse_the_sequences_another_dataset_holds(service_client, server, dataset, tmp_path):
+    """Datasets built from one candidate pool share texts: a shared sequence is computed once, across files;
+    one whose tokens differ (here: cut by another max_length) is not taken for it."""
+    from dpo_core import rendering
+    from dpo_core.train import reference_logprobs, render_pairs
+
+    path, pairs, _ = dataset
+    renderer = rendering.get_renderer(TINY)
+    first, second = (render_pairs(chunk, renderer, 128, str(path)) for chunk in (pairs[:6], pairs[3:8]))
+
+    def requests() -> int:
+        return server.engine.counters["prompt_logprob_requests"]
+
+    before = requests()
+    reference_logprobs(service_client, TINY, first, tmp_path / "ref" / "first.npy")
+    assert requests() - before == 12
+    before = requests()
+    shared = reference_logprobs(service_client, TINY, second, tmp_path / "ref" / "second.npy")
+    assert requests() - before == 4  # pairs 6 and 7 only: 3, 4 and 5 are the first file's
+    alone = reference_logprobs(service_client, TINY, second, tmp_path / "elsewhere" / "second.npy")
+    np.testing.assert_allclose(shared, alone, rtol=1e-5, atol=1e-4)
+    before = requests()
+    cut = render_pairs(pairs[:6], renderer, 100, str(path))
+    reference_logprobs(service_client, TINY, cut, tmp_path / "ref" / "cut.npy")
+    changed = sum(a.chosen.model_input.to_ints() != b.chosen.model_input.to_ints()
+                  for a, b in zip(first, cut)) + sum(a.rejected.model_input.to_ints() != b.rejected.model_input.to_ints()
+                                                     for a, b in zip(first, cut))
+    assert changed > 0 and requests() - before == changed
 
 
 def test_sampler_from_final_checkpoint_differs_from_base(service_client, dataset, tmp_path):
