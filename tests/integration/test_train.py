@@ -145,9 +145,8 @@ def test_reference_logprobs_reuse_the_sequences_another_dataset_holds(service_cl
     before = requests()
     cut = render_pairs(pairs[:6], renderer, 100, str(path))
     reference_logprobs(service_client, TINY, cut, tmp_path / "ref" / "cut.npy")
-    changed = sum(a.chosen.model_input.to_ints() != b.chosen.model_input.to_ints()
-                  for a, b in zip(first, cut)) + sum(a.rejected.model_input.to_ints() != b.rejected.model_input.to_ints()
-                                                     for a, b in zip(first, cut))
+    changed = sum(getattr(a, side).model_input.to_ints() != getattr(b, side).model_input.to_ints()
+                  for a, b in zip(first, cut) for side in ("chosen", "rejected"))
     assert changed > 0 and requests() - before == changed
 
 
