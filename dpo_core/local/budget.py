@@ -1,5 +1,9 @@
 """How long one engine job may run, and how it learns it was cancelled.
 
+The clock starts when the engine starts the job, not when it is queued: a client that submits a whole study's
+requests at once (`dpo-pairs` puts 640 samples in flight) waits its turn, and no queued job expires for the
+time the ones ahead of it took. Queued jobs are bounded by number instead (the futures kept, the sessions).
+
 Long jobs (decoding, many micro-batches) check their budget between steps, the only points where stopping
 leaves nothing half-done: a `JobInterrupted` ends the job with a user error and the engine moves on. The worker
 installs the running job's budget as the thread's current one; a sampling request carries its own, because
@@ -23,9 +27,14 @@ class Budget:
 
     def __init__(self, seconds: float = float("inf")):
         self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
+        self.deadline: float | None = None  # set by start()
         self.cancelled = threading.Event()
         self.reason = "cancelled"
+
+    def start(self) -> None:
+        """The engine starts the job now; a second call (a job resumed by another step) keeps the first clock."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.seconds
 
     def cancel(self, reason: str = "cancelled") -> None:
         self.reason = reason
@@ -35,7 +44,7 @@ class Budget:
         """Why the job must stop now, or None."""
         if self.cancelled.is_set():
             return f"request {self.reason}"
-        if time.monotonic() > self.deadline:
+        if self.deadline is not None and time.monotonic() > self.deadline:
             return f"request ran past its time budget of {self.seconds:g} s (DPO_LOCAL_REQUEST_TIMEOUT_S)"
         return None
 

@@ -139,8 +139,10 @@ class Worker:
 
     def _run(self, jobs: list[_Job]) -> list[Reply | Exception]:
         budgets.set_current(jobs[0].budget)
+        for job in jobs:  # each job's time budget counts from here, not from its arrival in the queue
+            job.budget.start()
         try:
-            jobs[0].budget.check()  # cancelled or out of time while queued
+            jobs[0].budget.check()  # cancelled while queued
             if jobs[0].group is not None:
                 return self.batch_runner([j.item for j in jobs])
             return [jobs[0].run()]

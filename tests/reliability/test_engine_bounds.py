@@ -106,6 +106,24 @@ def test_long_sampling_is_bounded_by_the_time_budget(tmp_path, registered):
         assert done.headers["content-type"] == "application/x-protobuf"  # the engine serves the next request
 
 
+def test_the_time_budget_counts_from_the_start_of_the_job_not_its_queueing(tmp_path, registered):
+    """A study submits all its requests at once (dpo-pairs: 640 samples); one queued behind a job that used its
+    whole budget must still run, with a budget of its own."""
+    from dpo_core.local.launcher import local_server
+
+    settings = Settings(cache_dir=registered, local_storage=tmp_path, local_request_timeout_s=1.5)
+    with local_server(settings) as running, httpx.Client(
+            base_url=f"{running.base_url}/api/v1", headers={"X-API-Key": running.api_key}, timeout=30) as http:
+        long_id = http.post("/asample", json=LONG_SAMPLE).json()["request_id"]
+        short = {**LONG_SAMPLE, "num_samples": 1, "sampling_params": {**LONG_SAMPLE["sampling_params"], "max_tokens": 3}}
+        queued_at = time.monotonic()
+        queued_id = http.post("/asample", json=short).json()["request_id"]
+        assert "DPO_LOCAL_REQUEST_TIMEOUT_S" in _poll(http, long_id).json()["error"]
+        done = _poll(http, queued_id)
+        assert time.monotonic() - queued_at > 1.5  # it waited longer than a budget in the queue...
+        assert done.headers["content-type"] == "application/x-protobuf"  # ...and still ran
+
+
 def test_cancel_future_stops_a_running_sample(tmp_path, registered):
     from dpo_core.local.launcher import local_server
 

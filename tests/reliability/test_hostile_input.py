@@ -23,8 +23,8 @@ PROMPT = [1, 42, 77, 300]
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory, registered):
     """A server with small limits, so that every cap is reachable in a fast test. The time budget is not one of
-    them (tests/reliability/test_engine_bounds.py has its own): 120 s, so that a job queued behind the busy
-    samples below still finishes on a loaded machine (20 s was hit with other jobs on the 2 cores)."""
+    them (tests/reliability/test_engine_bounds.py has its own): 120 s, so that the busy samples below finish on a
+    loaded machine."""
     from dpo_core.local.launcher import local_server
 
     settings = Settings(cache_dir=registered, local_storage=tmp_path_factory.mktemp("hostile-storage"),
