@@ -59,6 +59,9 @@ class TrainConfig(FrozenModel):
     # --- held-out evaluation (never trained on; DPO metrics before training and at every saved checkpoint) ---
     held_out_fraction: float = Field(default=0.1, ge=0, lt=1)  # 0 = train on every pair, no held-out metrics
     held_out_min_pairs: int = Field(default=8, ge=1)  # at least this many held out (none below 2x this many)
+    # A seeded subset of this many pairs (whole prompts) is all the run sees, held-out split included; None = all.
+    # For a first look at a large dataset, and the quick preset.
+    max_pairs: int | None = Field(default=None, ge=2)
 
     @field_validator("dataset")
     @classmethod
@@ -152,7 +155,7 @@ def held_out_size(num_pairs: int, fraction: float, min_pairs: int) -> int:
 def check_step_count(config: TrainConfig, num_pairs: int, source: str) -> None:
     """Refuse a plan of fewer than MIN_STEPS optimizer steps (unless `allow_few_steps`), naming the count and the
     fixes: a smaller batch_size, more pairs, or more epochs."""
-    total = num_pairs
+    total = num_pairs if config.max_pairs is None else min(num_pairs, config.max_pairs)
     held = held_out_size(total, config.held_out_fraction, config.held_out_min_pairs)
     num_pairs = total - held  # the held-out pairs are never trained on
     steps = num_steps(num_pairs, config.batch_size, config.num_epochs)

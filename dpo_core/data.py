@@ -120,6 +120,30 @@ def resolve_dataset(dataset: int | str | Path, data_dir: Path) -> Path:
     return path
 
 
+def _by_prompt(pairs: Sequence[PreferencePair], seed: int) -> list[list[int]]:
+    """Positions grouped by prompt, the groups in a seeded order that does not depend on row order."""
+    groups: dict[str, list[int]] = {}
+    for position, pair in enumerate(pairs):
+        groups.setdefault(" ".join(pair.prompt_text().split()).lower(), []).append(position)
+    order = sorted(groups)
+    np.random.default_rng(seed).shuffle(order)
+    return [groups[prompt] for prompt in order]
+
+
+def pair_subset(pairs: Sequence[PreferencePair], max_pairs: int | None, seed: int) -> list[PreferencePair]:
+    """A seeded subset of at most `max_pairs` pairs, whole prompts only, in the dataset's order (None: all).
+
+    Its own seed stream (seed + 1), so that the subset and the held-out split drawn from it are not the same
+    shuffle."""
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return list(pairs)
+    kept: list[int] = []
+    for group in _by_prompt(pairs, seed + 1):
+        if len(kept) + len(group) <= max_pairs:
+            kept.extend(group)
+    return [pairs[i] for i in sorted(kept)]
+
+
 def held_out_split(pairs: Sequence[PreferencePair], fraction: float, min_pairs: int, seed: int
                    ) -> tuple[list[int], list[int]]:
     """(train, held-out) positions of a fixed, seeded held-out split; pairs sharing a prompt stay together.
@@ -133,17 +157,11 @@ def held_out_split(pairs: Sequence[PreferencePair], fraction: float, min_pairs: 
     target = held_out_size(len(pairs), fraction, min_pairs)
     if target == 0:
         return list(range(len(pairs))), []
-    groups: dict[str, list[int]] = {}
-    for position, pair in enumerate(pairs):
-        groups.setdefault(" ".join(pair.prompt_text().split()).lower(), []).append(position)
-    order = sorted(groups)  # a fixed order before shuffling: the split does not depend on row order
-    rng = np.random.default_rng(seed)
-    rng.shuffle(order)
     held: list[int] = []
-    for prompt in order:
+    for group in _by_prompt(pairs, seed):
         if len(held) >= target:
             break
-        held.extend(groups[prompt])
+        held.extend(group)
     if len(held) >= len(pairs):
         return list(range(len(pairs))), []
     held_set = set(held)

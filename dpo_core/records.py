@@ -35,6 +35,7 @@ class RunConfig(FrozenModel):
     renderer_name: str
     versions: dict[str, str]
     held_out_rows: list[int] = []  # dataset rows (0-based) of the held-out split: never trained on
+    pair_rows: list[int] | None = None  # with max_pairs: the dataset rows of the subset the run used (else all)
 
     @classmethod
     def read(cls, run_dir: str | Path) -> RunConfig:

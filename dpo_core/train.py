@@ -28,7 +28,7 @@ import torch
 from dpo_core import rendering
 from dpo_core.checkpoints import append_jsonl, read_checkpoints, read_jsonl
 from dpo_core.config import TrainConfig
-from dpo_core.data import DatasetError, PreferencePair, held_out_split
+from dpo_core.data import DatasetError, PreferencePair, held_out_split, pair_subset
 from dpo_core.fsutil import atomic_write_bytes
 from dpo_core.loss import dpo_loss
 from dpo_core.records import RunConfig, TrainOutcome
@@ -89,8 +89,10 @@ def _weighted_sum(datum: tinker.Datum, logprobs: Sequence[float] | np.ndarray) -
 # ----------------------------------------------------------------------------------------------
 
 
-def reference_key(base_model: str, dataset_hash: str, renderer_name: str, max_length: int) -> str:
-    raw = json.dumps([base_model, dataset_hash, renderer_name, max_length])
+def reference_key(base_model: str, dataset_hash: str, renderer_name: str, max_length: int,
+                  subset: tuple[int, int] | None = None) -> str:
+    """The cache file of a dataset's reference logprobs; `subset` = (max_pairs, seed) when a run uses one."""
+    raw = json.dumps([base_model, dataset_hash, renderer_name, max_length, *([list(subset)] if subset else [])])
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 
@@ -254,6 +256,9 @@ def train(
     metrics_file, checkpoints_file = run_dir / "metrics.jsonl", run_dir / "checkpoints.jsonl"
     renderer_name = config.renderer_name or rendering.renderer_name_for(config.model_name)
     renderer = rendering.get_renderer(config.model_name, renderer_name)
+    chosen_pairs = pair_subset(pairs, config.max_pairs, config.seed)
+    subset = (config.max_pairs, config.seed) if len(chosen_pairs) < len(pairs) else None
+    pairs = chosen_pairs
     all_rendered = render_pairs(pairs, renderer, config.max_length, dataset_path)
     train_rows, held_rows = held_out_split(pairs, config.held_out_fraction, config.held_out_min_pairs, config.seed)
     rendered = [all_rendered[i] for i in train_rows]
@@ -268,14 +273,16 @@ def train(
     if last:
         _check_schedule_continues(config, run_dir, n_batches, start_step, total_steps)
 
-    ref_file = reference_dir / f"{reference_key(config.model_name, dataset_hash, renderer_name, config.max_length)}.npy"
+    ref_file = reference_dir / (reference_key(config.model_name, dataset_hash, renderer_name, config.max_length,
+                                              subset) + ".npy")
     # Over the whole dataset (the cache key is the dataset's), then split: the held-out rows are never trained on.
     all_reference = reference_logprobs(service_client, config.model_name, all_rendered, ref_file)
     reference, held_reference = all_reference[train_rows], all_reference[held_rows]
     held_out = [all_rendered[i] for i in held_rows]
     # The folder appears only once the inputs are known good: a refused dataset leaves nothing behind.
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, config, dataset_path, dataset_hash, renderer_name, [pairs[i].row for i in held_rows])
+    _write_config(run_dir, config, dataset_path, dataset_hash, renderer_name, [pairs[i].row for i in held_rows],
+                  [pair.row for pair in pairs] if subset else None)
     held_out_file = run_dir / "held_out.jsonl"
     if held_out and not last:
         # Before training the LoRA adapter is zero (B = 0 at init), so the policy IS the reference: its held-out
@@ -354,12 +361,12 @@ def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, do
 
 
 def _write_config(run_dir: Path, config: TrainConfig, dataset_path: str, dataset_hash: str, renderer: str,
-                  held_out_rows: list[int]) -> None:
+                  held_out_rows: list[int], pair_rows: list[int] | None) -> None:
     from importlib.metadata import version
 
     record = RunConfig(
         train_config=config, dataset_path=dataset_path, dataset_sha256=dataset_hash, renderer_name=renderer,
-        held_out_rows=held_out_rows,
+        held_out_rows=held_out_rows, pair_rows=pair_rows,
         versions={p: version(p) for p in ("dpo-suite", "tinker", "tinker-cookbook", "torch", "transformers")},
     )
     atomic_write_bytes(run_dir / "config.json", record.model_dump_json(indent=2).encode())

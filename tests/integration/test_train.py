@@ -150,6 +150,20 @@ def test_reference_logprobs_reuse_the_sequences_another_dataset_holds(service_cl
     assert changed > 0 and requests() - before == changed
 
 
+def test_max_pairs_trains_and_holds_out_within_a_seeded_subset(service_client, server, tmp_path):
+    path = data.resolve_dataset(2, DATA)
+    pairs, _ = dataset_checks.validate(path)
+    before = server.engine.counters["prompt_logprob_requests"]
+    train(_config(dataset=2, max_pairs=20, num_epochs=1, held_out_fraction=0.2), service_client, pairs,
+          run_dir=tmp_path / "run", dataset_path=str(path), dataset_hash=data.content_hash(path),
+          reference_dir=tmp_path / "ref")
+    assert server.engine.counters["prompt_logprob_requests"] - before == 40  # the subset's 20 pairs only
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    used, held = record["pair_rows"], record["held_out_rows"]
+    assert len(used) == 20 and used != list(range(20)) and len(held) == 8 and set(held) < set(used)
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 3  # 12 trained pairs at batch 4
+
+
 def test_sampler_from_final_checkpoint_differs_from_base(service_client, dataset, tmp_path):
     _train(service_client, dataset, tmp_path / "run", tmp_path / "ref", _config(learning_rate=2e-2))
     final = final_record(tmp_path / "run")

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from dpo_core.data import PreferencePair, held_out_split
+from dpo_core.config import ConfigError, TrainConfig, check_step_count
+from dpo_core.data import PreferencePair, held_out_split, pair_subset
 from dpo_core.train import held_out_metrics
 
 
@@ -46,6 +47,26 @@ def test_pairs_of_one_prompt_stay_on_one_side():
 def test_no_split_when_disabled_or_too_small():
     assert held_out_split(_pairs([f"p{i}" for i in range(80)]), 0.0, 8, 0)[1] == []
     assert held_out_split(_pairs([f"p{i}" for i in range(15)]), 0.1, 8, 0) == (list(range(15)), [])
+
+
+def test_pair_subset_is_seeded_whole_prompts_in_dataset_order():
+    pairs = _pairs([f"prompt {i // 2}" for i in range(100)])  # two pairs per prompt
+    subset = pair_subset(pairs, 41, seed=0)
+    rows = [p.row for p in subset]
+    assert len(rows) == 40 and rows == sorted(rows)  # whole prompts only: 40, not 41
+    assert {p.prompt_text() for p in subset} == {pairs[r ^ 1].prompt_text() for r in rows}  # both pairs of each
+    assert [p.row for p in pair_subset(pairs, 41, seed=0)] == rows and [p.row for p in pair_subset(pairs, 41, 1)] != rows
+    assert pair_subset(pairs, None, 0) == pairs and pair_subset(pairs, 100, 0) == pairs
+    # not the held-out split's draw: the subset's held-out part is not simply its first prompts in split order
+    train, held = held_out_split(subset, 0.2, 8, seed=0)
+    assert len(held) == 8 and not set(train) & set(held)
+
+
+def test_step_count_counts_the_subset_not_the_dataset():
+    config = TrainConfig(model_name="m", dataset=1, batch_size=3, max_pairs=40, held_out_fraction=0.2)
+    check_step_count(config, 160, "d")  # 40 pairs, 8 held out: 11 steps of 3
+    with pytest.raises(ConfigError, match="40 pairs .8 held out. at batch_size=4 .* make 8 optimizer steps"):
+        check_step_count(config.model_copy(update={"batch_size": 4}), 160, "d")
 
 
 def test_held_out_metrics_known_answers():
