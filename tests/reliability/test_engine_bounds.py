@@ -114,13 +114,18 @@ def test_the_time_budget_counts_from_the_start_of_the_job_not_its_queueing(tmp_p
     settings = Settings(cache_dir=registered, local_storage=tmp_path, local_request_timeout_s=1.5)
     with local_server(settings) as running, httpx.Client(
             base_url=f"{running.base_url}/api/v1", headers={"X-API-Key": running.api_key}, timeout=30) as http:
-        long_id = http.post("/asample", json=LONG_SAMPLE).json()["request_id"]
-        short = {**LONG_SAMPLE, "num_samples": 1, "sampling_params": {**LONG_SAMPLE["sampling_params"], "max_tokens": 3}}
+        # Two long jobs ahead of it, each using its whole 1.5 s (distinct top_k: never batched together), so the
+        # short one waits ~3 s in the queue, twice its own budget.
+        long_ids = [http.post("/asample", json={**LONG_SAMPLE, "sampling_params": {
+            **LONG_SAMPLE["sampling_params"], "top_k": top_k}}).json()["request_id"] for top_k in (40, 50)]
+        short = {**LONG_SAMPLE, "num_samples": 1,
+                 "sampling_params": {**LONG_SAMPLE["sampling_params"], "max_tokens": 3, "top_k": 5}}
         queued_at = time.monotonic()
         queued_id = http.post("/asample", json=short).json()["request_id"]
-        assert "DPO_LOCAL_REQUEST_TIMEOUT_S" in _poll(http, long_id).json()["error"]
+        for long_id in long_ids:
+            assert "DPO_LOCAL_REQUEST_TIMEOUT_S" in _poll(http, long_id).json()["error"]
         done = _poll(http, queued_id)
-        assert time.monotonic() - queued_at > 1.5  # it waited longer than a budget in the queue...
+        assert time.monotonic() - queued_at > 2.5  # it waited well past a budget in the queue...
         assert done.headers["content-type"] == "application/x-protobuf"  # ...and still ran
 
 
