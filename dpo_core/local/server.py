@@ -39,7 +39,7 @@ class ServerLimits:
     """What one client may hold or ask of the server (settings `DPO_LOCAL_*`; see the README's Server limits)."""
 
     max_body_bytes: int = 256 * 1024 * 1024  # per request body, after decompression
-    request_timeout_s: float = 600.0  # per engine job; decoding and micro-batches stop at the next step
+    request_timeout_s: float = 3600.0  # per engine job (Settings.local_request_timeout_s); stops at the next step
     max_sessions: int = 1024
     session_idle_s: float = 900.0  # a session with no heartbeat for this long is released (the SDK beats ~10 s)
 
