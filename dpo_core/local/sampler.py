@@ -220,13 +220,16 @@ class Sampler:
         done = [s["max_tokens"] <= 0 for s in settings]
         next_logits = head(hidden[:, -1]).float()
         steps = max(s["max_tokens"] for s in settings)
+        rows_of = {i: [r for r, (owner, _) in enumerate(rows) if owner == i] for i in live}
         for step in range(steps):
             for i in live:  # a request out of time or cancelled ends here, alone; its batch-mates go on
-                problem = requests[i].budget.problem() if isinstance(results[i], dict) else None
+                if not isinstance(results[i], dict) or all(done[r] for r in rows_of[i]):
+                    continue  # already failed, or finished: a finished request keeps its result
+                problem = requests[i].budget.problem()
                 if problem is not None:
                     results[i] = JobInterrupted(problem)
-                    for r, (owner, _) in enumerate(rows):
-                        done[r] = done[r] or owner == i
+                    for r in rows_of[i]:
+                        done[r] = True
             if all(done):
                 break
             log_probs = torch.log_softmax(next_logits / temperatures, dim=-1)

@@ -129,6 +129,26 @@ def test_the_time_budget_counts_from_the_start_of_the_job_not_its_queueing(tmp_p
         assert done.headers["content-type"] == "application/x-protobuf"  # ...and still ran
 
 
+def test_a_finished_request_keeps_its_result_when_its_batch_mate_runs_out_of_time(tmp_path, registered):
+    """Requests share one batched generation; a short one that finished must not be failed when the batch
+    later passes its deadline because a long batch-mate is still decoding."""
+    from dpo_core.local.budget import Budget, JobInterrupted
+    from dpo_core.local.launcher import local_server
+    from dpo_core.local.sampler import SampleRequest
+
+    with local_server(Settings(cache_dir=registered, local_storage=tmp_path)) as running:
+        source = running.engine.sampler_source(None, TINY, None)
+        params = dict(LONG_SAMPLE["sampling_params"])
+        budgets = [Budget(1.0), Budget(1.0)]
+        for budget in budgets:
+            budget.start()
+        results = running.engine.sample_batch(source, [
+            SampleRequest([1, 42, 77], 16, params, budget=budgets[0]),
+            SampleRequest([1, 42, 77], 1, {**params, "max_tokens": 3}, budget=budgets[1])])
+    assert isinstance(results[0], JobInterrupted) and "DPO_LOCAL_REQUEST_TIMEOUT_S" in str(results[0])
+    assert isinstance(results[1], dict) and [len(s["tokens"]) for s in results[1]["sequences"]] == [3]
+
+
 def test_cancel_future_stops_a_running_sample(tmp_path, registered):
     from dpo_core.local.launcher import local_server
 
