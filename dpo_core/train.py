@@ -110,12 +110,14 @@ def reference_logprobs(service_client: tinker.ServiceClient, base_model: str, re
             return cached
     keys = [[sequence_key(base_model, pair.chosen), sequence_key(base_model, pair.rejected)] for pair in rendered]
     known = _cached_sequences(cache_file.parent)
-    missing = sorted({(i, j) for i, row in enumerate(keys) for j, key in enumerate(row) if key not in known})
+    missing: dict[str, tinker.Datum] = {}  # key -> datum: a sequence that occurs twice is computed once
+    for pair, row in zip(rendered, keys):
+        for datum, key in zip((pair.chosen, pair.rejected), row):
+            if key not in known:
+                missing.setdefault(key, datum)
     if missing:
         sampler = service_client.create_sampling_client(base_model=base_model).result()
-        datums = [(rendered[i].chosen, rendered[i].rejected)[j] for i, j in missing]
-        for (i, j), value in zip(missing, summed_datum_logprobs(sampler, datums)):
-            known[keys[i][j]] = value
+        known.update(zip(missing, summed_datum_logprobs(sampler, list(missing.values()))))
     values = np.asarray([[known[c], known[r]] for c, r in keys], dtype=np.float64).reshape(len(rendered), 2)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     # The keys first: a reader pairs a `.seqs.json` with its `.npy` only when the shapes agree.
@@ -256,9 +258,9 @@ def train(
     metrics_file, checkpoints_file = run_dir / "metrics.jsonl", run_dir / "checkpoints.jsonl"
     renderer_name = config.renderer_name or rendering.renderer_name_for(config.model_name)
     renderer = rendering.get_renderer(config.model_name, renderer_name)
-    chosen_pairs = pair_subset(pairs, config.max_pairs, config.seed)
-    subset = (config.max_pairs, config.seed) if len(chosen_pairs) < len(pairs) else None
-    pairs = chosen_pairs
+    used = pair_subset(pairs, config.max_pairs, config.seed)
+    subset = (config.max_pairs, config.seed) if len(used) < len(pairs) else None
+    pairs = used
     all_rendered = render_pairs(pairs, renderer, config.max_length, dataset_path)
     train_rows, held_rows = held_out_split(pairs, config.held_out_fraction, config.held_out_min_pairs, config.seed)
     rendered = [all_rendered[i] for i in train_rows]

@@ -57,7 +57,7 @@ def test_pair_subset_is_seeded_whole_prompts_in_dataset_order():
     assert {p.prompt_text() for p in subset} == {pairs[r ^ 1].prompt_text() for r in rows}  # both pairs of each
     assert [p.row for p in pair_subset(pairs, 41, seed=0)] == rows and [p.row for p in pair_subset(pairs, 41, 1)] != rows
     assert pair_subset(pairs, None, 0) == pairs and pair_subset(pairs, 100, 0) == pairs
-    # not the held-out split's draw: the subset's held-out part is not simply its first prompts in split order
+    # the held-out split is then drawn within the subset
     train, held = held_out_split(subset, 0.2, 8, seed=0)
     assert len(held) == 8 and not set(train) & set(held)
 
