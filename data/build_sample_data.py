@@ -3,7 +3,7 @@
     python data/build_sample_data.py                  # train_prompts.parquet + eval_prompts.parquet
     python data/build_sample_data.py --hand-composed  # also the three hand-composed datasets (no model needed)
 
-The training prompts are composed for this project from the hand-written phrase tables below (16 topics x 5
+The training prompts are composed for this project from the hand-written phrase tables below (32 topics x 5
 tasks). The shipped datasets are built from them by `python flows/pairs.py` (see data/README.md); the
 `--hand-composed` variant instead gives each prompt a pool of four hand-written candidates with hand-assigned
 quality and originality scores and picks pairs from those pools by the three criteria.
@@ -52,6 +52,40 @@ TOPICS = {
                    "thin air that makes every step a decision"),
     "a violin": ("a bow drawing honey out of four strings", "the wood still remembers being a tree in the wind",
                  "the rosin dust drifting in stage light"),
+    # 16 more topics (issue 15): 160 prompts, so that after pair hygiene (truncated candidates excluded: 12 of
+    # the first 80 prompts keep no pair) a 20% held-out split still has ~27 pairs and training ~109.
+    "a clock tower": ("iron hands pointing over the square", "it has never once been on time for itself",
+                      "the bronze shudder of the hour bell"),
+    "a kite": ("a red diamond tugging at the clouds", "it only flies because someone refuses to let go",
+               "string burning across your palm"),
+    "a forest path": ("roots braided across the trail", "every walker leaves and the path stays behind",
+                      "pine needles soft and sharp underfoot"),
+    "a bakery": ("loaves cooling in the window like sleeping cats", "the ovens start work before the town wakes",
+                 "warm yeast in the cold morning air"),
+    "a candle": ("a small flame bowing to every draft", "it spends itself to make a room smaller and kinder",
+                 "the waxy smell after it is blown out"),
+    "an umbrella": ("a black canopy blooming at the first drop", "it is a roof you can carry and forget",
+                    "rain drumming an inch above your head"),
+    "a river": ("a brown ribbon pulling the sky downstream", "it is never the same water, yet always the same name",
+                "mud cool between the toes"),
+    "fireflies": ("green sparks drifting over the meadow", "they speak in a language made only of pauses",
+                  "the damp grass of a summer dusk"),
+    "a chess game": ("a knight frozen halfway across the board", "the pieces wait while two people argue in silence",
+                     "the click of wood on wood"),
+    "a fox": ("a rust-coloured flicker at the edge of the field", "it lives in the gaps we leave between our houses",
+              "a sharp musky scent by the fence"),
+    "an attic": ("boxes stacked under a slanted beam", "it keeps everything the house is too shy to show",
+                 "dust turning gold in a single window"),
+    "a beehive": ("a humming box of hexagons in the orchard", "ten thousand workers and not one of them in charge",
+                  "the sticky sweetness on the wooden frame"),
+    "a ferris wheel": ("a ring of lights turning over the fairground", "it goes nowhere and everyone queues to ride it",
+                       "the creak of the car at the very top"),
+    "a telescope": ("a brass tube aimed at a patch of dark", "it lets you see light older than your grandparents",
+                    "the cold eyepiece against your brow"),
+    "a glacier": ("a blue wall of ice groaning into the sea", "it is a river too patient to hurry",
+                  "the sharp cold breath off the ice"),
+    "a sailboat": ("a white triangle leaning into the wind", "it moves forward by borrowing what pushes against it",
+                   "rope wet and rough in your hands"),
 }
 
 # task -> (prompt template, creativity score)
