@@ -28,6 +28,14 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def shipped_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 80 pairs of each shipped dataset and the prompt files (tests/helpers/shipped.py says why)."""
+    from tests.helpers.shipped import shipped_slice
+
+    return shipped_slice(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
 def registered(cache_dir: Path) -> Path:
     from dpo_core import rendering
 

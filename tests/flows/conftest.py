@@ -25,12 +25,9 @@ def prefect_harness(tmp_path_factory):
 
 
 @pytest.fixture
-def project_env(tmp_path, monkeypatch, registered):
-    """Run folders, server storage and data in tmp; the real model cache."""
-    from pathlib import Path
-
-    data_dir = Path(__file__).resolve().parents[2] / "data"
-    monkeypatch.setenv("DPO_DATA_DIR", str(data_dir))
+def project_env(tmp_path, monkeypatch, registered, shipped_data):
+    """Run folders, server storage and data (the tests' slice of the shipped data) in tmp; the real model cache."""
+    monkeypatch.setenv("DPO_DATA_DIR", str(shipped_data))
     monkeypatch.setenv("DPO_EXPERIMENTS_DIR", str(tmp_path / "experiments"))
     monkeypatch.setenv("DPO_LOCAL_STORAGE", str(tmp_path / "storage"))
     monkeypatch.setenv("DPO_CACHE_DIR", str(registered))

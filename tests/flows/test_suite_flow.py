@@ -11,7 +11,6 @@ import pytest
 
 from dpo_core.plan import SuiteConfig
 
-DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 def _task_states(flow_run_id, settle_s: float = 30.0) -> dict[str, list[str]]:
@@ -62,10 +61,10 @@ def _artifacts(flow_run_id) -> set[str]:
 
 
 @pytest.fixture
-def local_data(project_env, monkeypatch):
-    """A private copy of the shipped data, so a test may edit a dataset."""
+def local_data(project_env, monkeypatch, shipped_data):
+    """A private copy of the tests' data, so a test may edit a dataset."""
     folder = project_env / "data"
-    shutil.copytree(DATA, folder, ignore=shutil.ignore_patterns(".prefect-results"))
+    shutil.copytree(shipped_data, folder)
     monkeypatch.setenv("DPO_DATA_DIR", str(folder))
     return folder
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def test_train_flow_runs_registers_and_keeps_secrets_out(prefect_harness, projec
     assert run_dir.parent == project_env / "experiments"
     assert run_dir.name.startswith("dataset2_tiny_lr0.001_beta0.1_")
     assert result.final.name == "final" and result.final.sampler_path.startswith("tinker://")
-    pairs = len(data.load_pairs(data.resolve_dataset(2, ROOT / "data")))
+    pairs = len(data.load_pairs(data.resolve_dataset(2, os.environ["DPO_DATA_DIR"])))
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == result.steps == math.ceil(pairs / 16)
     for file in list(project_env.rglob("*")):
         if file.is_file():

@@ -6,7 +6,8 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.shipped import shipped_slice
+
 
 
 def dpo_sh_env(tmp_path: Path, cache_dir: Path, port: int) -> dict[str, str]:
@@ -14,7 +15,7 @@ def dpo_sh_env(tmp_path: Path, cache_dir: Path, port: int) -> dict[str, str]:
     env = {
         **os.environ, "DPO_PREFECT_PORT": str(port), "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "DPO_PYTHON": sys.executable, "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"),
-        "DPO_LOCAL_STORAGE": str(tmp_path / "storage"), "DPO_DATA_DIR": str(ROOT / "data"),
+        "DPO_LOCAL_STORAGE": str(tmp_path / "storage"), "DPO_DATA_DIR": str(shipped_slice(tmp_path / "data")),
         "DPO_CACHE_DIR": str(cache_dir), "DPO_BACKEND": "local",
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
         "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results"),

@@ -6,7 +6,6 @@ import json
 
 import chz
 import datasets
-import pytest
 from tinker_cookbook.preference import train_dpo
 from tinker_cookbook.preference.dpo_datasets import DPODatasetBuilderFromComparisons
 from tinker_cookbook.preference.preference_datasets import ComparisonDatasetBuilder

@@ -177,13 +177,13 @@ def test_sampler_from_final_checkpoint_differs_from_base(service_client, dataset
 
 
 @pytest.mark.minutes(2.5)
-def test_wandb_offline_logs_metrics_and_config_without_secrets(tmp_path, registered, monkeypatch):
+def test_wandb_offline_logs_metrics_and_config_without_secrets(tmp_path, registered, monkeypatch, shipped_data):
     from dpo_core import experiment
     from dpo_core.settings import Settings
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", "canary-wandb-key-0123456789abcdef0123")
-    settings = Settings(data_dir=DATA, experiments_dir=tmp_path / "experiments", cache_dir=registered,
+    settings = Settings(data_dir=shipped_data, experiments_dir=tmp_path / "experiments", cache_dir=registered,
                         local_storage=tmp_path / "storage", backend="local", wandb_mode="offline")
     dataset = experiment.validate_dataset(3, settings)
     config = _config(dataset=3, num_epochs=1, batch_size=32, wandb_project="cs329x-dpo", allow_few_steps=True)

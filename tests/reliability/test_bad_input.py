@@ -4,9 +4,7 @@ exit code 1, and leaves nothing behind."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from dpo_core import __main__ as validate_cli

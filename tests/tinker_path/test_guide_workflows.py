@@ -9,18 +9,16 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
-from dpo_core.data import DATASET_FILES
 from dpo_core.records import RunConfig
+from tests.helpers.shipped import shipped_slice
 from tests.tinker_path.conftest import QWEN3_8B, ROOT, run_entry
 
 PAIRS = 10  # x batch_size=1 = 10 steps: the fewest a plan may have without allow_few_steps
@@ -28,12 +26,8 @@ TINY_RUN = ["batch_size=1", "max_length=128"]
 
 
 def _write_guide_data(folder: Path, pairs: int = PAIRS) -> Path:
-    """The registry's three files with the first `pairs` rows of the shipped ones, and the eval prompts."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for number, name in DATASET_FILES.items():
-        pd.read_parquet(ROOT / "data" / name).head(pairs).to_parquet(folder / name)
-    shutil.copy(ROOT / "data" / "eval_prompts.parquet", folder / "eval_prompts.parquet")
-    return folder
+    """The registry's three files (and the control) with the first `pairs` rows of the shipped ones, the prompts."""
+    return shipped_slice(folder, pairs)
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -92,7 +92,7 @@ def test_the_local_default_suite_plans_at_least_ten_steps_on_the_shipped_data():
     validated = {n: type("V", (), {"rows": len(data.load_pairs(data.resolve_dataset(n, ROOT / "data")))})()
                  for n in (1, 2, 3)}
     assert step_count_problems(suite.experiments, validated) == []
-    seed = plan_suite(SuiteConfig(datasets=[1]), "tinker")  # batch 256 on the 80 shipped pairs: refused
+    seed = plan_suite(SuiteConfig(datasets=[1]), "tinker")  # batch 256 on the 140 shipped pairs: refused
     assert "1 optimizer step" in step_count_problems(seed.experiments, {1: validated[1]})[0]
 
 
