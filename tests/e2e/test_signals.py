@@ -29,7 +29,8 @@ def _group_alive(pgid: int) -> list[str]:
 @pytest.mark.minutes(6)
 def test_sigterm_stops_everything_and_the_rerun_resumes(tmp_path, registered):
     env = {**os.environ, "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"), "DPO_LOCAL_STORAGE": str(tmp_path / "s"),
-           "DPO_DATA_DIR": str(shipped_slice(tmp_path / "data")), "DPO_CACHE_DIR": str(registered), "DPO_BACKEND": "local",
+           "DPO_DATA_DIR": str(shipped_slice(tmp_path / "data")), "DPO_CACHE_DIR": str(registered),
+           "DPO_BACKEND": "local",
            "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
            "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
@@ -55,5 +56,6 @@ def test_sigterm_stops_everything_and_the_rerun_resumes(tmp_path, registered):
     assert len(runs) == 1  # the interrupted folder was continued, not duplicated
     steps = [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     held_out = len(RunConfig.read(runs[0]).held_out_rows)  # never trained on (issue 15's held-out split)
-    expected = math.ceil((len(data.load_pairs(data.resolve_dataset(1, env["DPO_DATA_DIR"]))) - held_out) / 4)  # batch 4
+    pairs = len(data.load_pairs(data.resolve_dataset(1, env["DPO_DATA_DIR"])))
+    expected = math.ceil((pairs - held_out) / 4)  # batch 4
     assert steps == list(range(expected))

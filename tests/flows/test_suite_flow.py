@@ -12,7 +12,6 @@ import pytest
 from dpo_core.plan import SuiteConfig
 
 
-
 def _task_states(flow_run_id, settle_s: float = 30.0) -> dict[str, list[str]]:
     """Task name -> final state names of every task run under a flow run (subflows included).
 

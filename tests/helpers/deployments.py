@@ -9,7 +9,6 @@ from pathlib import Path
 from tests.helpers.shipped import shipped_slice
 
 
-
 def dpo_sh_env(tmp_path: Path, cache_dir: Path, port: int) -> dict[str, str]:
     """A Prefect server on `port` with its own home, run folders, server storage and results in `tmp_path`."""
     env = {

@@ -88,7 +88,8 @@ def tinker_env(tmp_path, standin, hf_hub, cache_dir) -> dict[str, str]:
     env.update({
         "TINKER_API_KEY": standin.api_key, "TINKER_BASE_URL": standin.base_url,
         "HF_HOME": str(home), "HF_ENDPOINT": hub.url,
-        "DPO_DATA_DIR": str(shipped_slice(tmp_path / "shipped-data")), "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"),
+        "DPO_DATA_DIR": str(shipped_slice(tmp_path / "shipped-data")),
+        "DPO_EXPERIMENTS_DIR": str(tmp_path / "experiments"),
         # The client's caches (reference logprobs) per test; the stand-in keeps its own model cache.
         "DPO_CACHE_DIR": str(tmp_path / "client-cache"),
         "PREFECT_HOME": str(tmp_path / "prefect"),
