@@ -1,7 +1,7 @@
 """Why the suite trains one experiment at a time on the in-process local server: two experiments one after the
 other vs both at once (two threads, as `max_parallel=2` runs them), on one in-process server.
 
-    python bench/parallel_experiments.py                 # SmolLM2-135M, dataset 2, batch 8 (10 steps), 2 rounds
+    python bench/parallel_experiments.py                 # SmolLM2-135M, dataset 2's first 80 pairs, batch 8, 2 rounds
     python bench/parallel_experiments.py --pairs 24      # the first 24 pairs only (3 steps per experiment)
     python bench/parallel_experiments.py --smoke         # local/tiny, 1 round: keeps the script alive
 
@@ -30,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--pairs", type=int, default=None, help="train on the first N pairs of dataset 2")
+    parser.add_argument("--pairs", type=int, default=80,
+                        help="train on the first N pairs of dataset 2 (80: the size this was measured at)")
     args = parser.parse_args()
     from dpo_core import experiment
     from dpo_core.backend import Backend
@@ -74,7 +75,7 @@ def main() -> None:
                 times[arm].append(train_all(work / f"{arm}-{round_}", parallel=arm == "parallel"))
                 print(f"round {round_} {arm}: {times[arm][-1]:.1f} s", flush=True)
     seq, par = (sum(times[a]) / len(times[a]) for a in ("sequential", "parallel"))
-    print(f"{model}, 2 experiments on {args.pairs or 80} pairs, batch 8: sequential {seq:.1f} s, parallel {par:.1f} s, "
+    print(f"{model}, 2 experiments on {args.pairs} pairs, batch 8: sequential {seq:.1f} s, parallel {par:.1f} s, "
           f"parallel/sequential {par / seq:.2f}x")
 
 

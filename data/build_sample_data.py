@@ -52,8 +52,8 @@ TOPICS = {
                    "thin air that makes every step a decision"),
     "a violin": ("a bow drawing honey out of four strings", "the wood still remembers being a tree in the wind",
                  "the rosin dust drifting in stage light"),
-    # 16 more topics (issue 15): 160 prompts, so that after pair hygiene (truncated candidates excluded: 12 of
-    # the first 80 prompts keep no pair) a 20% held-out split still has ~27 pairs and training ~109.
+    # 16 more topics (issue 15): 160 prompts, so that after pair hygiene (truncated candidates excluded) a 20%
+    # held-out split has enough pairs: 20 of the 160 prompts keep no pair, so 140 pairs, 28 held out, 112 trained.
     "a clock tower": ("iron hands pointing over the square", "it has never once been on time for itself",
                       "the bronze shudder of the hour bell"),
     "a kite": ("a red diamond tugging at the clouds", "it only flies because someone refuses to let go",

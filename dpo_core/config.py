@@ -135,7 +135,7 @@ def _same_experiment(existing: dict[str, Any] | None, config: TrainConfig, datas
 # How many optimizer steps a plan makes
 # ----------------------------------------------------------------------------------------------
 
-# Fewer steps than this barely move a LoRA adapter and waste a paid run (batch 256 on 80 pairs is ONE step).
+# Fewer steps than this barely move a LoRA adapter and waste a paid run (batch 256 on the 140 shipped pairs is ONE step).
 MIN_STEPS = 10
 
 

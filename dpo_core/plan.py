@@ -28,9 +28,9 @@ LIST_FIELDS = ("datasets", "models", *SWEPT)
 # Local default: the shipped datasets x SmolLM2-135M, chosen from a measured sweep (README, "Offline defaults: what
 # was measured") so that each dataset's held-out DPO accuracy can clear 0.5 in one epoch on 2 CPUs.
 # lr 1e-3 on a constant schedule: at the seed's 1e-5, or 1e-4 decaying linearly over ~12 steps, a LoRA adapter
-# barely moves (held-out loss stayed at ln 2, accuracy 3/8). held_out_fraction 0.2: 28 of the 140 shipped pairs,
-# since 16 held-out pairs could not resolve dataset 3's ~0.7 from chance. batch 6: the 112 trained pairs make 19
-# steps (>= MIN_STEPS).
+# barely moves (held-out loss stayed at ln 2, accuracy 3/8). held_out_fraction 0.2 (on 8 pairs a bootstrap CI
+# clears 0.5 only at 7/8): 28 of the 140 shipped pairs; 16 of the earlier 80 could not resolve dataset 3's ~0.7
+# from chance, hence the 140. batch 6: the 112 trained pairs make 19 steps (>= MIN_STEPS).
 # The positive control (data/control_diversity.parquet: chosen = most diverse candidate, rejected = least) runs
 # with the first model and hyper-parameters, so the report can say whether its instrument sees a built-in effect.
 LOCAL_DEFAULTS = {"models": [LOCAL_DEFAULT_MODEL], "learning_rate": [1e-3], "lr_schedule": "constant",

@@ -13,6 +13,7 @@ import pytest
 
 from dpo_core import data
 from dpo_core.config import TrainConfig
+from dpo_core.records import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CANARY = "tml-canary-3f9a1c77e0d4b2aa"
@@ -32,7 +33,8 @@ def test_train_flow_runs_registers_and_keeps_secrets_out(prefect_harness, projec
     assert run_dir.name.startswith("dataset2_tiny_lr0.001_beta0.1_")
     assert result.final.name == "final" and result.final.sampler_path.startswith("tinker://")
     pairs = len(data.load_pairs(data.resolve_dataset(2, os.environ["DPO_DATA_DIR"])))
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == result.steps == math.ceil(pairs / 16)
+    trained = pairs - len(RunConfig.read(run_dir).held_out_rows)  # the held-out pairs are never trained on
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == result.steps == math.ceil(trained / 16)
     for file in list(project_env.rglob("*")):
         if file.is_file():
             assert CANARY.encode() not in file.read_bytes(), f"secret leaked into {file}"

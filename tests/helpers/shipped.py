@@ -1,10 +1,11 @@
 """The data the flow, e2e and reliability tests train on: a fixed slice of the shipped data.
 
 The shipped datasets have 140 pairs each (160 prompts; issue 15's held-out split needs them). The tests exercise
-the flows' mechanics (caching, resume, concurrency, signals), not the study's signal, so they train on the first
-`TEST_PAIRS` rows of each shipped dataset and the control, with the shipped prompt files unchanged: the same real
-texts, in about half the steps. Tests about the shipped files themselves (their validity, the default suite's step
-count) read `ROOT / "data"` directly.
+the flows' mechanics (caching, resume, concurrency, signals), not the study's signal, so they train on the pairs
+of the first `TEST_PAIRS` prompts of dataset 1, in every dataset and the control alike (all four have one pair per
+prompt, on the same prompts), with the shipped prompt files unchanged: the same real texts, in about half the
+steps. Tests about the shipped files themselves (their validity, the default suite's step count) read
+`ROOT / "data"` directly, and so do tests that cut their own few pairs from it.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ PROMPT_FILES = ("train_prompts.parquet", "eval_prompts.parquet")
 
 
 def shipped_slice(folder: Path, pairs: int = TEST_PAIRS) -> Path:
-    """Write the first `pairs` rows of every shipped dataset (1-3, control) and the prompt files into `folder`."""
+    """Write every shipped dataset (1-3, control) cut to the prompts of dataset 1's first `pairs` rows, and the
+    prompt files, into `folder`."""
     import pandas as pd
 
     from dpo_core import data
 
     folder.mkdir(parents=True, exist_ok=True)
+    first = pd.read_parquet(SHIPPED / data.DATASET_FILES[1])
+    assert len(first) >= pairs, f"dataset 1 has {len(first)} pairs, fewer than the {pairs} asked for"
+    prompts = set(first["prompt_id"].head(pairs))  # the same prompts in every file (the control is sorted apart)
     for name in (*data.DATASET_FILES.values(), data.CONTROL_DATASET_FILE):
-        pd.read_parquet(SHIPPED / name).head(pairs).to_parquet(folder / name)
+        frame = pd.read_parquet(SHIPPED / name)
+        frame[frame["prompt_id"].isin(prompts)].reset_index(drop=True).to_parquet(folder / name)
     for name in PROMPT_FILES:
         shutil.copy(SHIPPED / name, folder / name)
     return folder

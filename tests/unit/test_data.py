@@ -40,25 +40,34 @@ def _bad(rows, index, **change):
 @pytest.mark.parametrize("number", [1, 2, 3])
 def test_shipped_datasets_are_valid(number):
     pairs, report = validate(resolve_dataset(number, DATA))
-    assert report.rows >= 64 and len(pairs) == report.rows and not report.warnings
+    assert report.rows >= 140 and len(pairs) == report.rows and not report.warnings
 
 
 def test_shipped_datasets_hold_out_28_pairs_at_the_local_default_and_were_built_with_pair_hygiene():
     """What the default suite's held-out goal rests on (issue 15): 28 held-out pairs per dataset (16 could not
     resolve ~0.7 from chance), and the files are the hygiene run's output: no text cut at the token cap."""
+    from dpo_core.config import TrainConfig, num_steps
     from dpo_core.data import CONTROL_DATASET_FILE, DATASET_FILES, held_out_split
     from dpo_core.plan import LOCAL_DEFAULTS
 
+    defaults = TrainConfig(model_name="m/x", dataset=1)
     summary = json.loads((DATA / "pairs_summary.json").read_text())
     assert summary["config"]["exclude_truncated"] is True and summary["truncated_candidates"]["excluded"] is True
-    for number, name in DATASET_FILES.items():
-        pairs, report = validate(DATA / name)
-        assert report.rows == summary["per_dataset"][str(number)]["pairs"]  # the summary describes these files
-        assert summary["per_dataset"][str(number)]["pairs_with_truncated_text"] == 0
-        train, held = held_out_split(pairs, LOCAL_DEFAULTS["held_out_fraction"], 8, seed=0)
-        assert len(held) >= 28 and len(train) >= 6 * 10  # >= 10 steps at the local default batch 6
-    control, _ = validate(DATA / CONTROL_DATASET_FILE)
-    assert len(held_out_split(control, LOCAL_DEFAULTS["held_out_fraction"], 8, seed=0)[1]) >= 28
+    texts = set()
+    for name in DATASET_FILES.values():
+        frame = pd.read_parquet(DATA / name)
+        assert not (frame["chosen_truncated"] | frame["rejected_truncated"]).any(), name
+        texts |= set(frame["chosen"]) | set(frame["rejected"])
+    control = pd.read_parquet(DATA / CONTROL_DATASET_FILE)
+    assert set(control["chosen"]) | set(control["rejected"]) <= texts  # built from the datasets' texts only
+    for name in (*DATASET_FILES.values(), CONTROL_DATASET_FILE):
+        pairs, _ = validate(DATA / name)
+        train, held = held_out_split(pairs, LOCAL_DEFAULTS["held_out_fraction"], defaults.held_out_min_pairs,
+                                     defaults.seed)
+        assert len(held) >= 28, name
+        assert num_steps(len(train), LOCAL_DEFAULTS["batch_size"], 1) >= 10, name
+    for number, name in DATASET_FILES.items():  # the summary describes these files
+        assert len(pd.read_parquet(DATA / name)) == summary["per_dataset"][str(number)]["pairs"]
 
 
 def test_shipped_eval_prompts_span_creativity_and_do_not_overlap_training():
