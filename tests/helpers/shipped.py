@@ -27,11 +27,12 @@ def shipped_slice(folder: Path, pairs: int = TEST_PAIRS) -> Path:
     from dpo_core import data
 
     folder.mkdir(parents=True, exist_ok=True)
-    first = pd.read_parquet(SHIPPED / data.DATASET_FILES[1])
+    frames = {name: pd.read_parquet(SHIPPED / name)
+              for name in (*data.DATASET_FILES.values(), data.CONTROL_DATASET_FILE)}
+    first = frames[data.DATASET_FILES[1]]
     assert len(first) >= pairs, f"dataset 1 has {len(first)} pairs, fewer than the {pairs} asked for"
     prompts = set(first["prompt_id"].head(pairs))  # the same prompts in every file (the control is sorted apart)
-    for name in (*data.DATASET_FILES.values(), data.CONTROL_DATASET_FILE):
-        frame = pd.read_parquet(SHIPPED / name)
+    for name, frame in frames.items():
         frame[frame["prompt_id"].isin(prompts)].reset_index(drop=True).to_parquet(folder / name)
     for name in PROMPT_FILES:
         shutil.copy(SHIPPED / name, folder / name)

@@ -25,18 +25,13 @@ PAIRS = 10  # x batch_size=1 = 10 steps: the fewest a plan may have without allo
 TINY_RUN = ["batch_size=1", "max_length=128"]
 
 
-def _write_guide_data(folder: Path, pairs: int = PAIRS) -> Path:
-    """The registry's three files (and the control) with the first `pairs` rows of the shipped ones, the prompts."""
-    return shipped_slice(folder, pairs)
-
-
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture
 def guide_env(tinker_env, tmp_path) -> dict[str, str]:
-    return {**tinker_env, "DPO_DATA_DIR": str(_write_guide_data(tmp_path / "data")), "WANDB_MODE": "offline",
+    return {**tinker_env, "DPO_DATA_DIR": str(shipped_slice(tmp_path / "data", PAIRS)), "WANDB_MODE": "offline",
             "WANDB_SILENT": "true"}
 
 
@@ -117,7 +112,7 @@ def test_workflow_3_default_models_replace_retired_ones_and_train_what_is_served
 def test_kill_9_mid_run_at_default_save_every_then_rerun_resumes(tinker_env, tmp_path):
     pairs = 32  # 8 held out, batch 1: 24 steps, a checkpoint at step 20 (the default save_every), final at 24
     steps = pairs - 8
-    env = {**tinker_env, "DPO_DATA_DIR": str(_write_guide_data(tmp_path / "data", pairs))}
+    env = {**tinker_env, "DPO_DATA_DIR": str(shipped_slice(tmp_path / "data", pairs))}
     command = [sys.executable, "scripts/train_dpo.py", f"model_name={QWEN3_8B}", "dataset=2", *TINY_RUN]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)

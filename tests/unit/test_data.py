@@ -54,8 +54,9 @@ def test_shipped_datasets_hold_out_28_pairs_at_the_local_default_and_were_built_
     summary = json.loads((DATA / "pairs_summary.json").read_text())
     assert summary["config"]["exclude_truncated"] is True and summary["truncated_candidates"]["excluded"] is True
     texts = set()
-    for name in DATASET_FILES.values():
+    for number, name in DATASET_FILES.items():
         frame = pd.read_parquet(DATA / name)
+        assert len(frame) == summary["per_dataset"][str(number)]["pairs"]  # the summary describes these files
         assert not (frame["chosen_truncated"] | frame["rejected_truncated"]).any(), name
         texts |= set(frame["chosen"]) | set(frame["rejected"])
     control = pd.read_parquet(DATA / CONTROL_DATASET_FILE)
@@ -66,8 +67,6 @@ def test_shipped_datasets_hold_out_28_pairs_at_the_local_default_and_were_built_
                                      defaults.seed)
         assert len(held) >= 28, name
         assert num_steps(len(train), LOCAL_DEFAULTS["batch_size"], 1) >= 10, name
-    for number, name in DATASET_FILES.items():  # the summary describes these files
-        assert len(pd.read_parquet(DATA / name)) == summary["per_dataset"][str(number)]["pairs"]
 
 
 def test_shipped_eval_prompts_span_creativity_and_do_not_overlap_training():
