@@ -11,6 +11,7 @@ format lives in `protocol.py`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class Engine:
         self.counters: dict[str, int] = {
             "forward_requests": 0, "forward_backward_requests": 0, "graph_reuse_microbatches": 0,
             "sample_requests": 0, "prompt_logprob_requests": 0, "prompt_logprob_tokens": 0,
-            "sampled_tokens": 0, "trained_tokens": 0,
+            "sampled_tokens": 0, "trained_tokens": 0, "prefill_tokens": 0,
         }
         self.store = ModelStore(cache_dir, local_models, device=device, dtype=dtype, threads=threads,
                                 stand_in=stand_in)
@@ -211,3 +212,9 @@ class Engine:
 
     def sample_batch(self, source: SamplerSource, requests: list[SampleRequest]) -> list[dict[str, Any] | Exception]:
         return self.sampler.sample_batch(source, requests)
+
+    def sample_stream(self, source: SamplerSource, requests: list[SampleRequest],
+                      deliver: Callable[[int, dict[str, Any] | Exception], None],
+                      admit: Callable[[int], list[SampleRequest]] | None = None) -> None:
+        """Continuous batching: `sample_batch` that takes more requests while it decodes (`Sampler.decode`)."""
+        self.sampler.decode(source, requests, deliver, admit)
