@@ -39,6 +39,7 @@ from dpo_core.local.validation import UserError
 log = logging.getLogger("dpo_core.local")
 
 NEVER = 1 << 62  # "has not ended" in the device's per-row end step
+MIN_SHARED_TOKENS = 32  # forward tokens a shared prompt prefix must save to get a forward of its own
 GREEDY_INV_TEMPERATURE = 1e6  # temperature 0 reports logprobs of the distribution at temperature 1e-6
 
 
@@ -189,6 +190,20 @@ class SlotCache(Cache):
     def tensors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.keys, layer.values) for layer in self.layers]
 
+    @classmethod
+    def after_prefix(cls, prefix: SlotCache, rows: int, columns: int) -> SlotCache:
+        """A cache of `rows` x `columns` whose first columns hold `prefix`'s one row, in every row."""
+        cache = cls(len(prefix.layers), rows, columns)
+        width = prefix.columns
+        for layer, (keys, values) in zip(cache.layers, prefix.tensors()):
+            layer.keys = keys.new_zeros((rows, keys.shape[1], columns, keys.shape[3]))
+            layer.values = values.new_zeros((rows, values.shape[1], columns, values.shape[3]))
+            layer.keys[:, :, :width] = keys[:1, :, :width]
+            layer.values[:, :, :width] = values[:1, :, :width]
+            layer.is_initialized = True
+        cache.column = width
+        return cache
+
 
 def attention_mask(visible: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """The 4D mask [R, 1, q, kv] a HF attention takes, from which keys each query sees ([R, q, kv] bool)."""
@@ -219,6 +234,15 @@ class DecodeJob:
     budget: Budget
     # the prompt's own logprobs etc. from its prefill's hidden states [len(prompt), H]: the result's first fields
     score_prompt: Callable[[torch.Tensor], dict[str, Any]] | None = None
+
+
+@dataclass
+class _Prefix:
+    """A prompt prefix prefilled once for every request that starts with it: its KV (one row) and hidden states."""
+
+    length: int
+    cache: SlotCache | None = None
+    hidden: torch.Tensor | None = None  # [length, H]
 
 
 @dataclass
@@ -335,18 +359,66 @@ class Decoder:
             live = _Live(position, job, {"prompt_logprobs": None, "topk_prompt": None})
             live.rows = [_Row(live, sample, row_seed(job.seed, sample)) for sample in range(job.num_samples)]
             ready.append(live)
-        for chunk in self._prefill_chunks(ready):
-            self._prefill(chunk)
+        if ready:
+            self._prefill_group(ready, _Prefix(0))
 
-    def _prefill_chunks(self, ready: list[_Live]) -> list[list[_Live]]:
+    def _prefill_group(self, lives: list[_Live], prefix: _Prefix) -> None:
+        """Prefill `lives`, whose prompts all start with `prefix`, forwarding each longer common prefix once.
+
+        A trie over the prompts: requests that share more than `prefix` (the same system prompt, a judge's
+        rubric, one eval prompt scored with each of its samples) get that stretch prefilled once, when doing so
+        saves at least `MIN_SHARED_TOKENS` tokens of forward; the rest is prefilled per request.
+        """
+        depth = prefix.length
+        lives = sorted(lives, key=lambda live: live.job.prompt)
+        alone: list[_Live] = []
+        start = 0
+        while start < len(lives):
+            end = start + 1
+            token = lives[start].job.prompt[depth]
+            while end < len(lives) and lives[end].job.prompt[depth] == token:
+                end += 1
+            group = lives[start:end]
+            start = end
+            if len(group) > 1:
+                # every prompt keeps at least its last token to forward: its logits start the sample
+                shared = min(_common_length(group[0].job.prompt, group[-1].job.prompt),
+                             min(len(live.job.prompt) for live in group) - 1)
+                if (len(group) - 1) * (shared - depth) >= MIN_SHARED_TOKENS:
+                    self._prefill_group(group, self._extend(prefix, group[0].job.prompt[:shared]))
+                    continue
+            alone.extend(group)
+        for chunk in self._prefill_chunks(alone, depth):
+            self._prefill(chunk, prefix)
+
+    def _extend(self, prefix: _Prefix, tokens: list[int]) -> _Prefix:
+        """`prefix` grown to `tokens` by one forward of the new tokens over its cache."""
+        new = tokens[prefix.length:]
+        total = len(tokens)
+        if prefix.cache is None:
+            cache = SlotCache(self.num_layers, 1, total)
+        else:
+            cache = SlotCache.after_prefix(prefix.cache, 1, total)
+        queries = torch.arange(len(new))[:, None]
+        keys = torch.arange(total)[None, :]
+        visible = (keys <= queries + prefix.length)[None]
+        out = self.decoder(input_ids=torch.tensor([new], device=self.device),
+                           position_ids=torch.arange(prefix.length, total, device=self.device)[None],
+                           attention_mask=attention_mask(visible.to(self.device), self.implementation, self.dtype),
+                           past_key_values=cache, use_cache=True)
+        self.counters["prefill_tokens"] = self.counters.get("prefill_tokens", 0) + len(new)
+        hidden = out.last_hidden_state[0]
+        return _Prefix(total, cache, hidden if prefix.hidden is None else torch.cat([prefix.hidden, hidden]))
+
+    def _prefill_chunks(self, lives: list[_Live], depth: int) -> list[list[_Live]]:
         """Longest first; a chunk takes prompts while its padding stays small and its tokens under budget."""
         chunks: list[list[_Live]] = []
         current: list[_Live] = []
-        for live in sorted(ready, key=lambda lv: -len(lv.job.prompt)):
-            length = len(live.job.prompt)
+        for live in sorted(lives, key=lambda lv: -len(lv.job.prompt)):
+            length = len(live.job.prompt) - depth
             if current:
-                width = len(current[0].job.prompt)
-                real = sum(len(lv.job.prompt) for lv in current) + length
+                width = len(current[0].job.prompt) - depth
+                real = sum(len(lv.job.prompt) - depth for lv in current) + length
                 if width * (len(current) + 1) > max(self.prefill_tokens, width) or \
                         width * (len(current) + 1) > (1 + self.prefill_padding) * real:
                     chunks.append(current)
@@ -356,29 +428,38 @@ class Decoder:
             chunks.append(current)
         return chunks
 
-    def _prefill(self, chunk: list[_Live]) -> None:
-        width = len(chunk[0].job.prompt)
+    def _prefill(self, chunk: list[_Live], prefix: _Prefix) -> None:
+        """One forward of the chunk's prompts after `prefix` (left-padded to the longest), then each request's
+        first token or its rows in the batch."""
+        depth = prefix.length
+        width = len(chunk[0].job.prompt) - depth
         lengths = torch.tensor([len(lv.job.prompt) for lv in chunk])
-        pads = width - lengths
+        pads = width - (lengths - depth)
         input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
         for b, live in enumerate(chunk):
-            input_ids[b, int(pads[b]):] = torch.tensor(live.job.prompt, dtype=torch.long)
+            input_ids[b, int(pads[b]):] = torch.tensor(live.job.prompt[depth:], dtype=torch.long)
         columns = torch.arange(width)
         key_valid = columns[None, :] >= pads[:, None]  # [B, W]
-        positions = (columns[None, :] - pads[:, None]).clamp(min=0)
+        positions = depth + (columns[None, :] - pads[:, None]).clamp(min=0)
         causal = columns[None, :, None] >= columns[None, None, :]  # [1, q, k]
         # a pad query sees itself only: its output is never used, and a row that sees nothing would be NaN
         visible = causal & (key_valid[:, None, :] | torch.eye(width, dtype=torch.bool)[None])
-        cache = SlotCache(self.num_layers, len(chunk), width)
+        if prefix.cache is None:
+            cache = SlotCache(self.num_layers, len(chunk), width)
+        else:
+            cache = SlotCache.after_prefix(prefix.cache, len(chunk), depth + width)
+            visible = torch.cat([visible.new_ones((len(chunk), width, depth)), visible], dim=-1)
         out = self.decoder(input_ids=input_ids.to(self.device), position_ids=positions.to(self.device),
                            attention_mask=attention_mask(visible.to(self.device), self.implementation, self.dtype),
                            past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state
-        self.counters["prefill_tokens"] = self.counters.get("prefill_tokens", 0) + int(lengths.sum())
+        self.counters["prefill_tokens"] = self.counters.get("prefill_tokens", 0) + int((lengths - depth).sum())
         logits = self.head(hidden[:, -1]).float()
         for b, live in enumerate(chunk):
             if live.job.score_prompt is not None:
-                live.result.update(live.job.score_prompt(hidden[b, int(pads[b]):]))
+                own = hidden[b, int(pads[b]):]
+                live.result.update(live.job.score_prompt(own if prefix.hidden is None
+                                                         else torch.cat([prefix.hidden, own])))
                 prompt_lp = live.result.get("prompt_logprobs")
                 if prompt_lp is not None and not np.isfinite(prompt_lp[1:]).all():
                     self._fail(live, _not_finite("the prompt's logprobs"))
@@ -389,8 +470,9 @@ class Decoder:
         if instant:
             self._finish_instant([chunk[b] for b in instant], logits[instant])
         if decoding:
-            self._insert([chunk[b] for b in decoding], cache, torch.tensor(decoding), key_valid[decoding],
-                         lengths[decoding], logits[decoding], width)
+            block_valid = torch.cat([torch.ones((len(chunk), depth), dtype=torch.bool), key_valid], dim=1)
+            self._insert([chunk[b] for b in decoding], cache, torch.tensor(decoding), block_valid[decoding],
+                         lengths[decoding], logits[decoding], depth + width)
 
     def _finish_instant(self, lives: list[_Live], logits: torch.Tensor) -> None:
         """Requests of at most one token (scoring): sampled from the prefill, never given a cache row."""
@@ -684,6 +766,14 @@ def _not_finite(what: str) -> UserError:
     return UserError(f"the model's logits are not finite (NaN or inf) for {what}: its weights cannot be sampled "
                      "(e.g. a diverged optimizer step); sample an earlier checkpoint or retrain with a smaller "
                      "learning rate")
+
+
+def _common_length(first: list[int], second: list[int]) -> int:
+    """How many leading tokens two prompts share."""
+    for index, (a, b) in enumerate(zip(first, second)):
+        if a != b:
+            return index
+    return min(len(first), len(second))
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -160,3 +160,23 @@ def test_a_request_sent_while_a_batch_decodes_joins_it_instead_of_waiting(tmp_pa
         assert http.post("/cancel_future", json={"request_id": long_id}).json() == {"cancelled": True}
         answer = http.post("/retrieve_future", json={"request_id": long_id}).json()
         assert answer["category"] == "user" and "cancelled" in answer["error"]
+
+
+def test_prompts_that_share_a_prefix_prefill_it_once_and_sample_as_alone(engine):
+    """A shared system prompt or rubric is forwarded once for every request that starts with it; each request
+    still samples (and scores) what it would alone."""
+    source = engine.sampler_source(None, TINY, None)
+    shared = [1] + list(range(500, 560))  # 61 tokens every prompt starts with
+    prompts = [shared + [700 + i, 800 + i, 900 + i] for i in range(4)]
+    alone = [engine.sample_batch(source, [_request(p, 2, seed=i)])[0] for i, p in enumerate(prompts)]
+    scored_alone = engine.sample_batch(source, [SampleRequest(prompts[0], 1, {"max_tokens": 1},
+                                                              prompt_logprobs=True, topk_prompt_logprobs=3)])[0]
+    before = engine.counters["prefill_tokens"]
+    together = engine.sample_batch(source, [_request(p, 2, seed=i) for i, p in enumerate(prompts)] + [
+        SampleRequest(prompts[0], 1, {"max_tokens": 1}, prompt_logprobs=True, topk_prompt_logprobs=3)])
+    assert engine.counters["prefill_tokens"] - before == len(shared) + 5 * 3  # the prefix once, then each rest
+    for single, batched in zip(alone, together):
+        assert _tokens(batched) == _tokens(single)
+        np.testing.assert_allclose(_logprobs(batched), _logprobs(single), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(together[4]["prompt_logprobs"], scored_alone["prompt_logprobs"], rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(together[4]["topk_prompt"][0], scored_alone["topk_prompt"][0])
