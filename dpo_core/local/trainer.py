@@ -6,7 +6,8 @@ no other. Speed notes (measured on 2 vCPUs, see bench/):
   [tokens x vocab] logits (cross_entropy on transposed logits was ~4x slower);
 - `forward_backward_custom` sends a forward-only pass and then a forward_backward over the same datums: the
   first pass keeps its autograd graph (up to `graph_cache_tokens`), so the second runs only backward;
-- a request's datums run in micro-batches of at most `micro_batch_tokens` padded tokens, gradients accumulate;
+- a request's datums run in micro-batches of at most `micro_batch_tokens` padded tokens, bucketed by length
+  (little padding), gradients accumulate;
 - `recompute_layers` of the decoder layers keep only their inputs for backward and recompute the rest there
   (`memory.py`): what bounds the memory of a kept graph.
 """
@@ -42,6 +43,27 @@ class Datum:
     tokens: list[int]
     target_tokens: np.ndarray  # int64 [N]
     weights: np.ndarray  # float32 [N]
+
+
+def micro_batches(lengths: list[int], budget_tokens: int) -> list[list[int]]:
+    """Group sequence indices so each group's padded size (longest x count) stays under `budget_tokens`.
+
+    Bucketed by length: longest first, each group holds sequences of similar length, so the padding a forward
+    computes for nothing stays small (a DPO batch alternates long and short responses, and in arrival order a
+    group padded everything to its longest). A pure function of the lengths: the forward-only pass and the
+    backward that follows group alike, which the kept graphs rely on.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        if current and lengths[current[0]] * (len(current) + 1) > budget_tokens:
+            groups.append(current)
+            current = []
+        current.append(index)
+    if current:
+        groups.append(current)
+    return groups
 
 
 @dataclass
@@ -153,20 +175,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ forward / backward
     def _micro_batches(self, data: list[Datum]) -> list[list[int]]:
-        """Group datum indices so each group's padded size stays under the micro-batch token budget."""
-        groups: list[list[int]] = []
-        current: list[int] = []
-        longest = 0
-        for index, datum in enumerate(data):
-            length = len(datum.tokens)
-            if current and max(longest, length) * (len(current) + 1) > self.micro_batch_tokens:
-                groups.append(current)
-                current, longest = [], 0
-            current.append(index)
-            longest = max(longest, length)
-        if current:
-            groups.append(current)
-        return groups
+        return micro_batches([len(datum.tokens) for datum in data], self.micro_batch_tokens)
 
     def _logprobs(self, module: Any, data: list[Datum], indices: list[int]) -> list[torch.Tensor]:
         """Per-token fp32 logprobs of each datum's target tokens, differentiable w.r.t. the LoRA weights.
