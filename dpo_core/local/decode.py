@@ -1,14 +1,14 @@
 """Continuous batched decoding for the local sampler: one sampling op per step for every row, on tensors.
 
 A `Decoder` serves the sampling requests of one set of weights and filters. Each request's prompt is prefilled
-once (prompts of similar length together, in chunks without much padding) and its KV cache copied into one row
-per sample; rows then decode together, one forward and one vectorised sampling op per step. Requests that arrive
+once (a prefix shared by several requests once for all of them, the rest in chunks of similar length) and its KV
+cache copied into one row per sample; rows then decode together, one forward and one vectorised sampling op per step. Requests that arrive
 while rows decode join at the next step (`admit`), finished rows leave at the next sync and their slots are
 reused, and every request is answered as soon as its own rows are done.
 
 Why each choice:
 - Reproducible per row whatever the batch: the sampled token is an inverse-CDF draw with a uniform that a
-  counter-based generator derives from (seed, sample index, step) alone (`counter_uniforms`), so a row's
+  counter-based generator derives from (seed + sample index, step) alone (`counter_uniforms`), so a row's
   randomness does not depend on its batch-mates, on when it joined, or on how many rows share the step.
 - A KV cache of preallocated slots (`SlotCache`): one column per step for every row, written in place, instead
   of a cache concatenated (copied whole) at each step. Rows are right-aligned at the current column; each row
