@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
+from dpo_core.local.batching import length_buckets
 from dpo_core.local.budget import Budget, JobInterrupted
 from dpo_core.local.validation import UserError
 
@@ -412,21 +413,9 @@ class Decoder:
 
     def _prefill_chunks(self, lives: list[_Live], depth: int) -> list[list[_Live]]:
         """Longest first; a chunk takes prompts while its padding stays small and its tokens under budget."""
-        chunks: list[list[_Live]] = []
-        current: list[_Live] = []
-        for live in sorted(lives, key=lambda lv: -len(lv.job.prompt)):
-            length = len(live.job.prompt) - depth
-            if current:
-                width = len(current[0].job.prompt) - depth
-                real = sum(len(lv.job.prompt) - depth for lv in current) + length
-                if width * (len(current) + 1) > max(self.prefill_tokens, width) or \
-                        width * (len(current) + 1) > (1 + self.prefill_padding) * real:
-                    chunks.append(current)
-                    current = []
-            current.append(live)
-        if current:
-            chunks.append(current)
-        return chunks
+        groups = length_buckets([len(live.job.prompt) - depth for live in lives], self.prefill_tokens,
+                                max_padding=self.prefill_padding)
+        return [[lives[i] for i in group] for group in groups]
 
     def _prefill(self, chunk: list[_Live], prefix: _Prefix) -> None:
         """One forward of the chunk's prompts after `prefix` (left-padded to the longest), then each request's

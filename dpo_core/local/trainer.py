@@ -25,6 +25,7 @@ import torch
 
 from dpo_core.local import budget as budgets
 from dpo_core.local import ids
+from dpo_core.local.batching import length_buckets
 from dpo_core.local.checkpoints import CheckpointStore
 from dpo_core.local.logprobs import final_hidden_states, token_logprobs
 from dpo_core.local.memory import recompute_layers
@@ -46,24 +47,10 @@ class Datum:
 
 
 def micro_batches(lengths: list[int], budget_tokens: int) -> list[list[int]]:
-    """Group sequence indices so each group's padded size (longest x count) stays under `budget_tokens`.
-
-    Bucketed by length: longest first, each group holds sequences of similar length, so the padding a forward
-    computes for nothing stays small (a DPO batch alternates long and short responses, and in arrival order a
-    group padded everything to its longest). A pure function of the lengths: the forward-only pass and the
-    backward that follows group alike, which the kept graphs rely on.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        if current and lengths[current[0]] * (len(current) + 1) > budget_tokens:
-            groups.append(current)
-            current = []
-        current.append(index)
-    if current:
-        groups.append(current)
-    return groups
+    """Training micro-batches: bucketed by length under the token budget (a DPO batch alternates long and short
+    responses, and in arrival order a group padded everything to its longest). The forward-only pass and the
+    backward that follows group alike, which the kept graphs rely on."""
+    return length_buckets(lengths, budget_tokens)
 
 
 @dataclass
