@@ -554,9 +554,8 @@ class Decoder:
         remaining = max([next_tokens] + [row.live.job.max_tokens - row.count for row in self.slots
                                          if row is not None and row.reason is None])
         headroom = min(max(remaining, 1), max(64, column))  # grows geometrically; never more than needed
-        rows, columns = len(keep) + extra_rows, column + headroom
+        rows, columns = self._rows_for(len(keep) + extra_rows), column + headroom
         if self.static:  # fixed shapes for captured graphs: few distinct sizes
-            rows = _round_up(rows, 8 if rows <= 64 else 64)
             columns = _round_up(columns, 128)
         first = column - span
         keep_index = torch.tensor(keep, dtype=torch.long, device=self.device)
@@ -599,10 +598,17 @@ class Decoder:
             self.graphs.reset()
 
     def _compact_if_sparse(self) -> None:
-        """Drop free slots when they are a quarter of the batch (each costs compute at every step)."""
-        free = sum(1 for row in self.slots if row is None)
-        if self.cache is not None and free and free * 4 >= len(self.slots) and not self.window:
+        """Drop free slots when that shrinks the batch by a quarter (each slot costs compute at every step)."""
+        if self.cache is None or self.window:
+            return
+        used = sum(1 for row in self.slots if row is not None)
+        target = self._rows_for(used)
+        if target * 4 <= 3 * len(self.slots):
             self._rebuild(keep_free=False)
+
+    def _rows_for(self, rows: int) -> int:
+        """The batch size for `rows` rows: exact, or in static mode one of few sizes (one graph each)."""
+        return _round_up(rows, 8 if rows <= 64 else 64) if self.static else rows
 
     # ------------------------------------------------------------------ one step
     def _sample_rows(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
