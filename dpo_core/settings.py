@@ -97,10 +97,10 @@ class Settings(BaseSettings):
     # forward_backward's protobuf body, counted after decompression; the largest valid one (1,048,576 tokens) is
     # ~17 MB, and decoding costs up to ~3x the body (docs/local-server.md)
     local_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
-    # Every JSON body: no valid one nears 1 MiB (a 32K-token prompt is ~0.4 MB), and decoding JSON costs up to
-    # ~25x its size, in one call that holds the GIL
-    local_max_json_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
-    local_max_large_bodies: int = Field(default=2, ge=1)  # bodies over 1 MiB read and decoded at once
+    # Every JSON body: the largest valid one, a 32K-token prompt, is ~0.26 MB, and decoding JSON costs up to ~35x
+    # its size, in one call that holds the GIL (4 MiB took over a second on a loaded machine)
+    local_max_json_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    local_max_large_bodies: int = Field(default=2, ge=1)  # bodies over 256 KiB read and decoded at once
     # Per engine job, from its start; decoding stops at the next step. A batch of 256 sampled rows x 128 tokens
     # (dpo-pairs) takes ~9 min on 2 idle vCPUs and over 10 under load: 600 s failed the documented regeneration.
     local_request_timeout_s: float = Field(default=3600.0, gt=0)

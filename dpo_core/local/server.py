@@ -42,8 +42,8 @@ class ServerLimits:
     """What one client may hold or ask of the server (settings `DPO_LOCAL_*`; docs/local-server.md, "Limits")."""
 
     max_body_bytes: int = 64 * 1024 * 1024  # forward_backward's protobuf body, after decompression
-    max_json_body_bytes: int = 4 * 1024 * 1024  # every other body (JSON)
-    max_large_bodies: int = 2  # bodies over 1 MiB read and decoded at once; the others wait their turn
+    max_json_body_bytes: int = 1024 * 1024  # every other body (JSON)
+    max_large_bodies: int = 2  # bodies over 256 KiB read and decoded at once; the others wait their turn
     request_timeout_s: float = 3600.0  # per engine job (Settings.local_request_timeout_s); stops at the next step
     max_sessions: int = 1024
     session_idle_s: float = 900.0  # a session with no heartbeat for this long is released (the SDK beats ~10 s)
