@@ -26,7 +26,7 @@ _STOP_REASON = {"stop": pb.STOP_REASON_STOP, "length": pb.STOP_REASON_LENGTH}
 # datum is ~8 messages (input, chunk, text, two tensors and their map entries), so this admits ~8 K datums (a
 # DPO step of 256 pairs sends 512); more are refused with "split it".
 MAX_PROTOBUF_MESSAGES = 1 << 16
-_SCAN_YIELD_EVERY = 2048  # fields scanned between pauses that hand the GIL to the event loop
+_SCAN_YIELD_EVERY = 512  # fields scanned between pauses that hand the GIL to the event loop
 
 
 class BodyTooLarge(UserError):
