@@ -125,7 +125,8 @@ class CheckpointStore:
         except (OSError, ValueError) as exc:
             raise UserError(f"checkpoint {tinker_path} is corrupt: meta.json cannot be read ({exc})") from None
         lora = meta.get("lora") if isinstance(meta, dict) else None
-        if not (isinstance(lora, dict) and isinstance(lora.get("rank"), int) and isinstance(meta.get("base_model"), str)):
+        if not (isinstance(lora, dict) and isinstance(lora.get("rank"), int)
+                and isinstance(meta.get("base_model"), str)):
             raise UserError(f"checkpoint {tinker_path} is corrupt: meta.json lacks base_model or lora.rank")
         return meta
 

@@ -11,6 +11,7 @@ models, samplers and a place under the session cap that no sweep accounts for.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import random
@@ -124,13 +125,13 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         return user_error_reply(exc)
 
     async def parsed(request: Request, model: type[W]) -> W:
-        return await off_loop_if_large(parse, model, await request.body())
+        return await decoded(functools.partial(parse, model), await request.body())
 
-    async def off_loop_if_large(decode: Callable[..., Any], *args: Any) -> Any:
-        body = args[-1]
+    async def decoded(decode: Callable[[bytes], Any], body: bytes) -> Any:
+        """`decode(body)`, on a worker thread when the body is large: the event loop keeps answering meanwhile."""
         if len(body) <= INLINE_PARSE_BYTES:
-            return decode(*args)
-        return await asyncio.to_thread(decode, *args)
+            return decode(body)
+        return await asyncio.to_thread(decode, body)
 
     def live_session(session_id: str) -> _Session:
         """The issued, live session `session_id` (its use counts as a sign of life); a 410 otherwise."""
@@ -218,8 +219,8 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
 
     @app.post("/api/v1/forward_backward")
     async def forward_backward(request: Request):
-        model_id, seq_id, loss_fn, forward_only, data = await off_loop_if_large(
-            protocol.decode_forward_backward, await request.body())
+        model_id, seq_id, loss_fn, forward_only, data = await decoded(protocol.decode_forward_backward,
+                                                                      await request.body())
         context = engine.model_context_length(model_id)
         for index, datum in enumerate(data):
             check_context(len(datum.tokens), context, f"data[{index}].model_input")
