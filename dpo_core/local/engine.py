@@ -110,8 +110,9 @@ class Engine:
         released = sum(self.release_session(session_id) for session_id in expired)
         stale = [m for m, entry in self.trainer.models.items()
                  if ids.session_of(m) not in live and time.time() - entry.last_request > idle_s]
-        for model_id in stale:
+        for model_id in stale:  # with its session's samplers: a snapshot outliving its model was never swept
             self.trainer.unload(model_id)
+            released += self.sampler.release_session(ids.session_of(model_id))
         return released + len(stale)
 
     def info(self, model_id: str) -> dict[str, Any]:
