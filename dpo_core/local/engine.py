@@ -219,11 +219,14 @@ class Engine:
     def sample_batch(self, source: SamplerSource, requests: list[SampleRequest]) -> list[dict[str, Any] | Exception]:
         """Sample, never answering NaN: a request whose logits were non-finite becomes a user error saying so.
 
-        Checked on the results, outside the decode loop: greedy decoding of NaN logits gave token 0 with NaN
-        logprobs, and sampling them raised in `torch.multinomial` (a server error, retried by the SDK).
+        Checked outside the decode loop, on the weights before it and on the results after it: greedy decoding of
+        NaN logits gave token 0 with NaN logprobs, and sampling them raised in `torch.multinomial` (a server
+        error, retried by the SDK; on CUDA a device-side assert that ends the process's use of the GPU).
         """
         broken = UserError(f"the weights of this sampler ({source.model_path or source.base_model}) give NaN/inf "
                            "logits, so there is nothing to sample; sample a checkpoint saved before they broke")
+        if not self.sampler.weights_are_finite(source):  # before decoding: on CUDA, decoding NaN kills the context
+            return [broken] * len(requests)
         try:
             results = self.sampler.sample_batch(source, requests)
         except RuntimeError as exc:

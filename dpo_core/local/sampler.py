@@ -72,6 +72,7 @@ class Sampler:
         self._merged: OrderedDict[str, Any] = OrderedDict()
         self._snapshots: OrderedDict[str, None] = OrderedDict()  # snapshot sampler ids, least recently used first
         self._evicted: OrderedDict[str, str] = OrderedDict()  # recently evicted snapshot ids -> why (bounded)
+        self._finite: OrderedDict[str, bool] = OrderedDict()  # weights key -> whether their logits are finite
         # Sessions are added by the HTTP thread (create_sampling_session) and looked up there (asample), added
         # and released by the engine thread (snapshots, session ends): every read-modify of them holds this.
         self._lock = threading.RLock()
@@ -125,8 +126,27 @@ class Sampler:
     def _forget_snapshot(self, sampler_id: str) -> None:
         if sampler_id in self._snapshots:
             del self._snapshots[sampler_id]
-            self._merged.pop(self.sessions.pop(sampler_id).key, None)
+            key = self.sessions.pop(sampler_id).key
+            self._merged.pop(key, None)
+            self._finite.pop(key, None)  # the id may name other weights next
         self._evicted.pop(sampler_id, None)
+
+    @torch.no_grad()
+    def weights_are_finite(self, source: SamplerSource) -> bool:
+        """Whether the source's (merged) weights give finite logits on a few fixed tokens; once per weights.
+
+        Checked before decoding: on CUDA, sampling NaN/inf probabilities is a device-side assert that leaves the
+        process's CUDA context unusable for every later request (seen on an H200, torch 2.11), not an exception.
+        """
+        verdict = self._finite.get(source.key)
+        if verdict is None:
+            module = self._module(source)
+            probe = torch.arange(1, 17, device=self.store.device).unsqueeze(0)
+            verdict = bool(torch.isfinite(module(input_ids=probe).logits).all())
+            self._finite[source.key] = verdict
+            while len(self._finite) > 4096:
+                self._finite.popitem(last=False)
+        return verdict
 
     def session(self, sampler_id: str) -> SamplerSource:
         with self._lock:
@@ -161,6 +181,7 @@ class Sampler:
                 source = self.sessions.pop(sampler_id)
                 if source.adapter_state is not None:
                     self._merged.pop(source.key, None)
+                    self._finite.pop(source.key, None)
             for sampler_id in [s for s in self._evicted if ids.belongs_to(session_id, s)]:
                 del self._evicted[sampler_id]
         return len(owned)
