@@ -344,7 +344,7 @@ def load_json(raw: bytes) -> Any:
 
 
 def _bounded_int(text: str) -> int | _LongInt:
-    return _LongInt(text) if len(text) > MAX_INT_DIGITS + 1 or len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
+    return _LongInt(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
 
 
 def _find(value: Any, wanted: Any, path: str = "") -> tuple[str, Any] | None:
