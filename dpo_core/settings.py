@@ -93,14 +93,24 @@ class Settings(BaseSettings):
     # "tinker": the server answers like Tinker today (its lineup; Qwen3-8B backed by a tiny Qwen3 model with the
     # real Qwen3 tokenizer) so a cloud run can be rehearsed offline; "" serves the local models.
     local_stand_in: Literal["", "tinker"] = ""
-    # Server limits (README "Server limits"): what one request or client may ask of the local server.
-    local_max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # per request, counted after decompression
+    # Server limits (docs/local-server.md, "Limits"): what one request or client may ask of the local server.
+    # forward_backward's protobuf body, counted after decompression; the largest valid one (1,048,576 tokens) is
+    # ~17 MB, and decoding costs up to ~3x the body (docs/local-server.md)
+    local_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # Every JSON body: the largest valid one, a 32K-token prompt, is ~0.26 MB, and decoding JSON costs up to ~35x
+    # its size, in one call that holds the GIL (4 MiB took over a second on a loaded machine)
+    local_max_json_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    local_max_large_bodies: int = Field(default=2, ge=1)  # bodies over 256 KiB read and decoded at once
     # Per engine job, from its start; decoding stops at the next step. A batch of 256 sampled rows x 128 tokens
     # (dpo-pairs) takes ~9 min on 2 idle vCPUs and over 10 under load: 600 s failed the documented regeneration.
     local_request_timeout_s: float = Field(default=3600.0, gt=0)
     local_max_training_models: int = Field(default=16, ge=0)  # live LoRA training models, all clients; 0 = no cap
     local_max_sessions: int = Field(default=1024, ge=1)  # live client sessions
     local_session_idle_s: float = Field(default=900.0, gt=0)  # no heartbeat this long: the session's models go
+    # Snapshot samplers (save_weights_and_get_sampling_client) each hold a copy of the adapter (SmolLM2 rank 32:
+    # ~40 MB); the least recently used go first past either cap
+    local_max_snapshots: int = Field(default=32, ge=1)
+    local_max_snapshots_per_session: int = Field(default=8, ge=1)
 
     # --- Weights & Biases ---
     wandb_project: str | None = None

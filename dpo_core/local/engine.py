@@ -21,7 +21,7 @@ from dpo_core.local.checkpoints import CheckpointRef, CheckpointStore, iso_time
 from dpo_core.local.memory import release_freed_memory
 from dpo_core.local.sampler import SampleRequest, Sampler, SamplerSource
 from dpo_core.local.store import ModelStore
-from dpo_core.local.trainer import Datum, Trainer
+from dpo_core.local.trainer import PROBE_TOKENS, Datum, Trainer
 from dpo_core.local.validation import UserError
 from dpo_core.models import ModelSpec
 
@@ -46,6 +46,8 @@ class Engine:
         max_training_models: int = 16,  # live LoRA training models, all sessions together (0 = no cap)
         recompute_layers: float = 0.0,  # share of decoder layers recomputed in backward instead of kept
         mmap_threshold_bytes: int = 0,  # > 0: freed large tensors go back to the OS (process-wide; memory.py)
+        max_snapshots: int = 32,  # snapshot samplers held, all sessions together (least recently used go first)
+        max_snapshots_per_session: int = 8,
     ):
         release_freed_memory(mmap_threshold_bytes)
         # Counters for tests and benchmarks (e.g. "reference logprobs computed once per sweep").
@@ -59,7 +61,8 @@ class Engine:
         self.checkpoints = CheckpointStore(storage)
         self.trainer = Trainer(self.store, self.checkpoints, self.counters, micro_batch_tokens, graph_cache_tokens,
                                max_models=max_training_models, recompute_layers=recompute_layers)
-        self.sampler = Sampler(self.store, self.checkpoints, self.counters, merged_cache_size)
+        self.sampler = Sampler(self.store, self.checkpoints, self.counters, merged_cache_size,
+                               max_snapshots=max_snapshots, max_snapshots_per_session=max_snapshots_per_session)
 
     @property
     def storage(self) -> Path:
@@ -107,8 +110,9 @@ class Engine:
         released = sum(self.release_session(session_id) for session_id in expired)
         stale = [m for m, entry in self.trainer.models.items()
                  if ids.session_of(m) not in live and time.time() - entry.last_request > idle_s]
-        for model_id in stale:
+        for model_id in stale:  # with its session's samplers: a snapshot outliving its model was never swept
             self.trainer.unload(model_id)
+            released += self.sampler.release_session(ids.session_of(model_id))
         return released + len(stale)
 
     def info(self, model_id: str) -> dict[str, Any]:
@@ -123,7 +127,10 @@ class Engine:
 
     def forward_backward(self, model_id: str, data: list[Datum], loss_fn: str, forward_only: bool
                          ) -> tuple[list[np.ndarray], dict[str, float]]:
-        return self.trainer.forward_backward(model_id, data, loss_fn, forward_only)
+        result = self.trainer.forward_backward(model_id, data, loss_fn, forward_only)
+        if not forward_only:  # what the next optim_step proves its result on (real tokens, in the vocabulary)
+            self.trainer.models[model_id].probe_tokens = list(data[0].tokens[:PROBE_TOKENS])
+        return result
 
     def optim_step(self, model_id: str, adam: dict[str, Any]) -> dict[str, float]:
         return self.trainer.optim_step(model_id, adam)
@@ -210,4 +217,28 @@ class Engine:
         return self.sampler.group_key(source, params)
 
     def sample_batch(self, source: SamplerSource, requests: list[SampleRequest]) -> list[dict[str, Any] | Exception]:
-        return self.sampler.sample_batch(source, requests)
+        """Sample, never answering NaN: a request whose logits were non-finite becomes a user error saying so.
+
+        Checked outside the decode loop, on the weights before it and on the results after it: greedy decoding of
+        NaN logits gave token 0 with NaN logprobs, and sampling them raised in `torch.multinomial` (a server
+        error, retried by the SDK; on CUDA a device-side assert that ends the process's use of the GPU).
+        """
+        broken = UserError(f"the weights of this sampler ({source.model_path or source.base_model}) give NaN/inf "
+                           "logits, so there is nothing to sample; sample a checkpoint saved before they broke")
+        if not self.sampler.weights_are_finite(source):  # before decoding: on CUDA, decoding NaN kills the context
+            return [broken] * len(requests)
+        try:
+            results = self.sampler.sample_batch(source, requests)
+        except RuntimeError as exc:
+            if "inf" in str(exc) and "nan" in str(exc):  # torch.multinomial: "probability tensor contains inf, nan"
+                return [broken] * len(requests)
+            raise
+        return [broken if isinstance(result, dict) and not _finite_result(result) else result for result in results]
+
+
+def _finite_result(result: dict[str, Any]) -> bool:
+    """Every sampled logprob and every prompt logprob after the first (NaN by convention) is finite."""
+    sampled = [np.asarray(sequence["logprobs"], dtype=np.float64) for sequence in result.get("sequences", [])]
+    prompt = result.get("prompt_logprobs")
+    return (all(np.isfinite(values).all() for values in sampled)
+            and (prompt is None or bool(np.isfinite(np.asarray(prompt, dtype=np.float64)[1:]).all())))

@@ -43,11 +43,15 @@ def build_engine(settings: Settings, storage: Path | None = None) -> Engine:
         max_training_models=settings.local_max_training_models,
         recompute_layers=settings.local_recompute_layers,
         mmap_threshold_bytes=settings.local_mmap_threshold_bytes,
+        max_snapshots=settings.local_max_snapshots,
+        max_snapshots_per_session=settings.local_max_snapshots_per_session,
     )
 
 
 def server_limits(settings: Settings) -> ServerLimits:
     return ServerLimits(max_body_bytes=settings.local_max_body_bytes,
+                        max_json_body_bytes=settings.local_max_json_body_bytes,
+                        max_large_bodies=settings.local_max_large_bodies,
                         request_timeout_s=settings.local_request_timeout_s,
                         max_sessions=settings.local_max_sessions, session_idle_s=settings.local_session_idle_s)
 
