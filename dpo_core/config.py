@@ -234,11 +234,24 @@ def parse_key_values(argv: list[str], model: type[BaseModel]) -> dict[str, str]:
         key, sep, value = arg.partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or not key:
-            raise ConfigError(f"expected key=value, got {arg!r}; valid keys: {', '.join(valid)}")
+            hint = f" (give {key} a value: {key}=...)" if key in model.model_fields else ""
+            raise ConfigError(f"expected key=value, got {arg!r}{hint}; valid keys: {', '.join(valid)}; "
+                              "--help describes them")
         if key not in model.model_fields:
-            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+            guesses = closest_keys(key, valid)
+            hint = f" (did you mean {' or '.join(repr(g) for g in guesses)}?)" if guesses else ""
+            raise ConfigError(f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}; --help describes them")
         values[key] = value
     return values
+
+
+def closest_keys(key: str, valid: list[str]) -> list[str]:
+    """The valid key(s) `key` most likely meant: the closest spelling (`betta` -> `dpo_beta`), else the keys
+    with these initials (`lr` -> `learning_rate`, `lora_rank`); empty when none is close."""
+    import difflib
+
+    matches = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return matches or [name for name in valid if "".join(part[:1] for part in name.split("_")) == key]
 
 
 def build_config(model: type[FrozenModel], values: dict[str, Any]) -> Any:
