@@ -49,6 +49,7 @@ def install_signal_handlers() -> None:
 
 
 def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/dpo-suite, else ~/.cache/dpo-suite"""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpo-suite"
 
 
