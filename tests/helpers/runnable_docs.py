@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.helpers.processes import stop_group
 
 MARKER = re.compile(r'^<!--\s*runnable(?::\s*background,\s*ready\s+"(?P<ready>[^"]+)")?\s*-->\s*$')
 FENCE = re.compile(r"^(?P<fence>```+|~~~+)(?P<info>.*)$")
@@ -130,10 +131,4 @@ class DocRunner:
 
     def __exit__(self, *exc: object) -> None:
         for process, _ in self.background:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(timeout=10)
+            stop_group(process)

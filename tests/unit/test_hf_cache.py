@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,8 @@ import pytest
 
 from dpo_core import hf_cache
 from dpo_core.__main__ import main as dpo_core_main
-from tests.helpers.net import free_port
+from tests.helpers.net import WATCH_CONNECTIONS, free_port
+from tests.helpers.processes import stop_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,16 +65,9 @@ def test_a_cache_that_holds_the_repo_already_is_left_as_it_is(tmp_path, capsys):
 
 
 # Runs in a fresh interpreter: this test process imported huggingface_hub with the test session's settings, and
-# the hub reads HF_HUB_OFFLINE once, at import. The audit hook sees every address a socket resolves or connects to.
-_TINKER_PATH_TOKENIZER = """
-import json, sys, time
-contacted = set()
-def watch(event, args):
-    if event == "socket.getaddrinfo":
-        contacted.add(str(args[0]))
-    elif event == "socket.connect" and isinstance(args[1], tuple):
-        contacted.add(str(args[1][0]))
-sys.addaudithook(watch)
+# the hub reads HF_HUB_OFFLINE once, at import.
+_TINKER_PATH_TOKENIZER = WATCH_CONNECTIONS + """
+import json, time
 from dpo_core import rendering
 start = time.monotonic()
 renderer = rendering.get_renderer("Qwen/Qwen3-8B")  # what training, evaluation and Sampler do on the tinker path
@@ -127,8 +120,7 @@ def test_standin_banner_says_samples_are_random_and_what_to_export(tmp_path):
                 if line.startswith(("  export HF_HOME=", "  .venv/bin/python -m dpo_core prime-hf-cache")):
                     break  # the banner's last line
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+            stop_group(process)
         return "".join(lines)
 
     unprimed = banner()
