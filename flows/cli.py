@@ -5,8 +5,8 @@ command with one `error:` line and exit code 1: it is caught before the flow sta
 and the cheap pre-flight checks), and a user error raised inside a flow run is logged without its traceback.
 `--debug` (or `DPO_DEBUG=1`) keeps every traceback.
 
-Imports only the standard library and dpo_core's config at module level: `--help` answers before Prefect (or
-torch) is imported.
+Imports only the standard library at module level: `flows/suite.py` asks `answer_help` before it starts Prefect's
+temporary server, and `--help` answers before Prefect (or torch) is imported.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import os
 import sys
 from collections.abc import Callable
 from typing import Any
-
-from dpo_core.config import ConfigError, build_config, parse_key_values
 
 HELP_ARGS = ("--help", "-h", "help")
 DEBUG_ARG = "--debug"
@@ -50,6 +48,7 @@ def debug_on() -> bool:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions whose message is the whole story for the user (it names the key, file, row and fix)."""
     from dpo_core.backend import UnsupportedModelError
+    from dpo_core.config import ConfigError
     from dpo_core.data import DatasetError, DatasetNotFoundError
 
     return ConfigError, DatasetError, DatasetNotFoundError, UnsupportedModelError
@@ -61,6 +60,8 @@ def print_error(exc: BaseException | str) -> None:
 
 def parse_config(model: Any, argv: list[str], prepare: Callable[[dict], dict] | None = None) -> Any | None:
     """`key=value` arguments -> a validated config, or None after printing the one-line error."""
+    from dpo_core.config import ConfigError, build_config, parse_key_values
+
     try:
         values = parse_key_values(argv, model)
         return build_config(model, prepare(values) if prepare else values)
