@@ -244,3 +244,27 @@ def max_parallel_for(config: SuiteConfig, backend: str) -> int:
     if config.max_parallel is not None:
         return config.max_parallel
     return REMOTE_MAX_PARALLEL if backend == "tinker" or config.dispatch == "pool" else 1
+
+
+def check_runnable(config: SuiteConfig, settings: Any) -> None:
+    """The suite's gates that need no service, for an entry point to run before the flow starts (a user error is
+    then one line, not a failed flow run): a ConfigError when the plan would train nothing (every dataset missing
+    or invalid) or makes too few steps (the flow refuses that before training). A missing dataset among others
+    is skipped and an invalid one gates only its own experiments, as in the flow."""
+    from dpo_core.data import DatasetError, DatasetNotFoundError
+    from dpo_core.experiment import validate_dataset
+
+    experiments, _ = plan(config, settings.resolved_backend())
+    validated, missing, invalid = {}, [], []
+    for dataset in dict.fromkeys([*config.datasets, *(e.dataset for e in experiments)]):
+        try:
+            validated[dataset] = validate_dataset(dataset, settings)
+        except DatasetNotFoundError as exc:
+            missing.append(str(exc))
+        except DatasetError as exc:
+            invalid.append(str(exc))
+    too_few = step_count_problems(experiments, validated)
+    if too_few:
+        raise ConfigError("; ".join([*too_few, *invalid]))
+    if not any(e.dataset in validated for e in experiments):
+        raise ConfigError("nothing to run: " + "; ".join([*invalid, *missing]))

@@ -29,10 +29,8 @@ from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect i
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
-from dpo_core.config import ConfigError  # noqa: E402
-from dpo_core.data import DatasetError, DatasetNotFoundError  # noqa: E402
-from dpo_core.experiment import validate_dataset as validated_dataset  # noqa: E402
-from dpo_core.plan import SuiteConfig, max_parallel_for, plan, split_lists, step_count_problems  # noqa: E402
+from dpo_core.data import DatasetNotFoundError  # noqa: E402
+from dpo_core.plan import SuiteConfig, check_runnable, max_parallel_for, split_lists, step_count_problems  # noqa: E402
 from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
 from flows.artifacts import publish_checkpoints, publish_validation  # noqa: E402
 from flows.cli import parse_config, preflight, print_error, quiet_user_tracebacks, take_debug_flag  # noqa: E402
@@ -112,32 +110,10 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
     return Completed(message=f"{len(finished)} experiments; report {report_path}", data=summary)
 
 
-def check_before_suite(config: SuiteConfig) -> None:
-    """The flow's gates that need no service, run before it starts so that a user error is one line: a plan
-    that would train nothing (every dataset missing or invalid) or too few steps (the flow refuses it before
-    training) is a ConfigError here. A missing dataset among others is skipped and an invalid one gates only
-    its experiments, as in the flow."""
-    settings = Settings()
-    experiments, _ = plan(config, settings.resolved_backend())
-    validated, missing, invalid = {}, [], []
-    for dataset in dict.fromkeys([*config.datasets, *(e.dataset for e in experiments)]):
-        try:
-            validated[dataset] = validated_dataset(dataset, settings)
-        except DatasetNotFoundError as exc:
-            missing.append(str(exc))
-        except DatasetError as exc:
-            invalid.append(str(exc))
-    too_few = step_count_problems(experiments, validated)
-    if too_few:
-        raise ConfigError("; ".join([*too_few, *invalid]))
-    if not any(e.dataset in validated for e in experiments):
-        raise ConfigError("nothing to run: " + "; ".join([*invalid, *missing]))
-
-
 def main(argv: list[str]) -> int:
     install_signal_handlers()
     config = parse_config(SuiteConfig, take_debug_flag(argv), prepare=split_lists)
-    if config is None or not preflight(lambda: check_before_suite(config)):
+    if config is None or not preflight(lambda: check_runnable(config, Settings())):
         return 1
     quiet_user_tracebacks()
     prefect_server.connect()
