@@ -15,7 +15,7 @@ export TINKER_TELEMETRY := 0
 export WANDB_SILENT := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: install test test-fast suite validate serve clean
+.PHONY: install test test-fast suite validate serve docs clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ validate: $(STAMP)
 
 serve: $(STAMP)
 	$(PY) -m dpo_core.local serve
+
+# docs/configuration.md from the pydantic models (tests/unit/test_config_docs.py fails when it is out of date).
+docs: $(STAMP)
+	$(PY) -m dpo_core.config_docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache

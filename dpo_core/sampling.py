@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,8 @@ class Sampler:
 
     Hand it a `service_client` to share one; without one it builds its own from `Settings()` (Tinker with a
     key, else a local server over the same checkpoint storage), closed by `close()` or a `with` block.
+    For a trained run, `Sampler.from_run(run_dir)` takes the model, the final checkpoint and the run's renderer
+    from the run folder.
     """
 
     def __init__(self, model_name: str, model_path: str | None = None, temperature: float = 0.7,
@@ -54,10 +57,32 @@ class Sampler:
         self._stack = contextlib.ExitStack()
         if service_client is None:
             service_client = self._stack.enter_context(open_service_client(settings or Settings()))
-        self.renderer = rendering.get_renderer(model_name, renderer_name)
+        self.renderer_name = renderer_name or rendering.renderer_name_for(model_name)
+        self.renderer = rendering.get_renderer(model_name, self.renderer_name)
         client = (service_client.create_sampling_client(model_path=model_path) if model_path
                   else service_client.create_sampling_client(base_model=model_name))
         self._client = client.result()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str = "final", **options: Any) -> Sampler:
+        """A sampler of a trained run, prompted exactly as its training rendered: the base model and renderer
+        from `<run_dir>/config.json`, the `sampler_path` of the checkpoint named `checkpoint` (the last such row
+        of `checkpoints.jsonl`; `final` by default). `options` are the constructor's (temperature, max_tokens,
+        seed, service_client, ...).
+
+            with Sampler.from_run("experiments/dataset1_smollm2135m_lr0.001_beta0.1_2026-12-01") as sampler:
+                print(sampler.complete("Write a haiku about rain."))
+        """
+        from dpo_core.checkpoints import read_checkpoints
+        from dpo_core.records import RunConfig
+
+        run = RunConfig.read(run_dir)
+        rows = [r for r in read_checkpoints(run_dir) if r.name == checkpoint and r.sampler_path]
+        if not rows:
+            names = [r.name for r in read_checkpoints(run_dir) if r.sampler_path]
+            raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint!r} with a sampler_path in "
+                                    f"checkpoints.jsonl (it has: {', '.join(names) or 'none'})")
+        return cls(run.train_config.model_name, rows[-1].sampler_path, renderer_name=run.renderer_name, **options)
 
     def _prompt(self, prompt: str | Sequence[Message]) -> tinker.ModelInput:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)

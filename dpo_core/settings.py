@@ -49,6 +49,7 @@ def install_signal_handlers() -> None:
 
 
 def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/dpo-suite, else ~/.cache/dpo-suite"""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpo-suite"
 
 
@@ -56,57 +57,99 @@ class Settings(BaseSettings):
     """Settings for one process. Secrets are SecretStr and never serialised."""
 
     model_config = SettingsConfigDict(
-        env_prefix="DPO_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+        env_prefix="DPO_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True,
+        use_attribute_docstrings=True,  # a field's docstring is its description in docs/configuration.md
     )
 
     # --- backend ---
-    backend: Literal["auto", "tinker", "local"] = "auto"  # auto = tinker when a key is set, else local
+    backend: Literal["auto", "tinker", "local"] = "auto"
+    """auto: Tinker when a TINKER_API_KEY is set, else the local server; tinker; local."""
     tinker_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("TINKER_API_KEY", "DPO_TINKER_API_KEY")
     )
+    """Tinker API key (tml-...); selects Tinker under backend auto. Never written to a file, log or W&B."""
     tinker_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("TINKER_BASE_URL", "DPO_TINKER_BASE_URL")
     )
+    """The Tinker service's URL; point it at a local server or the stand-in to rehearse the tinker path."""
 
     # --- folders ---
     data_dir: Path = Path("data")
+    """Folder of the numbered datasets and the eval prompts."""
     experiments_dir: Path = Path("experiments")
-    cache_dir: Path = Field(default_factory=default_cache_dir)  # converted model weights, reference logprobs
-    local_storage: Path = Path(".dpo_local")  # the local server's checkpoints (tinker:// paths)
+    """Folder the run folders are created in."""
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    """Converted model weights, tokenizers, reference logprobs and pair-building stages."""
+    local_storage: Path = Path(".dpo_local")
+    """The local server's checkpoint folder (its tinker:// paths point into it)."""
 
     # --- local server ---
     local_host: str = "127.0.0.1"
-    local_port: int = 0  # 0 = a free port
-    local_threads: int = 0  # torch threads; 0 = 1 for tiny models, 2 otherwise (measured best on 2 vCPUs)
+    """Address the local server binds; anything but loopback needs an API key the operator chose."""
+    local_port: int = 0
+    """The local server's port; 0 = a free one."""
+    local_threads: int = 0
+    """torch threads of the local server; 0 = 1 for tiny models, 2 otherwise (measured best on 2 vCPUs)."""
     local_device: Literal["auto", "cpu", "cuda"] = "auto"
-    # auto = bfloat16 on CUDA (half the memory, tensor cores), float32 on the CPU (no fast bf16 kernels there)
+    """Where the local server computes: auto = CUDA when available, else the CPU."""
     local_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    local_micro_batch_tokens: int = 4096  # tokens per forward/backward micro-batch (memory bound)
-    local_graph_cache_tokens: int = 16384  # tokens whose autograd graph is kept between forward and backward
-    # Training memory (README "Engine facts"): the share of decoder layers that keep only their input for the
-    # backward and recompute the rest there (0 = keep everything: fastest, most memory; 1 = recompute all).
+    """auto = bfloat16 on CUDA (half the memory), float32 on the CPU (no fast bf16 kernels there)."""
+    local_micro_batch_tokens: int = 4096
+    """Tokens per forward/backward micro-batch: bounds memory; gradients accumulate over micro-batches."""
+    local_graph_cache_tokens: int = 16384
+    """Tokens whose autograd graph is kept between a forward and its backward."""
     local_recompute_layers: float = Field(default=0.25, ge=0, le=1)
-    # glibc only: allocations of this many bytes or more are mmapped, so freed activations leave RSS (0 = off).
+    """Share of decoder layers that keep only their input and recompute the rest in the backward (0 = fastest,
+    most memory; 1 = least memory).
+    """
     local_mmap_threshold_bytes: int = Field(default=128 * 1024, ge=0)
-    local_models: dict[str, Path] = {}  # extra base models: name -> local HF model folder
+    """glibc only: allocations of this many bytes or more are mmapped, so freed activations leave the process's
+    memory; 0 = off.
+    """
+    local_models: dict[str, Path] = {}
+    """Extra base models of the local server, as JSON: {"NAME": "/path/to/hf/model/folder"}."""
     local_fault_rate: float = 0.0
-    # "tinker": the server answers like Tinker today (its lineup; Qwen3-8B backed by a tiny Qwen3 model with the
-    # real Qwen3 tokenizer) so a cloud run can be rehearsed offline; "" serves the local models.
+    """Answer this fraction of requests with a transient 429/5xx (for reliability tests)."""
     local_stand_in: Literal["", "tinker"] = ""
-    # Server limits (README "Server limits"): what one request or client may ask of the local server.
-    local_max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # per request, counted after decompression
-    # Per engine job, from its start; decoding stops at the next step. A batch of 256 sampled rows x 128 tokens
-    # (dpo-pairs) takes ~9 min on 2 idle vCPUs and over 10 under load: 600 s failed the documented regeneration.
+    """tinker: answer like Tinker (its lineup; Qwen/Qwen3-8B on a tiny random-init model with the real tokenizer)
+    to rehearse a cloud run offline; empty: serve the local models.
+    """
+    # Server limits (docs/local-server.md, "Limits"): what one request or client may ask of the local server.
+    # The largest valid forward_backward body (1,048,576 tokens) is ~17 MB, and decoding costs up to ~3x the body.
+    local_max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    """Largest forward_backward (protobuf) body the local server accepts, counted after decompression."""
+    # The largest valid JSON body, a 32K-token prompt, is ~0.26 MB; decoding JSON costs up to ~35x its size in one
+    # call that holds the GIL (4 MiB took over a second on a loaded machine).
+    local_max_json_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    """Largest JSON request body the local server accepts."""
+    local_max_large_bodies: int = Field(default=2, ge=1)
+    """Bodies over 256 KiB read and decoded at once; more wait, then get 429."""
+    # A batch of 256 sampled rows x 128 tokens (dpo-pairs) takes ~9 min on 2 idle vCPUs and over 10 under load:
+    # 600 s failed the documented regeneration.
     local_request_timeout_s: float = Field(default=3600.0, gt=0)
-    local_max_training_models: int = Field(default=16, ge=0)  # live LoRA training models, all clients; 0 = no cap
-    local_max_sessions: int = Field(default=1024, ge=1)  # live client sessions
-    local_session_idle_s: float = Field(default=900.0, gt=0)  # no heartbeat this long: the session's models go
+    """Time budget of one engine job, from its start; decoding stops at the next step."""
+    local_max_training_models: int = Field(default=16, ge=0)
+    """Live LoRA training models, all clients together; 0 = no cap."""
+    local_max_sessions: int = Field(default=1024, ge=1)
+    """Live client sessions."""
+    local_session_idle_s: float = Field(default=900.0, gt=0)
+    """A session without a heartbeat this long is closed, and its models and samplers freed."""
+    # Snapshot samplers (save_weights_and_get_sampling_client) each hold a copy of the adapter (SmolLM2 rank 32:
+    # ~40 MB); the least recently used go first past either cap.
+    local_max_snapshots: int = Field(default=32, ge=1)
+    """Snapshot samplers (save_weights_and_get_sampling_client) kept by the server; least recently used go first."""
+    local_max_snapshots_per_session: int = Field(default=8, ge=1)
+    """Snapshot samplers kept per client session; least recently used go first."""
 
     # --- Weights & Biases ---
     wandb_project: str | None = None
+    """Default W&B project of runs that name none (wandb_project=...)."""
     wandb_entity: str | None = None
+    """W&B entity (team or user)."""
     wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """W&B mode: online, offline or disabled; none = W&B's own default."""
     wandb_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("WANDB_API_KEY"))
+    """W&B API key (WANDB_API_KEY); never written to a file, log or W&B config."""
 
     def resolved_backend(self) -> Literal["tinker", "local"]:
         """`auto` means Tinker's cloud when a key is configured, else the local server."""

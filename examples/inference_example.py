@@ -1,7 +1,11 @@
 """Complete a few prompts with a trained experiment's final checkpoint and with its base model, and score each
 completion's fluency under the base model (its mean token logprob, as the evaluation does).
 
-    python examples/inference_example.py experiments/dataset1_smollm2135m_lr1e-05_beta0.1_2026-11-29
+    .venv/bin/python examples/inference_example.py experiments/dataset1_smollm2135m_lr0.001_beta0.1_2026-12-01
+
+`Sampler.from_run` reads the run folder: the base model and the renderer from config.json (prompts render exactly
+as training rendered them), the final checkpoint's `sampler_path` from checkpoints.jsonl. Without TINKER_API_KEY
+it samples on the local server over the same checkpoint storage (DPO_LOCAL_STORAGE, default .dpo_local).
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpo_core.backend import service_client  # noqa: E402
-from dpo_core.checkpoints import final_sampler_path  # noqa: E402
-from dpo_core.records import RunConfig  # noqa: E402
 from dpo_core.sampling import Sampler  # noqa: E402
 from dpo_core.settings import Settings  # noqa: E402
 
@@ -21,14 +23,10 @@ PROMPTS = ["Write a short poem about a paper boat.", "Describe the moon in two s
 
 
 def main(run_dir: str) -> None:
-    run = RunConfig.read(run_dir)
-    model_name, renderer_name = run.train_config.model_name, run.renderer_name  # prompt as training rendered
-    model_path = final_sampler_path(run_dir)  # the `sampler_path` of the `final` row in checkpoints.jsonl
-    with service_client(Settings()) as client:
-        trained = Sampler(model_name, model_path, temperature=0.7, max_tokens=128, seed=0,
-                          renderer_name=renderer_name, service_client=client)
-        base = Sampler(model_name, None, temperature=0.7, max_tokens=128, seed=0, renderer_name=renderer_name,
-                       service_client=client)
+    with service_client(Settings()) as client:  # one client (one local server) for both samplers
+        trained = Sampler.from_run(run_dir, temperature=0.7, max_tokens=128, seed=0, service_client=client)
+        base = Sampler(trained.model_name, None, temperature=0.7, max_tokens=128, seed=0,
+                       renderer_name=trained.renderer_name, service_client=client)
         for prompt in PROMPTS:
             [[after]], [[before]] = trained.sample_many([prompt]), base.sample_many([prompt])
             fluency_after, fluency_before = base.mean_logprobs([after, before])
@@ -37,6 +35,7 @@ def main(run_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
+    if len(sys.argv) != 2 or sys.argv[1] in ("--help", "-h", "help"):
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:] and sys.argv[1] in ("--help", "-h", "help") else 2)
     main(sys.argv[1])

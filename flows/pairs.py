@@ -4,7 +4,9 @@ The Prefect flow `dpo-pairs`: sample a pool of candidates per prompt from a base
 embedding diversity, LLM-judge originality), and write the three preference datasets with provenance columns.
 Regenerating the shipped sample datasets (see data/README.md):
 
-    python flows/pairs.py prompts=data/train_prompts.parquet model_name=HuggingFaceTB/SmolLM2-135M-Instruct
+    .venv/bin/python flows/pairs.py prompts=data/train_prompts.parquet model_name=HuggingFaceTB/SmolLM2-135M-Instruct
+
+`--help` lists every key (dpo_core/config_docs.py).
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+if __name__ == "__main__":  # answered before Prefect is imported
+    from flows.cli import answer_help
+
+    answer_help("pairs", sys.argv[1:])
+
 from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect is imported)
 
 from prefect import flow  # noqa: E402
 
-from dpo_core.pairs import PairsConfig  # noqa: E402
+from dpo_core.pairs import PairsConfig, load_prompts  # noqa: E402
 from dpo_core.settings import install_signal_handlers  # noqa: E402
 from flows.artifacts import publish_pairs  # noqa: E402
-from flows.cli import exit_code, parse_config  # noqa: E402
+from flows.cli import exit_code, parse_config, preflight, quiet_user_tracebacks, take_debug_flag  # noqa: E402
 from tasks.pairs import build_pairs  # noqa: E402
 
 
@@ -36,8 +43,11 @@ def dpo_pairs(config: PairsConfig) -> dict:
 
 def main(argv: list[str]) -> int:
     install_signal_handlers()
-    config = parse_config(PairsConfig, argv)
-    return 1 if config is None else exit_code(dpo_pairs(config, return_state=True))
+    config = parse_config(PairsConfig, take_debug_flag(argv))
+    if config is None or not preflight(lambda: load_prompts(Path(config.prompts))):  # a bad prompts file: one line
+        return 1
+    quiet_user_tracebacks()
+    return exit_code(dpo_pairs(config, return_state=True))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 For every dataset x model (x hyperparameter value): validate each dataset once (a hard gate), train (one
 `dpo-train` subflow per experiment, each its own page in the UI), register the checkpoints, evaluate output
 diversity against the base models, and write the comparison report. Without TINKER_API_KEY it runs on the
-local server with the shipped datasets and SmolLM2-135M-Instruct.
+local server with the shipped datasets and SmolLM2-135M-Instruct. `--help` lists every key and its default per
+backend (dpo_core/config_docs.py), e.g.
+
+    .venv/bin/python flows/suite.py preset=quick
+    .venv/bin/python flows/suite.py datasets=1,2 dpo_beta=0.05,0.1 batch_size=8
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 from flows import prefect_server  # noqa: E402  (standard library only)
 
-if __name__ == "__main__":  # Prefect's temporary server starts up while this process imports the rest
-    prefect_server.start_early()
+if __name__ == "__main__":
+    from flows.cli import answer_help
+
+    answer_help("suite", sys.argv[1:])  # before anything starts
+    prefect_server.start_early()  # Prefect's temporary server starts up while this process imports the rest
 
 from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect is imported)
 
@@ -23,10 +30,10 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from dpo_core.data import DatasetNotFoundError  # noqa: E402
-from dpo_core.plan import SuiteConfig, max_parallel_for, split_lists, step_count_problems  # noqa: E402
+from dpo_core.plan import SuiteConfig, check_runnable, max_parallel_for, split_lists, step_count_problems  # noqa: E402
 from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
 from flows.artifacts import publish_checkpoints, publish_validation  # noqa: E402
-from flows.cli import parse_config  # noqa: E402
+from flows.cli import parse_config, preflight, print_error, quiet_user_tracebacks, take_debug_flag  # noqa: E402
 from flows.dispatch import failure_message, train_all  # noqa: E402
 from flows.evaluate import evaluate_and_report  # noqa: E402
 from tasks.plan import list_served_models, plan_experiments  # noqa: E402
@@ -105,13 +112,17 @@ def dpo_suite(config: SuiteConfig = SuiteConfig()):
 
 def main(argv: list[str]) -> int:
     install_signal_handlers()
-    config = parse_config(SuiteConfig, argv, prepare=split_lists)
-    if config is None:
+    config = parse_config(SuiteConfig, take_debug_flag(argv), prepare=split_lists)
+    if config is None or not preflight(lambda: check_runnable(config, Settings())):
         return 1
+    quiet_user_tracebacks()
     prefect_server.connect()
     state = dpo_suite(config, return_state=True)
-    print(state.message or state.name)
-    return 0 if state.is_completed() else 1
+    if state.is_completed():
+        print(state.message or state.name)
+        return 0
+    print_error(state.message or state.name)
+    return 1
 
 
 if __name__ == "__main__":

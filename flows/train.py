@@ -1,12 +1,13 @@
 """`python flows/train.py model_name=... dataset=1 [learning_rate=1e-5 dpo_beta=0.1 batch_size=256 ...]`.
 
 The Prefect flow `dpo-train`: validate the dataset, train one DPO experiment, register its final checkpoint.
-Example (the seed guide's first run, on a model Tinker still serves; also `python scripts/train_dpo.py ...`):
+Example (the seed guide's first run, on a model Tinker still serves; also `scripts/train_dpo.py ...`):
 
-    python flows/train.py model_name=Qwen/Qwen3-8B dataset=1 wandb_project=cs329x-dpo
+    .venv/bin/python flows/train.py model_name=Qwen/Qwen3-8B dataset=1 batch_size=8 wandb_project=cs329x-dpo
 
 With no TINKER_API_KEY it runs on the local server, e.g.
-    python flows/train.py model_name=HuggingFaceTB/SmolLM2-135M-Instruct dataset=1 batch_size=8
+    .venv/bin/python flows/train.py model_name=HuggingFaceTB/SmolLM2-135M-Instruct dataset=1 batch_size=8
+`--help` lists every key (dpo_core/config_docs.py).
 """
 
 from __future__ import annotations
@@ -15,14 +16,20 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+if __name__ == "__main__":  # answered before Prefect is imported (~3 s)
+    from flows.cli import answer_help
+
+    answer_help("train", sys.argv[1:])
+
 from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect is imported)
 
 from prefect import flow  # noqa: E402
 
-from dpo_core.config import TrainConfig  # noqa: E402
+from dpo_core.config import TrainConfig, check_step_count  # noqa: E402
+from dpo_core.experiment import validate_dataset as validated  # noqa: E402
 from dpo_core.records import TrainOutcome  # noqa: E402
-from dpo_core.settings import install_signal_handlers  # noqa: E402
-from flows.cli import exit_code, parse_config  # noqa: E402
+from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
+from flows.cli import exit_code, parse_config, preflight, quiet_user_tracebacks, take_debug_flag  # noqa: E402
 from tasks.caching import run_fresh_if_gone, still_there  # noqa: E402
 from tasks.train import register_checkpoint, train_experiment  # noqa: E402
 from tasks.validate import validate_dataset  # noqa: E402
@@ -45,10 +52,20 @@ def dpo_train(config: TrainConfig) -> TrainOutcome:
     return outcome.model_copy(update={"final": final})
 
 
+def check_before_training(config: TrainConfig) -> None:
+    """The flow's own gates, run before it starts so that a user error is one line, not a failed flow run: the
+    dataset validates, and the plan makes enough optimizer steps."""
+    dataset = validated(config.dataset, Settings())
+    check_step_count(config, dataset.rows, Path(dataset.path).name)
+
+
 def main(argv: list[str]) -> int:
     install_signal_handlers()
-    config = parse_config(TrainConfig, argv)
-    return 1 if config is None else exit_code(dpo_train(config, return_state=True))
+    config = parse_config(TrainConfig, take_debug_flag(argv))
+    if config is None or not preflight(lambda: check_before_training(config)):
+        return 1
+    quiet_user_tracebacks()
+    return exit_code(dpo_train(config, return_state=True))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,17 @@ from dpo_core.settings import Settings, apply_offline_env
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dpo_core.config_docs import settings_help
+
     parser = argparse.ArgumentParser(prog="python -m dpo_core.local",
                                      description="Local Tinker-compatible server (tinker SDK 0.38 protocol).")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve until interrupted")
+    sub.add_parser("help", help="show serve's options and settings")
+    serve = sub.add_parser(
+        "serve", help="serve until interrupted", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the Tinker protocol on loopback until interrupted; prints the URL and the key to export.",
+        epilog="settings (environment variables, or a .env file; docs/configuration.md has them all):\n"
+               + settings_help("local_"))
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1: loopback only)")
     serve.add_argument("--port", type=int, default=None, help="port (default: settings, 0 = a free one)")
     serve.add_argument("--storage", type=Path, default=None, help="checkpoint folder (default .dpo_local)")
@@ -26,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--stand-in", choices=["tinker"], default=None,
                        help="answer like Tinker today: its model lineup, Qwen/Qwen3-8B trained and sampled on a tiny "
                             "random-init Qwen3 with the real tokenizer (rehearse a cloud run offline)")
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(["serve", "--help"] if "help" in argv else argv)  # `help`, `serve help`: serve's
     apply_offline_env()
     settings = Settings()
     if args.stand_in:

@@ -11,6 +11,7 @@ Leftovers of interrupted writes and deletes (dot-folders) are removed when the s
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
 import errno
@@ -19,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -114,24 +116,32 @@ class CheckpointStore:
         return path
 
     def read_meta(self, tinker_path: str) -> dict[str, Any]:
+        """A checkpoint's meta.json, with the fields every reader indexes checked (a user error if not)."""
         folder = self.resolve(tinker_path).folder
         try:
-            return json.loads((folder / "meta.json").read_text())
+            meta = json.loads((folder / "meta.json").read_text())
         except FileNotFoundError:
             raise UserError(f"checkpoint not found: {tinker_path}") from None
         except (OSError, ValueError) as exc:
-            raise UserError(f"checkpoint {tinker_path} is unreadable: {exc}") from None
+            raise UserError(f"checkpoint {tinker_path} is corrupt: meta.json cannot be read ({exc})") from None
+        lora = meta.get("lora") if isinstance(meta, dict) else None
+        if not (isinstance(lora, dict) and isinstance(lora.get("rank"), int)
+                and isinstance(meta.get("base_model"), str)):
+            raise UserError(f"checkpoint {tinker_path} is corrupt: meta.json lacks base_model or lora.rank")
+        return meta
 
     def load_adapter(self, tinker_path: str, device: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(str(self.resolve(tinker_path).folder / "adapter_model.safetensors"), device=device)
+        with _unreadable(tinker_path, "adapter_model.safetensors"):
+            return load_file(str(self.resolve(tinker_path).folder / "adapter_model.safetensors"), device=device)
 
     def load_optimizer(self, tinker_path: str, device: str) -> dict[str, Any]:
         ref = self.resolve(tinker_path)
         if ref.kind != "weights":
             raise UserError(f"{tinker_path} is a sampler checkpoint: it has no optimizer state")
-        return torch.load(ref.folder / "optimizer.pt", map_location=device)
+        with _unreadable(tinker_path, "optimizer.pt"):
+            return torch.load(ref.folder / "optimizer.pt", map_location=device)
 
     def run_ids(self) -> list[str]:
         if not self.runs_dir.exists():
@@ -176,6 +186,20 @@ class CheckpointStore:
                 empty.rmdir()
             except OSError:
                 break
+
+
+@contextlib.contextmanager
+def _unreadable(tinker_path: str, file_name: str) -> Iterator[None]:
+    """A missing or corrupt checkpoint file is the client's to fix (another checkpoint), never worth a retry."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {tinker_path} is incomplete: it has no {file_name}") from None
+    except Exception as exc:  # safetensors, pickle and zip errors have no common base
+        raise UserError(f"checkpoint {tinker_path} is corrupt: {file_name} cannot be read "
+                        f"({type(exc).__name__}: {exc})") from None
 
 
 def _fsync_folder(folder: Path) -> None:

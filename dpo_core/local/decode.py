@@ -340,7 +340,7 @@ class Decoder(BatchLayout):
 
 
 def _not_finite(what: str) -> UserError:
-    return UserError(f"the model's logits are not finite (NaN or inf) for {what}: its weights cannot be sampled "
+    return UserError(f"the model's logits are not finite (NaN/inf) for {what}: its weights cannot be sampled "
                      "(e.g. a diverged optimizer step); sample an earlier checkpoint or retrain with a smaller "
                      "learning rate")
 

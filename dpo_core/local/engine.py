@@ -22,7 +22,7 @@ from dpo_core.local.checkpoints import CheckpointRef, CheckpointStore, iso_time
 from dpo_core.local.memory import release_freed_memory
 from dpo_core.local.sampler import SampleRequest, Sampler, SamplerSource
 from dpo_core.local.store import ModelStore
-from dpo_core.local.trainer import Datum, Trainer
+from dpo_core.local.trainer import PROBE_TOKENS, Datum, Trainer
 from dpo_core.local.validation import UserError
 from dpo_core.models import ModelSpec
 
@@ -47,6 +47,8 @@ class Engine:
         max_training_models: int = 16,  # live LoRA training models, all sessions together (0 = no cap)
         recompute_layers: float = 0.0,  # share of decoder layers recomputed in backward instead of kept
         mmap_threshold_bytes: int = 0,  # > 0: freed large tensors go back to the OS (process-wide; memory.py)
+        max_snapshots: int = 32,  # snapshot samplers held, all sessions together (least recently used go first)
+        max_snapshots_per_session: int = 8,
     ):
         release_freed_memory(mmap_threshold_bytes)
         # Counters for tests and benchmarks (e.g. "reference logprobs computed once per sweep").
@@ -60,7 +62,8 @@ class Engine:
         self.checkpoints = CheckpointStore(storage)
         self.trainer = Trainer(self.store, self.checkpoints, self.counters, micro_batch_tokens, graph_cache_tokens,
                                max_models=max_training_models, recompute_layers=recompute_layers)
-        self.sampler = Sampler(self.store, self.checkpoints, self.counters, merged_cache_size)
+        self.sampler = Sampler(self.store, self.checkpoints, self.counters, merged_cache_size,
+                               max_snapshots=max_snapshots, max_snapshots_per_session=max_snapshots_per_session)
 
     @property
     def storage(self) -> Path:
@@ -108,8 +111,9 @@ class Engine:
         released = sum(self.release_session(session_id) for session_id in expired)
         stale = [m for m, entry in self.trainer.models.items()
                  if ids.session_of(m) not in live and time.time() - entry.last_request > idle_s]
-        for model_id in stale:
+        for model_id in stale:  # with its session's samplers: a snapshot outliving its model was never swept
             self.trainer.unload(model_id)
+            released += self.sampler.release_session(ids.session_of(model_id))
         return released + len(stale)
 
     def info(self, model_id: str) -> dict[str, Any]:
@@ -124,7 +128,10 @@ class Engine:
 
     def forward_backward(self, model_id: str, data: list[Datum], loss_fn: str, forward_only: bool
                          ) -> tuple[list[np.ndarray], dict[str, float]]:
-        return self.trainer.forward_backward(model_id, data, loss_fn, forward_only)
+        result = self.trainer.forward_backward(model_id, data, loss_fn, forward_only)
+        if not forward_only:  # what the next optim_step proves its result on (real tokens, in the vocabulary)
+            self.trainer.models[model_id].probe_tokens = list(data[0].tokens[:PROBE_TOKENS])
+        return result
 
     def optim_step(self, model_id: str, adam: dict[str, Any]) -> dict[str, float]:
         return self.trainer.optim_step(model_id, adam)
@@ -211,10 +218,39 @@ class Engine:
         return self.sampler.group_key(source, params)
 
     def sample_batch(self, source: SamplerSource, requests: list[SampleRequest]) -> list[dict[str, Any] | Exception]:
-        return self.sampler.sample_batch(source, requests)
+        """Serve several sampling requests of one sampler in one batched generation; a result or error each."""
+        results: list[dict[str, Any] | Exception] = [None] * len(requests)  # type: ignore[list-item]
+
+        def deliver(position: int, outcome: dict[str, Any] | Exception) -> None:
+            results[position] = outcome
+
+        self.sample_stream(source, requests, deliver)
+        return results
 
     def sample_stream(self, source: SamplerSource, requests: list[SampleRequest],
                       deliver: Callable[[int, dict[str, Any] | Exception], None],
                       admit: Callable[[int], list[SampleRequest]] | None = None) -> None:
-        """Continuous batching: `sample_batch` that takes more requests while it decodes (`Sampler.decode`)."""
-        self.sampler.decode(source, requests, deliver, admit)
+        """Continuous batching (`Sampler.decode`): requests `admit` hands over join while it decodes; each is
+        answered through `deliver` as soon as it is done. Never answers NaN: weights whose logits are not finite
+        are refused before decoding (on CUDA, decoding NaN could end the process's use of the GPU), the decoder
+        fails a request whose rows' logits turn non-finite, and every result is checked once more on the way out.
+        """
+        broken = UserError(f"the weights of this sampler ({source.model_path or source.base_model}) give NaN/inf "
+                           "logits, so there is nothing to sample; sample a checkpoint saved before they broke")
+        if not self.sampler.weights_are_finite(source):
+            for position in range(len(requests)):
+                deliver(position, broken)
+            return
+
+        def checked(position: int, outcome: dict[str, Any] | Exception) -> None:
+            deliver(position, broken if isinstance(outcome, dict) and not _finite_result(outcome) else outcome)
+
+        self.sampler.decode(source, requests, checked, admit)
+
+
+def _finite_result(result: dict[str, Any]) -> bool:
+    """Every sampled logprob and every prompt logprob after the first (NaN by convention) is finite."""
+    sampled = [np.asarray(sequence["logprobs"], dtype=np.float64) for sequence in result.get("sequences", [])]
+    prompt = result.get("prompt_logprobs")
+    return (all(np.isfinite(values).all() for values in sampled)
+            and (prompt is None or bool(np.isfinite(np.asarray(prompt, dtype=np.float64)[1:]).all())))

@@ -43,11 +43,15 @@ def build_engine(settings: Settings, storage: Path | None = None) -> Engine:
         max_training_models=settings.local_max_training_models,
         recompute_layers=settings.local_recompute_layers,
         mmap_threshold_bytes=settings.local_mmap_threshold_bytes,
+        max_snapshots=settings.local_max_snapshots,
+        max_snapshots_per_session=settings.local_max_snapshots_per_session,
     )
 
 
 def server_limits(settings: Settings) -> ServerLimits:
     return ServerLimits(max_body_bytes=settings.local_max_body_bytes,
+                        max_json_body_bytes=settings.local_max_json_body_bytes,
+                        max_large_bodies=settings.local_max_large_bodies,
                         request_timeout_s=settings.local_request_timeout_s,
                         max_sessions=settings.local_max_sessions, session_idle_s=settings.local_session_idle_s)
 
@@ -131,6 +135,24 @@ def require_key_off_loopback(host: str, api_key: str | None) -> None:
                          "give the same key to the clients as TINKER_API_KEY")
 
 
+def standin_banner() -> str:
+    """What a user rehearsing a Tinker run against the stand-in must know and export on the client side."""
+    from dpo_core import hf_cache
+
+    home = hf_cache.default_hf_home()
+    lines = ["  stand-in: answers like Tinker (its lineup); Qwen/Qwen3-8B trains and samples on a tiny random-init "
+             "model with the real Qwen3 tokenizer, so its samples are random text: rehearse the pipeline, not results."]
+    if hf_cache.is_primed(home):
+        lines += [f"  the client loads the Qwen3 tokenizer by repo id; {home} holds it, so offline export (without "
+                  "HF_HUB_OFFLINE=1 the hub client retries for about a minute first):",
+                  f"  {hf_cache.offline_exports(home)}"]
+    else:
+        lines += [f"  the client loads the Qwen3 tokenizer by repo id; offline, put it into {home} first (then export "
+                  "what it prints, HF_HUB_OFFLINE=1):",
+                  "  .venv/bin/python -m dpo_core prime-hf-cache"]
+    return "\n".join(lines)
+
+
 def serve_forever(settings: Settings, host: str, port: int, storage: Path | None, api_key: str | None,
                   fault_rate: float) -> None:
     """Blocking CLI server; prints the URL (and how to use it) once it is ready."""
@@ -148,6 +170,8 @@ def serve_forever(settings: Settings, host: str, port: int, storage: Path | None
             print(f"  export TINKER_API_KEY={server.api_key}", flush=True)
         print(f"  models: {', '.join(s.name for s in server.engine.served_models())}", flush=True)
         print(f"  storage: {server.engine.storage}", flush=True)
+        if settings.local_stand_in == "tinker":
+            print(standin_banner(), flush=True)
         try:
             while not stop.wait(0.2):
                 pass

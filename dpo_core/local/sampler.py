@@ -2,7 +2,9 @@
 
 Sampling runs on a copy of the base weights with the LoRA merged in (unmerged was ~30% slower on 2 vCPUs);
 the merged copies of the most recently used checkpoints are kept (`merged_cache_size`, one per concurrent
-evaluation, else they thrash).
+evaluation, else they thrash). Snapshot samplers (`save_weights_and_get_sampling_client()`, taken every step of
+an RL or evaluation loop) each hold a copy of the adapter: a session keeps its `max_snapshots_per_session` most
+recently used ones and the server `max_snapshots`, the least recently used going first.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,13 +66,21 @@ class Sampler:
     """Sampling sessions by id, and the batched generation that serves them."""
 
     def __init__(self, store: ModelStore, checkpoints: CheckpointStore, counters: dict[str, int],
-                 merged_cache_size: int = 4, sync_every: int = 4):
+                 merged_cache_size: int = 4, max_snapshots: int = 32, max_snapshots_per_session: int = 8,
+                 sync_every: int = 4):
         self.store, self.checkpoints, self.counters = store, checkpoints, counters
         self.sync_every = sync_every  # decode steps between reads of the sampled tokens
         self.static_cache: bool | None = None  # None: a static KV cache (and CUDA graphs) on CUDA only
         self.merged_cache_size = merged_cache_size
+        self.max_snapshots, self.max_snapshots_per_session = max_snapshots, max_snapshots_per_session
         self.sessions: dict[str, SamplerSource] = {}
         self._merged: OrderedDict[str, Any] = OrderedDict()
+        self._snapshots: OrderedDict[str, None] = OrderedDict()  # snapshot sampler ids, least recently used first
+        self._evicted: OrderedDict[str, str] = OrderedDict()  # recently evicted snapshot ids -> why (bounded)
+        self._finite: OrderedDict[str, bool] = OrderedDict()  # weights key -> whether their logits are finite
+        # Sessions are added by the HTTP thread (create_sampling_session) and looked up there (asample), added
+        # and released by the engine thread (snapshots, session ends): every read-modify of them holds this.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ sessions
     def create_session(self, sampler_id: str, base_model: str | None, model_path: str | None) -> str:
@@ -82,27 +93,84 @@ class Sampler:
             source = SamplerSource.of_base(base_model)
         else:
             raise UserError("create_sampling_session needs base_model or model_path")
-        self.sessions[sampler_id] = source
+        with self._lock:
+            self._forget_snapshot(sampler_id)  # a reused id now names this sampler, not an old snapshot
+            self.sessions[sampler_id] = source
         return sampler_id
 
     def add_snapshot(self, sampler_id: str, base_model: str, lora: dict[str, Any],
                      adapter_state: dict[str, torch.Tensor]) -> str:
-        """An ephemeral sampler over a copy of a training model's current weights."""
-        self.sessions[sampler_id] = SamplerSource(base_model, adapter_state=adapter_state, lora=dict(lora),
-                                                  key=f"ephemeral:{sampler_id}")
+        """An ephemeral sampler over a copy of a training model's current weights; evicts the least recently
+        used snapshots past the session's and the server's caps (requests already queued on them still run)."""
+        with self._lock:
+            self._forget_snapshot(sampler_id)
+            self.sessions[sampler_id] = SamplerSource(base_model, adapter_state=adapter_state, lora=dict(lora),
+                                                      key=f"ephemeral:{sampler_id}")
+            self._snapshots[sampler_id] = None
+            session_id = ids.session_of(sampler_id)
+            owned = [s for s in self._snapshots if ids.belongs_to(session_id, s)]
+            for oldest in owned[:max(0, len(owned) - self.max_snapshots_per_session)]:
+                self._evict(oldest, f"its session keeps its {self.max_snapshots_per_session} most recently used "
+                                    "snapshot samplers (DPO_LOCAL_MAX_SNAPSHOTS_PER_SESSION)")
+            while len(self._snapshots) > self.max_snapshots:
+                self._evict(next(iter(self._snapshots)), f"the server keeps its {self.max_snapshots} most "
+                                                         "recently used snapshot samplers (DPO_LOCAL_MAX_SNAPSHOTS)")
         return sampler_id
 
+    def snapshot_count(self, session_id: str | None = None) -> int:
+        """Snapshot samplers held, of one session or of all."""
+        with self._lock:
+            return sum(1 for s in self._snapshots if session_id is None or ids.belongs_to(session_id, s))
+
+    def _evict(self, sampler_id: str, why: str) -> None:
+        self._forget_snapshot(sampler_id)
+        self._evicted[sampler_id] = why
+        while len(self._evicted) > 4096:
+            self._evicted.popitem(last=False)
+
+    def _forget_snapshot(self, sampler_id: str) -> None:
+        if sampler_id in self._snapshots:
+            del self._snapshots[sampler_id]
+            key = self.sessions.pop(sampler_id).key
+            self._merged.pop(key, None)
+            self._finite.pop(key, None)  # the id may name other weights next
+        self._evicted.pop(sampler_id, None)
+
+    @torch.no_grad()
+    def weights_are_finite(self, source: SamplerSource) -> bool:
+        """Whether the source's (merged) weights give finite logits on a few fixed tokens; once per weights.
+
+        Checked before decoding: on CUDA, sampling NaN/inf probabilities is a device-side assert that leaves the
+        process's CUDA context unusable for every later request (seen on an H200, torch 2.11), not an exception.
+        """
+        verdict = self._finite.get(source.key)
+        if verdict is None:
+            module = self._module(source)
+            probe = torch.arange(1, 17, device=self.store.device).unsqueeze(0)
+            verdict = bool(torch.isfinite(module(input_ids=probe).logits).all())
+            self._finite[source.key] = verdict
+            while len(self._finite) > 4096:
+                self._finite.popitem(last=False)
+        return verdict
+
     def session(self, sampler_id: str) -> SamplerSource:
-        if sampler_id not in self.sessions:
-            raise UserError(f"unknown sampler {sampler_id}")
-        return self.sessions[sampler_id]
+        with self._lock:
+            if sampler_id not in self.sessions:
+                raise UserError(f"unknown sampler {sampler_id}")
+            return self.sessions[sampler_id]
 
     def source(self, sampler_id: str | None, base_model: str | None, model_path: str | None) -> SamplerSource:
         """What an `asample` request samples from: its session, else a checkpoint path, else a base model."""
         if sampler_id:
-            if sampler_id not in self.sessions:
-                raise UserError(f"unknown sampling session {sampler_id!r}")
-            return self.sessions[sampler_id]
+            with self._lock:
+                if sampler_id in self._evicted:
+                    raise UserError(f"snapshot sampler {sampler_id!r} was released: {self._evicted[sampler_id]}; "
+                                    "take a new one (save_weights_and_get_sampling_client)")
+                if sampler_id not in self.sessions:
+                    raise UserError(f"unknown sampling session {sampler_id!r}")
+                if sampler_id in self._snapshots:
+                    self._snapshots.move_to_end(sampler_id)
+                return self.sessions[sampler_id]
         if model_path:
             return SamplerSource.of_checkpoint(self.checkpoints, model_path)
         if base_model:
@@ -111,11 +179,16 @@ class Sampler:
 
     def release_session(self, session_id: str) -> int:
         """Drop the samplers a finished session created (and the merged weights of its snapshots)."""
-        owned = [s for s in self.sessions if ids.belongs_to(session_id, s)]
-        for sampler_id in owned:
-            source = self.sessions.pop(sampler_id)
-            if source.adapter_state is not None:
-                self._merged.pop(source.key, None)
+        with self._lock:
+            owned = [s for s in self.sessions if ids.belongs_to(session_id, s)]
+            for sampler_id in owned:
+                self._snapshots.pop(sampler_id, None)
+                source = self.sessions.pop(sampler_id)
+                if source.adapter_state is not None:
+                    self._merged.pop(source.key, None)
+                    self._finite.pop(source.key, None)
+            for sampler_id in [s for s in self._evicted if ids.belongs_to(session_id, s)]:
+                del self._evicted[sampler_id]
         return len(owned)
 
     @staticmethod
@@ -150,16 +223,6 @@ class Sampler:
         return merged
 
     # ------------------------------------------------------------------ generation
-    def sample_batch(self, source: SamplerSource, requests: list[SampleRequest]) -> list[dict[str, Any] | Exception]:
-        """Serve several sampling requests of one sampler in one batched generation; a result or error each."""
-        results: list[dict[str, Any] | Exception] = [None] * len(requests)  # type: ignore[list-item]
-
-        def deliver(position: int, outcome: dict[str, Any] | Exception) -> None:
-            results[position] = outcome
-
-        self.decode(source, requests, deliver)
-        return results
-
     def decode(self, source: SamplerSource, requests: list[SampleRequest],
                deliver: Callable[[int, dict[str, Any] | Exception], None],
                admit: Callable[[int], list[SampleRequest]] | None = None) -> None:

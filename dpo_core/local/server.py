@@ -3,12 +3,15 @@
 Each route parses its request, makes one engine call and replies. Training and sampling routes answer at once
 with a request id; the worker thread (`worker.py`) runs the call (one model's requests in `seq_id` order) and
 `retrieve_future` long-polls for the result. Every request must carry the API key the server was started with;
-`tinker://` paths never leave the storage folder (`checkpoints.py`); ids are spelled by `ids.py`.
+`tinker://` paths never leave the storage folder (`checkpoints.py`); ids are spelled by `ids.py`. Session-scoped
+routes take only session ids this server issued and has not released (410 otherwise): an invented id would hold
+models, samplers and a place under the session cap that no sweep accounts for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import random
@@ -27,18 +30,21 @@ from dpo_core.local.budget import Budget
 from dpo_core.local.edge import EdgeGuard, user_error_reply
 from dpo_core.local.engine import Engine
 from dpo_core.local.sampler import SampleRequest, SamplerSource
-from dpo_core.local.validation import UserError, W, check_context, parse
+from dpo_core.local.validation import UnknownSession, UserError, W, check_context, parse
 from dpo_core.local.worker import Batch, Reply, Worker
 
 LONG_POLL_SECONDS = 30.0  # the SDK waits up to 45 s per poll; it logs a warning per empty poll
+INLINE_PARSE_BYTES = 64 * 1024  # bodies past this are decoded on a worker thread, so /healthz keeps answering
 _NO_FAULTS = ("/api/v1/create_session", "/api/v1/client/config")  # faults there would end the client at once
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """What one client may hold or ask of the server (settings `DPO_LOCAL_*`; see the README's Server limits)."""
+    """What one client may hold or ask of the server (settings `DPO_LOCAL_*`; docs/local-server.md, "Limits")."""
 
-    max_body_bytes: int = 256 * 1024 * 1024  # per request body, after decompression
+    max_body_bytes: int = 64 * 1024 * 1024  # forward_backward's protobuf body, after decompression
+    max_json_body_bytes: int = 1024 * 1024  # every other body (JSON)
+    max_large_bodies: int = 2  # bodies over 256 KiB read and decoded at once; the others wait their turn
     request_timeout_s: float = 3600.0  # per engine job (Settings.local_request_timeout_s); stops at the next step
     max_sessions: int = 1024
     session_idle_s: float = 900.0  # a session with no heartbeat for this long is released (the SDK beats ~10 s)
@@ -115,6 +121,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
     app.state.stop = lambda wait_s=0.0: workers and workers[0].stop(wait_s)
     app.state.join = lambda wait_s: workers[0].join(wait_s) if workers else True  # whether the engine thread ended
     app.add_middleware(EdgeGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes,
+                       max_json_body_bytes=limits.max_json_body_bytes, max_large_bodies=limits.max_large_bodies,
                        inject_fault=inject_fault)
 
     @app.exception_handler(UserError)
@@ -122,7 +129,23 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         return user_error_reply(exc)
 
     async def parsed(request: Request, model: type[W]) -> W:
-        return parse(model, await request.body())
+        return await decoded(functools.partial(parse, model), await request.body())
+
+    async def decoded(decode: Callable[[bytes], Any], body: bytes) -> Any:
+        """`decode(body)`, on a worker thread when the body is large: the event loop keeps answering meanwhile."""
+        if len(body) <= INLINE_PARSE_BYTES:
+            return decode(body)
+        return await asyncio.to_thread(decode, body)
+
+    def live_session(session_id: str) -> _Session:
+        """The issued, live session `session_id` (its use counts as a sign of life); a 410 otherwise."""
+        session = sessions.get(session_id)
+        if session is None:
+            raise UnknownSession(f"session {session_id!r} is not live on this server: never issued by it, finished, "
+                                 f"or released after {limits.session_idle_s:g} s without a heartbeat "
+                                 "(DPO_LOCAL_SESSION_IDLE_S), or the server restarted; create a new ServiceClient")
+        session.last_seen = time.monotonic()
+        return session
 
     # ------------------------------------------------------------------ session
     @app.post("/api/v1/client/config")
@@ -147,11 +170,9 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
 
     @app.post("/api/v1/session_heartbeat")
     async def heartbeat(request: Request):
-        session_id = (await parsed(request, wire.Heartbeat)).session_id
-        if session_id in sessions:
-            sessions[session_id].last_seen = time.monotonic()
-        elif len(sessions) < limits.max_sessions:  # a client that outlived a server restart stays known
-            sessions[session_id] = _Session([])
+        # An unknown id is refused, never registered: heartbeats of invented ids filled the session cap. 410 is
+        # what ends the SDK's heartbeat loop for a session that is over.
+        live_session((await parsed(request, wire.Heartbeat)).session_id)
         return {"type": "session_heartbeat"}
 
     @app.post("/api/v1/sessions/{session_id}/finish")
@@ -186,6 +207,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
     @app.post("/api/v1/create_model")
     async def create_model(request: Request):
         payload = await parsed(request, wire.CreateModel)
+        live_session(payload.session_id)
         model_id = ids.training_model_id(payload.session_id, payload.model_seq_id)
         lora = payload.lora_config.model_dump() if payload.lora_config else None
         return submit(model_id, 0, _json(lambda: {"type": "create_model", "model_id": engine.create_model(
@@ -201,7 +223,8 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
 
     @app.post("/api/v1/forward_backward")
     async def forward_backward(request: Request):
-        model_id, seq_id, loss_fn, forward_only, data = protocol.decode_forward_backward(await request.body())
+        model_id, seq_id, loss_fn, forward_only, data = await decoded(protocol.decode_forward_backward,
+                                                                      await request.body())
         context = engine.model_context_length(model_id)
         for index, datum in enumerate(data):
             check_context(len(datum.tokens), context, f"data[{index}].model_input")
@@ -248,6 +271,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
             model_id = payload.model_id
             load = lambda: engine.load_weights(model_id, path, optimizer)  # noqa: E731
         else:  # create-from-state: a new training model in the client's session
+            live_session(payload.session_id)
             model_id = ids.training_model_id(payload.session_id, payload.model_seq_id)
             load = lambda: engine.create_from_checkpoint(model_id, path, optimizer)  # noqa: E731
         return submit(model_id, payload.seq_id,
@@ -271,6 +295,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
     @app.post("/api/v1/create_sampling_session")
     async def create_sampling_session(request: Request):
         payload = await parsed(request, wire.CreateSamplingSession)
+        live_session(payload.session_id)
         sampler_id = ids.sampler_id(payload.session_id, payload.sampling_session_seq_id)
         await asyncio.to_thread(engine.create_sampler, sampler_id, payload.base_model, payload.model_path)
         return {"type": "create_sampling_session", "sampling_session_id": sampler_id}

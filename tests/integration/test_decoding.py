@@ -112,8 +112,7 @@ def test_the_static_cache_layout_samples_the_same_tokens(engine):
 
 
 def test_non_finite_logits_fail_their_request_with_a_user_error(engine):
-    """A model whose forward is NaN answers a clear user error, never NaN logprobs; batch-mates on other
-    weights are not affected (they are other batches)."""
+    """A model whose forward is NaN answers a clear user error, never NaN logprobs (greedy, sampled, scored)."""
     model_id = "nan-session:train:0"
     engine.create_model(model_id, TINY, {"rank": 4})
     entry = engine.trainer.get(model_id)
@@ -125,11 +124,34 @@ def test_non_finite_logits_fail_their_request_with_a_user_error(engine):
     source = engine.sampler_source("nan-session:sample:0", None, None)
     for params in ({"temperature": 1.0}, {"temperature": 0.0}):
         result = engine.sample_batch(source, [_request(SHORT, 2, **params)])[0]
-        assert isinstance(result, UserError) and "not finite" in str(result)
+        assert isinstance(result, UserError) and "NaN/inf" in str(result)
     scored = engine.sample_batch(source, [SampleRequest(SHORT, 1, {"max_tokens": 1}, prompt_logprobs=True)])[0]
-    assert isinstance(scored, UserError) and "not finite" in str(scored)
+    assert isinstance(scored, UserError) and "NaN/inf" in str(scored)
     healthy = engine.sample_batch(engine.sampler_source(None, TINY, None), [_request(SHORT, 1)])[0]
     assert np.isfinite(_logprobs(healthy)).all()
+
+
+def test_the_decoder_fails_only_the_request_whose_rows_turn_non_finite(engine):
+    """Weights that are finite on most inputs but NaN on one token (which the engine's probe of the weights
+    does not see): the request whose prompt holds it fails with a user error, its batch-mate is answered."""
+    import copy
+
+    from dpo_core.local.decode import Decoder
+
+    module = copy.deepcopy(engine.store.base(TINY))
+    with torch.no_grad():  # untie the head first: local/tiny's head is its embedding, and every logit would be NaN
+        module.lm_head.weight = torch.nn.Parameter(module.lm_head.weight.clone(), requires_grad=False)
+        module.get_input_embeddings().weight[100] = float("nan")
+    sampler = engine.sampler
+    decoder = Decoder(module, module.config.vocab_size, lambda: None, top_k=-1, top_p=1.0,
+                      counters=dict(engine.counters))
+    source = engine.sampler_source(None, TINY, None)
+    jobs = [(0, sampler._decode_job(source, _request(SHORT + [100], 2), module.get_output_embeddings(), 49152)),
+            (1, sampler._decode_job(source, _request(SHORT, 2), module.get_output_embeddings(), 49152))]
+    answers: dict[int, object] = {}
+    decoder.run(jobs, answers.__setitem__)
+    assert isinstance(answers[0], UserError) and "NaN/inf" in str(answers[0])
+    assert isinstance(answers[1], dict) and np.isfinite(_logprobs(answers[1])).all()
 
 
 def test_a_request_sent_while_a_batch_decodes_joins_it_instead_of_waiting(tmp_path, registered):

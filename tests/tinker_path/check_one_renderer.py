@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from dpo_core import data, rendering
-from dpo_core.checkpoints import final_sampler_path
 from dpo_core.records import RunConfig
 from dpo_core.sampling import Sampler
 
@@ -22,9 +21,8 @@ pair = data.load_pairs(Path(run.dataset_path))[0]
 renderer = rendering.get_renderer(model_name, run.renderer_name)
 tokens, weights = rendering.render_pair_tokens(renderer, list(pair.prompt), list(pair.chosen))
 train_prefix = tokens[:next(i for i, w in enumerate(weights) if w > 0)]
-# Evaluation and inference: the Sampler given the run's renderer, as evaluation and the example build it.
-with Sampler(model_name, final_sampler_path(run_dir), temperature=1.0, max_tokens=24, seed=0,
-             renderer_name=run.renderer_name) as sampler:
+# Inference: the Sampler of the run (its renderer from config.json), as the example builds it.
+with Sampler.from_run(run_dir, temperature=1.0, max_tokens=24, seed=0) as sampler:
     eval_prompt = sampler._prompt(list(pair.prompt)).to_ints()
     samples = sampler.sample_many([list(pair.prompt)], num_samples=2)[0]
     print(json.dumps({

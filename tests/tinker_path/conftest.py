@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 
 from tests.helpers.hf_cache import loopback_hub, prime_qwen3_8b
 from tests.helpers.net import free_port
+from tests.helpers.processes import stop_group
 from tests.helpers.shipped import shipped_slice
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,12 +72,7 @@ def standin(tmp_path_factory, cache_dir):
             raise RuntimeError(f"the stand-in did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
     yield StandIn(base_url, key, storage, log)
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    stop_group(process)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 from dpo_core import lineup
 from dpo_core.local import standin
 from tests.helpers.hf_cache import loopback_hub, prime_qwen3_8b
+from tests.helpers.net import WATCH_CONNECTIONS
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Write a haiku about rain."}],
@@ -193,15 +194,8 @@ def test_cached_model_folder_loads_the_seeded_weights_and_the_real_tokenizer(tmp
 
 # Runs in a fresh interpreter: this test process imported huggingface_hub with HF_HUB_OFFLINE=1 (conftest),
 # and the hub reads it once at import. The audit hook sees every address a socket resolves or connects to.
-_LOAD_BY_REPO_ID = """
-import json, sys, time
-contacted = set()
-def watch(event, args):
-    if event == "socket.getaddrinfo":
-        contacted.add(str(args[0]))
-    elif event == "socket.connect" and isinstance(args[1], tuple):
-        contacted.add(str(args[1][0]))
-sys.addaudithook(watch)
+_LOAD_BY_REPO_ID = WATCH_CONNECTIONS + """
+import json, time
 from tinker_cookbook.tokenizer_utils import get_tokenizer
 start = time.monotonic()
 tokenizer = get_tokenizer("Qwen/Qwen3-8B")
