@@ -4,9 +4,13 @@
 #      head, and the LoRA merge for bf16 sampling vs today's in-place bf16 merge; then the CPU unit tests.
 #   2. SmolLM2 DPO throughput and peak memory, dpo-suite vs TRL (bench/dpo_throughput.py).
 #   3. Sampling, all requests in flight vs one at a time, k=8 (bench/sampling.py; target >= 5x).
+# and issue 27's benchmark at the seed's scale (bench/gpu_scale.py; Qwen3 shapes with random weights):
+#   4. DPO, LoRA rank 32, 64 pairs x 1024 tokens per step, dpo-suite vs TRL: tokens/s, MFU, peak memory, for the
+#      0.6B, 1.7B and 8B shapes (target on 1.7B: >= 30% MFU and >= 1.3x TRL at <= its peak memory).
+#   5. Sampling at 128 rows x 64 tokens on the same shapes: tok/s against the HBM-bandwidth bound.
 #
 #     bash bench/gpu_check.sh              # every section, from the repository root
-#     bash bench/gpu_check.sh 1            # only section 1 (sections: 1 2 3)
+#     bash bench/gpu_check.sh 1            # only section 1 (sections: 1 2 3 4 5)
 #
 # The device machine has no registry, but it has its own CUDA torch, transformers, peft, pandas and pyarrow; the
 # rest (tinker, the cookbook, TRL, fastapi, ...) comes as wheels in .whl/, installed with --no-deps into a target
@@ -20,7 +24,7 @@ export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_NO_ADVISORY_WARN
 export TOKENIZERS_PARALLELISM=false TINKER_TELEMETRY=0 WANDB_MODE=disabled PREFECT_SERVER_ANALYTICS_ENABLED=false
 export DPO_LOCAL_DEVICE=cuda  # the local server's engine: bf16 on CUDA
 SITE=${DPO_GPU_SITE:-/tmp/dpo-gpu-site}
-SECTIONS=${*:-1 2 3}
+SECTIONS=${*:-1 2 3 4 5}
 FAILED=()
 
 section() { printf '\n=== %s (%s)\n' "$1" "$(date +%H:%M:%S)"; }
@@ -140,6 +144,18 @@ fi
 if wanted 3; then
 section "3. sampling throughput, k=8"
 timeout 150 "$PYTHON" bench/sampling.py --k 8 || FAILED+=("3: sampling")
+fi
+
+# ------------------------------------------------------------------ 4. DPO at the seed's scale
+if wanted 4; then
+section "4. DPO at the seed's scale, dpo-suite vs TRL (Qwen3 shapes)"
+timeout 420 "$PYTHON" bench/gpu_scale.py --sections dpo --arm-timeout 200 || FAILED+=("4: gpu_scale dpo")
+fi
+
+# ------------------------------------------------------------------ 5. sampling at 128 rows
+if wanted 5; then
+section "5. sampling at 128 rows vs the HBM bound (Qwen3 shapes)"
+timeout 240 "$PYTHON" bench/gpu_scale.py --sections sampling --arm-timeout 120 || FAILED+=("5: gpu_scale sampling")
 fi
 
 section "done"

@@ -12,13 +12,16 @@ Same server, models, prompts, k, max_tokens, temperature, seed and threads in bo
   that stop early make it generate fewer).
 The checkpoints are LoRA sampler checkpoints of an untrained adapter: each is its own merged model and sampler
 on the server, as a trained one would be, at the same cost. The profile sums each phase's time over the
-evaluation threads and lists the server's batches (rows, of which fluency-scoring rows, and seconds).
+evaluation threads and lists the server's batches (rows they started with, of which fluency-scoring rows, and
+seconds; requests that joined a running batch are not counted). `--suite-only` skips the sampling arm (what
+`bench/versus.py` compares between two checkouts); `--json PATH` writes the figures there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# DPO_BENCH_TREE: another checkout's code (bench/versus.py runs the same script against two trees)
+sys.path.insert(0, os.environ.get("DPO_BENCH_TREE") or str(ROOT))
 
 from dpo_core.settings import Settings, apply_offline_env  # noqa: E402
 
@@ -58,19 +62,21 @@ class Profile:
         setattr(owner, name, timed)
 
     def wrap_engine(self, engine: object) -> None:
-        original = engine.sample_batch
+        # the server's entry: a continuous batch (sample_stream) since issue 27, one batch per call before
+        name = "sample_stream" if hasattr(engine, "sample_stream") else "sample_batch"
+        original = getattr(engine, name)
 
-        def timed(source, requests):
+        def timed(source, requests, *args, **kwargs):
             started = time.perf_counter()
             try:
-                return original(source, requests)
+                return original(source, requests, *args, **kwargs)
             finally:
                 scoring = sum(r.num_samples for r in requests if r.prompt_logprobs or r.topk_prompt_logprobs)
                 with self._lock:
                     self.batches.append((sum(r.num_samples for r in requests), scoring,
                                          time.perf_counter() - started))
 
-        engine.sample_batch = timed
+        setattr(engine, name, timed)
 
     def reset(self) -> None:
         with self._lock:
@@ -80,7 +86,7 @@ class Profile:
 
 
 def run(model: str, num_models: int, prompts: int, k: int, max_tokens: int, rounds: int = 1,
-        workers: int = 4) -> dict:
+        workers: int = 4, sampling_arm_on: bool = True) -> dict:
     """Both arms, alternating over `rounds`; returns the medians, each round, and the last suite round's profile."""
     import tinker
 
@@ -141,7 +147,7 @@ def run(model: str, num_models: int, prompts: int, k: int, max_tokens: int, roun
 
         sampling_s, suite_s, generated = [], [], 0
         for round_index in range(rounds):
-            sampling_s.append(sampling_arm())
+            sampling_s.append(sampling_arm() if sampling_arm_on else float("nan"))
             wall, generated = suite_arm(round_index)
             suite_s.append(wall)
     tokens = num_models * len(inputs) * k * max_tokens
@@ -163,10 +169,15 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--suite-only", action="store_true", help="skip the sampling arm")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     if args.smoke:
         args.model, args.models, args.prompts, args.k, args.max_tokens = "local/tiny", 2, 3, 2, 4
-    result = run(args.model, args.models, args.prompts, args.k, args.max_tokens, args.rounds)
+    result = run(args.model, args.models, args.prompts, args.k, args.max_tokens, args.rounds,
+                 sampling_arm_on=not args.suite_only)
+    if args.json:
+        args.json.write_text(json.dumps(result))
     print(f"model {args.model}: {args.models} models x {result['prompts']} prompts x k={args.k} x "
           f"{args.max_tokens} tokens = {result['tokens']} tokens, {args.rounds} round(s), arms alternating")
     print(f"  sampling (all in flight, stop=[]): {result['sampling_s']:.2f} s ({result['sampling_tok_s']:.1f} tok/s; "

@@ -11,6 +11,7 @@ format lives in `protocol.py`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class Engine:
         self.counters: dict[str, int] = {
             "forward_requests": 0, "forward_backward_requests": 0, "graph_reuse_microbatches": 0,
             "sample_requests": 0, "prompt_logprob_requests": 0, "prompt_logprob_tokens": 0,
-            "sampled_tokens": 0, "trained_tokens": 0,
+            "sampled_tokens": 0, "trained_tokens": 0, "prefill_tokens": 0,
         }
         self.store = ModelStore(cache_dir, local_models, device=device, dtype=dtype, threads=threads,
                                 stand_in=stand_in)
@@ -217,23 +218,34 @@ class Engine:
         return self.sampler.group_key(source, params)
 
     def sample_batch(self, source: SamplerSource, requests: list[SampleRequest]) -> list[dict[str, Any] | Exception]:
-        """Sample, never answering NaN: a request whose logits were non-finite becomes a user error saying so.
+        """Serve several sampling requests of one sampler in one batched generation; a result or error each."""
+        results: list[dict[str, Any] | Exception] = [None] * len(requests)  # type: ignore[list-item]
 
-        Checked outside the decode loop, on the weights before it and on the results after it: greedy decoding of
-        NaN logits gave token 0 with NaN logprobs, and sampling them raised in `torch.multinomial` (a server
-        error, retried by the SDK; on CUDA a device-side assert that ends the process's use of the GPU).
+        def deliver(position: int, outcome: dict[str, Any] | Exception) -> None:
+            results[position] = outcome
+
+        self.sample_stream(source, requests, deliver)
+        return results
+
+    def sample_stream(self, source: SamplerSource, requests: list[SampleRequest],
+                      deliver: Callable[[int, dict[str, Any] | Exception], None],
+                      admit: Callable[[int], list[SampleRequest]] | None = None) -> None:
+        """Continuous batching (`Sampler.decode`): requests `admit` hands over join while it decodes; each is
+        answered through `deliver` as soon as it is done. Never answers NaN: weights whose logits are not finite
+        are refused before decoding (on CUDA, decoding NaN could end the process's use of the GPU), the decoder
+        fails a request whose rows' logits turn non-finite, and every result is checked once more on the way out.
         """
         broken = UserError(f"the weights of this sampler ({source.model_path or source.base_model}) give NaN/inf "
                            "logits, so there is nothing to sample; sample a checkpoint saved before they broke")
-        if not self.sampler.weights_are_finite(source):  # before decoding: on CUDA, decoding NaN kills the context
-            return [broken] * len(requests)
-        try:
-            results = self.sampler.sample_batch(source, requests)
-        except RuntimeError as exc:
-            if "inf" in str(exc) and "nan" in str(exc):  # torch.multinomial: "probability tensor contains inf, nan"
-                return [broken] * len(requests)
-            raise
-        return [broken if isinstance(result, dict) and not _finite_result(result) else result for result in results]
+        if not self.sampler.weights_are_finite(source):
+            for position in range(len(requests)):
+                deliver(position, broken)
+            return
+
+        def checked(position: int, outcome: dict[str, Any] | Exception) -> None:
+            deliver(position, broken if isinstance(outcome, dict) and not _finite_result(outcome) else outcome)
+
+        self.sampler.decode(source, requests, checked, admit)
 
 
 def _finite_result(result: dict[str, Any]) -> bool:

@@ -14,6 +14,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 
 from dpo_core.local import ids
-from dpo_core.local.budget import Budget, JobInterrupted
+from dpo_core.local.budget import Budget
 from dpo_core.local.checkpoints import CheckpointStore
+from dpo_core.local.decode import DecodeJob, Decoder
 from dpo_core.local.logprobs import prompt_logprobs
 from dpo_core.local.lora_merge import merge_lora
 from dpo_core.local.store import ModelStore
@@ -64,8 +66,11 @@ class Sampler:
     """Sampling sessions by id, and the batched generation that serves them."""
 
     def __init__(self, store: ModelStore, checkpoints: CheckpointStore, counters: dict[str, int],
-                 merged_cache_size: int = 4, max_snapshots: int = 32, max_snapshots_per_session: int = 8):
+                 merged_cache_size: int = 4, max_snapshots: int = 32, max_snapshots_per_session: int = 8,
+                 sync_every: int = 4):
         self.store, self.checkpoints, self.counters = store, checkpoints, counters
+        self.sync_every = sync_every  # decode steps between reads of the sampled tokens
+        self.static_cache: bool | None = None  # None: a static KV cache (and CUDA graphs) on CUDA only
         self.merged_cache_size = merged_cache_size
         self.max_snapshots, self.max_snapshots_per_session = max_snapshots, max_snapshots_per_session
         self.sessions: dict[str, SamplerSource] = {}
@@ -218,137 +223,69 @@ class Sampler:
         return merged
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def sample_batch(self, source: SamplerSource, requests: list[SampleRequest]) -> list[dict[str, Any] | Exception]:
-        """Serve several sampling requests of one sampler in a single batched generation.
+    def decode(self, source: SamplerSource, requests: list[SampleRequest],
+               deliver: Callable[[int, dict[str, Any] | Exception], None],
+               admit: Callable[[int], list[SampleRequest]] | None = None) -> None:
+        """Serve sampling requests of one sampler as one continuous batched generation (`decode.py`).
 
-        Decoding a small model on a CPU is bound by reading the weights once per step, so one step for many
-        rows costs about what it costs for one: requests queued together share the steps. Rows are left-padded
-        (masked; positions counted per row), each sample has its own generator seeded `seed + index`, so a
-        request's tokens do not depend on what it was batched with.
+        Decoding a small model is bound by reading the weights once per step, so one step for many rows costs
+        about what it costs for one: requests share the steps, and those `admit(live_rows)` hands over while
+        rows decode join at the next step. Each request is answered through `deliver(position, outcome)` as
+        soon as its rows are done (positions number `requests`, then the admitted ones in order). A sample's
+        tokens depend on its request, seed and index only, never on its batch-mates.
         """
-        results: list[dict[str, Any] | Exception] = [None] * len(requests)  # type: ignore[list-item]
-        live: list[int] = []
         module = self._module(source)
-        vocab = module.config.vocab_size
-        for index, request in enumerate(requests):
-            if not request.prompt:
-                results[index] = UserError("the prompt is empty")
-            elif request.num_samples < 1:
-                results[index] = UserError(f"num_samples must be >= 1, got {request.num_samples}")
-            elif max(request.prompt) >= vocab or min(request.prompt) < 0:
-                results[index] = UserError(f"prompt token id out of range for {source.base_model} (vocab {vocab})")
-            else:
-                live.append(index)
-        if not live:
-            return results
-        self.counters["sample_requests"] += len(live)
-        device = self.store.device
-        # One row per sample; remember which request and which sample index each row is.
-        rows = [(i, j) for i in live for j in range(requests[i].num_samples)]
-        prompts = [requests[i].prompt for i, _ in rows]
-        longest = max(len(p) for p in prompts)
-        pad = [longest - len(p) for p in prompts]
-        input_ids = torch.zeros((len(rows), longest), dtype=torch.long)
-        attention = torch.zeros((len(rows), longest), dtype=torch.long)
-        for r, tokens in enumerate(prompts):
-            input_ids[r, pad[r]:] = torch.tensor(tokens, dtype=torch.long)
-            attention[r, pad[r]:] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        input_ids, attention, positions = (t.to(device) for t in (input_ids, attention, positions))
-        decoder = getattr(module, module.base_model_prefix)
+        first = requests[0].params if requests else {}
+        top_k = first.get("top_k")
+        top_p = first.get("top_p")
+        decoder = Decoder(module, module.config.vocab_size, lambda: self.store.tokenizer(source.base_model),
+                          top_k=-1 if top_k is None else int(top_k), top_p=1.0 if top_p is None else float(top_p),
+                          counters=self.counters, sync_every=self.sync_every, static=self.static_cache)
         head = module.get_output_embeddings()
-        out = decoder(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-        hidden, past = out.last_hidden_state, out.past_key_values
+        numbered = [(position, self._decode_job(source, request, head, module.config.vocab_size))
+                    for position, request in enumerate(requests)]
+        admitted = {"next": len(requests)}
 
-        # Prompt logprobs from the prefill of each request's first row.
-        for i in live:
-            results[i] = self._prompt_logprobs(requests[i], head, hidden, input_ids, rows.index((i, 0)),
-                                               pad[rows.index((i, 0))])
+        def admit_more(live_rows: int) -> list[tuple[int, DecodeJob | Exception]]:
+            more = admit(live_rows)
+            start = admitted["next"]
+            admitted["next"] += len(more)
+            return [(start + i, self._decode_job(source, request, head, module.config.vocab_size))
+                    for i, request in enumerate(more)]
 
-        settings = []
-        for i, j in rows:
-            params = requests[i].params
-            seed = params.get("seed")
-            max_tokens = params.get("max_tokens")
-            temperature = params.get("temperature")
-            settings.append({
-                "max_tokens": 16 if max_tokens is None else int(max_tokens),
-                "temperature": 1.0 if temperature is None else float(temperature),
-                "stops": self._stops(source.base_model, params.get("stop")),
-                "generator": torch.Generator(device=device).manual_seed(
-                    (int(seed) if seed is not None else int.from_bytes(os.urandom(6), "little")) + j),
-            })
-        first_params = requests[live[0]].params
-        top_k = int(first_params.get("top_k") if first_params.get("top_k") is not None else -1)
-        top_p = float(first_params.get("top_p") if first_params.get("top_p") is not None else 1.0)
-        temperatures = torch.tensor([max(s["temperature"], 1e-6) for s in settings], device=device).unsqueeze(-1)
-        greedy = [s["temperature"] <= 0 for s in settings]
-        needs_text = any(s["stops"][1] for s in settings)
-        tokenizer = self.store.tokenizer(source.base_model) if needs_text else None
-        sequences: list[list[int]] = [[] for _ in rows]
-        logprobs: list[list[float]] = [[] for _ in rows]
-        stop_reason = ["length"] * len(rows)
-        done = [s["max_tokens"] <= 0 for s in settings]
-        next_logits = head(hidden[:, -1]).float()
-        steps = max(s["max_tokens"] for s in settings)
-        rows_of = {i: [r for r, (owner, _) in enumerate(rows) if owner == i] for i in live}
-        for step in range(steps):
-            for i in live:  # a request out of time or cancelled ends here, alone; its batch-mates go on
-                if not isinstance(results[i], dict) or all(done[r] for r in rows_of[i]):
-                    continue  # already failed, or finished: a finished request keeps its result
-                problem = requests[i].budget.problem()
-                if problem is not None:
-                    results[i] = JobInterrupted(problem)
-                    for r in rows_of[i]:
-                        done[r] = True
-            if all(done):
-                break
-            log_probs = torch.log_softmax(next_logits / temperatures, dim=-1)
-            filtered = _filter(log_probs, top_k, top_p).exp()
-            greedy_choice = next_logits.argmax(dim=-1)
-            chosen = torch.stack([
-                greedy_choice[r] if greedy[r] else torch.multinomial(filtered[r], 1, generator=settings[r]["generator"])[0]
-                for r in range(len(rows))
-            ])
-            chosen_lp = log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
-            for r, token in enumerate(chosen.tolist()):
-                if done[r]:
-                    continue
-                sequences[r].append(token)
-                logprobs[r].append(chosen_lp[r])
-                stop_ids, stop_strings = settings[r]["stops"]
-                if token in stop_ids or (stop_strings and any(
-                        text in tokenizer.decode(sequences[r][-32:]) for text in stop_strings)):
-                    done[r], stop_reason[r] = True, "stop"
-                elif len(sequences[r]) >= settings[r]["max_tokens"]:
-                    done[r] = True
-            if all(done):
-                break
-            attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=-1)
-            positions = positions[:, -1:] + 1
-            out = decoder(input_ids=chosen.unsqueeze(-1), attention_mask=attention, position_ids=positions,
-                          past_key_values=past, use_cache=True)
-            past, next_logits = out.past_key_values, head(out.last_hidden_state[:, -1]).float()
-        self.counters["sampled_tokens"] += sum(len(seq) for seq in sequences)
-        for i in (i for i in live if isinstance(results[i], dict)):
-            results[i]["sequences"] = [
-                {"tokens": sequences[r], "logprobs": logprobs[r], "stop_reason": stop_reason[r]}
-                for r, (owner, _) in enumerate(rows) if owner == i
-            ]
-        return results
+        decoder.run(numbered, deliver, admit_more if admit is not None else None)
 
-    def _prompt_logprobs(self, request: SampleRequest, head: Any, hidden: torch.Tensor, input_ids: torch.Tensor,
-                         row: int, pad: int) -> dict[str, Any]:
-        """The prompt's own logprobs (NaN first, as Tinker) and top-k alternatives, when the request asks."""
-        result: dict[str, Any] = {"prompt_logprobs": None, "topk_prompt": None}
-        if not (request.prompt_logprobs or request.topk_prompt_logprobs):
-            return result
+    def _decode_job(self, source: SamplerSource, request: SampleRequest, head: Any, vocab: int
+                    ) -> DecodeJob | Exception:
+        """What the decoder needs of one request, or the user error that refuses it."""
+        if not request.prompt:
+            return UserError("the prompt is empty")
+        if request.num_samples < 1:
+            return UserError(f"num_samples must be >= 1, got {request.num_samples}")
+        if max(request.prompt) >= vocab or min(request.prompt) < 0:
+            return UserError(f"prompt token id out of range for {source.base_model} (vocab {vocab})")
+        params = request.params
+        seed, max_tokens, temperature = params.get("seed"), params.get("max_tokens"), params.get("temperature")
+        stop_ids, stop_strings = self._stops(source.base_model, params.get("stop"))
+        scores = request.prompt_logprobs or request.topk_prompt_logprobs
+        return DecodeJob(
+            prompt=list(request.prompt), num_samples=request.num_samples,
+            max_tokens=16 if max_tokens is None else int(max_tokens),
+            temperature=1.0 if temperature is None else float(temperature),
+            seed=int(seed) if seed is not None else int.from_bytes(os.urandom(6), "little"),
+            stop_ids=frozenset(stop_ids), stop_strings=tuple(stop_strings), budget=request.budget,
+            score_prompt=(lambda hidden: self._prompt_logprobs(request, head, hidden)) if scores else None)
+
+    def _prompt_logprobs(self, request: SampleRequest, head: Any, hidden: torch.Tensor) -> dict[str, Any]:
+        """The prompt's own logprobs (NaN first, as Tinker) and top-k alternatives, from its prefill's hidden
+        states [len(prompt), H]."""
         self.counters["prompt_logprob_requests"] += 1
         self.counters["prompt_logprob_tokens"] += len(request.prompt)
         # Chunk by chunk over the vocabulary-wide logits (`logprobs.py`): a long prompt never holds them all.
-        scored = prompt_logprobs(hidden[row, pad:-1], head.weight, input_ids[row, pad + 1:],
-                                 top_k=request.topk_prompt_logprobs, bias=getattr(head, "bias", None))
+        targets = torch.tensor(request.prompt[1:], dtype=torch.long, device=hidden.device)
+        scored = prompt_logprobs(hidden[:-1], head.weight, targets, top_k=request.topk_prompt_logprobs,
+                                 bias=getattr(head, "bias", None))
+        result: dict[str, Any] = {"prompt_logprobs": None, "topk_prompt": None}
         result["prompt_logprobs"] = np.concatenate([[np.nan], scored.logprobs.cpu().numpy()]).astype(np.float32)
         if request.topk_prompt_logprobs:
             k = request.topk_prompt_logprobs
@@ -372,18 +309,4 @@ class Sampler:
         stop_ids = {int(s) for s in stop if isinstance(s, int)}
         strings = [s for s in stop if isinstance(s, str) and s]
         return stop_ids, strings
-
-
-def _filter(log_probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask tokens outside top-k / the top-p nucleus (to -inf), row by row."""
-    if top_k is not None and 0 < top_k < log_probs.shape[-1]:
-        kth = torch.topk(log_probs, top_k, dim=-1).values[..., -1:]
-        log_probs = log_probs.masked_fill(log_probs < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_lp, order = torch.sort(log_probs, descending=True, dim=-1)
-        cumulative = sorted_lp.exp().cumsum(dim=-1)
-        remove = cumulative - sorted_lp.exp() > top_p  # keep the token that crosses top_p
-        sorted_lp = sorted_lp.masked_fill(remove, float("-inf"))
-        log_probs = torch.full_like(log_probs, float("-inf")).scatter(-1, order, sorted_lp)
-    return log_probs
 

@@ -31,7 +31,7 @@ from dpo_core.local.edge import EdgeGuard, user_error_reply
 from dpo_core.local.engine import Engine
 from dpo_core.local.sampler import SampleRequest, SamplerSource
 from dpo_core.local.validation import UnknownSession, UserError, W, check_context, parse
-from dpo_core.local.worker import Reply, Worker
+from dpo_core.local.worker import Batch, Reply, Worker
 
 LONG_POLL_SECONDS = 30.0  # the SDK waits up to 45 s per poll; it logs a warning per empty poll
 INLINE_PARSE_BYTES = 64 * 1024  # bodies past this are decoded on a worker thread, so /healthz keeps answering
@@ -78,10 +78,14 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
     app.state.fault_counts = {"injected": 0}
     app.state.limits = limits
 
-    def run_sample_batch(items: list[tuple[SamplerSource, SampleRequest]]) -> list[Reply | Exception]:
-        results = engine.sample_batch(items[0][0], [request for _, request in items])
-        return [r if isinstance(r, Exception) else (protocol.encode_sample_response(r), protocol.PROTOBUF)
-                for r in results]
+    def run_sample_batch(items: list[tuple[SamplerSource, SampleRequest]], batch: Batch) -> None:
+        """One continuous batch: requests of the same group join while it decodes; each is answered when done."""
+        def answer(position: int, result: dict[str, Any] | Exception) -> None:
+            batch.finish(position, result if isinstance(result, Exception)
+                         else (protocol.encode_sample_response(result), protocol.PROTOBUF))
+
+        engine.sample_stream(items[0][0], [request for _, request in items], answer,
+                             admit=lambda live_rows: [request for _, request in batch.admit(live_rows)])
 
     def worker() -> Worker:
         if not workers:

@@ -6,7 +6,8 @@ no other. Speed notes (measured on 2 vCPUs, see bench/):
   [tokens x vocab] logits (cross_entropy on transposed logits was ~4x slower);
 - `forward_backward_custom` sends a forward-only pass and then a forward_backward over the same datums: the
   first pass keeps its autograd graph (up to `graph_cache_tokens`), so the second runs only backward;
-- a request's datums run in micro-batches of at most `micro_batch_tokens` padded tokens, gradients accumulate;
+- a request's datums run in micro-batches of at most `micro_batch_tokens` padded tokens, bucketed by length
+  (little padding), gradients accumulate;
 - `recompute_layers` of the decoder layers keep only their inputs for backward and recompute the rest there
   (`memory.py`): what bounds the memory of a kept graph.
 """
@@ -24,6 +25,7 @@ import torch
 
 from dpo_core.local import budget as budgets
 from dpo_core.local import ids
+from dpo_core.local.batching import length_buckets
 from dpo_core.local.checkpoints import CheckpointStore
 from dpo_core.local.logprobs import final_hidden_states, token_logprobs
 from dpo_core.local.memory import recompute_layers
@@ -43,6 +45,13 @@ class Datum:
     tokens: list[int]
     target_tokens: np.ndarray  # int64 [N]
     weights: np.ndarray  # float32 [N]
+
+
+def micro_batches(lengths: list[int], budget_tokens: int) -> list[list[int]]:
+    """Training micro-batches: bucketed by length under the token budget (a DPO batch alternates long and short
+    responses, and in arrival order a group padded everything to its longest). The forward-only pass and the
+    backward that follows group alike, which the kept graphs rely on."""
+    return length_buckets(lengths, budget_tokens)
 
 
 @dataclass
@@ -155,20 +164,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ forward / backward
     def _micro_batches(self, data: list[Datum]) -> list[list[int]]:
-        """Group datum indices so each group's padded size stays under the micro-batch token budget."""
-        groups: list[list[int]] = []
-        current: list[int] = []
-        longest = 0
-        for index, datum in enumerate(data):
-            length = len(datum.tokens)
-            if current and max(longest, length) * (len(current) + 1) > self.micro_batch_tokens:
-                groups.append(current)
-                current, longest = [], 0
-            current.append(index)
-            longest = max(longest, length)
-        if current:
-            groups.append(current)
-        return groups
+        return micro_batches([len(datum.tokens) for datum in data], self.micro_batch_tokens)
 
     def _logprobs(self, module: Any, data: list[Datum], indices: list[int]) -> list[torch.Tensor]:
         """Per-token fp32 logprobs of each datum's target tokens, differentiable w.r.t. the LoRA weights.

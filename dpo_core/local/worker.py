@@ -2,7 +2,10 @@
 
 Among queued jobs of one model, the lowest `seq_id` goes first (the SDK numbers one model's requests, and
 with chunking they may arrive out of order); queued sampling requests of the same sampler and filters run
-together as one batched generation. Every outcome becomes a reply: a result, a user error (not retried by the
+together as one batched generation, which keeps taking requests of its group while it decodes (continuous
+batching: they join at its next step, `Batch.admit`) and answers each as soon as it is done (`Batch.finish`).
+It admits only requests that arrived before any queued job of another kind, so a stream of sampling requests
+cannot starve a training step or another sampler queued behind it. Every outcome becomes a reply: a result, a user error (not retried by the
 SDK), or a server error with its traceback logged; the thread survives whatever one job does: even a fault in
 the queue itself fails the jobs at hand, not the thread. Each job runs under a `Budget` (time limit, cancel
 flag) that long jobs check between steps; `health()` reports a dead or stuck thread to `/healthz`.
@@ -31,7 +34,7 @@ log = logging.getLogger("dpo_core.local")
 KEEP_RESULTS = 4096  # finished results kept for re-polls after a dropped connection
 
 Reply = tuple[bytes, str]  # (body, media type)
-BatchRunner = Callable[[list[Any]], list[Reply | Exception]]
+BatchRunner = Callable[[list[Any], "Batch"], None]  # (the first jobs' items, the batch's link to the queue)
 
 
 @dataclass
@@ -53,6 +56,63 @@ class _Job:
     item: Any = field(default=None, compare=False)
     rows: int = field(default=0, compare=False)
     budget: budgets.Budget = field(default_factory=budgets.Budget, compare=False)
+    started: float | None = field(default=None, compare=False)  # when the engine took it (monotonic)
+
+
+class Batch:
+    """A running sampling batch's link to the queue: requests of its group join it, each is answered when done.
+
+    Positions number the batch's jobs: the first ones, then the admitted ones in the order `admit` returned
+    them. Every method is called from the engine thread.
+    """
+
+    def __init__(self, worker: Worker, jobs: list[_Job]):
+        self.worker, self.jobs = worker, list(jobs)
+        self.answered = [False] * len(self.jobs)
+
+    def admit(self, live_rows: int) -> list[Any]:
+        """The items of queued jobs of this batch's group that join it now, within the batch's row cap."""
+        worker = self.worker
+        with worker._cond:
+            if worker._stopped:
+                return []
+            group = self.jobs[0].group
+            first_other = min((j.arrival for j in worker._jobs if j.group != group), default=None)
+            room = worker.max_batch_rows - live_rows
+            taken: list[_Job] = []
+            for job in sorted(j for j in worker._jobs if j.group == group):
+                if first_other is not None and job.arrival > first_other:
+                    break  # arrived after another kind of job: that one goes first
+                if job.rows > room and (taken or live_rows):
+                    break
+                taken.append(job)
+                room -= job.rows
+            now = time.monotonic()
+            for job in taken:
+                worker._jobs.remove(job)
+                job.budget.start()
+                job.started = now
+            worker._running.extend(taken)
+        self.jobs.extend(taken)
+        self.answered.extend([False] * len(taken))
+        return [job.item for job in taken]
+
+    def finish(self, position: int, outcome: Reply | Exception) -> None:
+        """Answer the job at `position` now (once; a later answer for it is ignored)."""
+        if self.answered[position]:
+            return
+        self.answered[position] = True
+        job = self.jobs[position]
+        self.worker._reply([job], [outcome])
+        with self.worker._cond:
+            if job in self.worker._running:
+                self.worker._running.remove(job)
+            self.worker._running_since = min((j.started for j in self.worker._running if j.started is not None),
+                                             default=None)
+
+    def fail_unanswered(self, error: Exception) -> None:
+        for position in range(len(self.jobs)):
+            self.finish(position, error)
 
 
 class Worker:
@@ -137,14 +197,21 @@ class Worker:
         self._jobs.remove(job)
         return [job]
 
-    def _run(self, jobs: list[_Job]) -> list[Reply | Exception]:
+    def _run(self, jobs: list[_Job]) -> list[Reply | Exception] | None:
+        """The jobs' outcomes, or None when a sampling batch answered each of its jobs itself."""
         budgets.set_current(jobs[0].budget)
         for job in jobs:  # each job's time budget counts from here, not from its arrival in the queue
             job.budget.start()
         try:
             jobs[0].budget.check()  # cancelled while queued
             if jobs[0].group is not None:
-                return self.batch_runner([j.item for j in jobs])
+                batch = Batch(self, jobs)
+                try:
+                    self.batch_runner([j.item for j in jobs], batch)
+                except Exception as exc:  # the batch failed: every job it had not answered fails with it
+                    batch.fail_unanswered(exc)
+                batch.fail_unanswered(RuntimeError("the sampling batch ended without answering this request"))
+                return None
             return [jobs[0].run()]
         except Exception as exc:
             return [exc] * len(jobs)
@@ -182,13 +249,19 @@ class Worker:
                     if self._stopped:
                         return
                     jobs = self._next_jobs()
-                    self._running, self._running_since = jobs, time.monotonic()
-                self._reply(jobs, self._run(jobs))
+                    now = time.monotonic()
+                    for job in jobs:
+                        job.started = now
+                    self._running, self._running_since = list(jobs), now
+                outcomes = self._run(jobs)
+                if outcomes is not None:
+                    self._reply(jobs, outcomes)
             except Exception as exc:  # a fault outside any job (queue, replies): fail what was taken, go on
                 log.error("engine queue fault: %s", "".join(traceback.format_exception(exc)))
                 with self._cond:
-                    self._jobs = [j for j in self._jobs if j not in jobs]
-                self._reply(jobs, [exc] * len(jobs))
+                    taken = list(self._running) or jobs
+                    self._jobs = [j for j in self._jobs if j not in taken]
+                self._reply(taken, [exc] * len(taken))
             finally:
                 self._running, self._running_since = [], None
 

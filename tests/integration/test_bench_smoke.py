@@ -90,3 +90,17 @@ def test_suite_eval_benchmark_smoke():
     assert ratio == pytest.approx(suite_s / sampling_s, rel=0.1, abs=0.05)
     # The profile names where the evaluation's time went, and the server batched the sampling requests.
     assert "sampling:" in out and "embedding:" in out and "server batches:" in out
+
+
+@pytest.mark.minutes(2)
+def test_gpu_scale_benchmark_smoke():
+    """bench/gpu_scale.py's sections on tiny Qwen3 shapes on the CPU: both DPO arms and the sampler run and
+    print their figures (the CUDA run needs a device; this keeps the script from rotting meanwhile)."""
+    out = _smoke("gpu_scale").replace(",", "")  # thousands separators
+    suite_tok_s = _number(r"  dpo-suite: ([\d.]+) tok/s", out)
+    trl_tok_s = _number(r"  trl: ([\d.]+) tok/s", out)
+    ratio = _number(r"ratio dpo-suite/TRL: ([\d.]+)x tokens/s", out)
+    sampled = _number(r"sampling smoke: 8 rows .*?: ([\d.]+) tok/s", out)
+    assert suite_tok_s > 0 and trl_tok_s > 0 and sampled > 0
+    assert ratio == pytest.approx(suite_tok_s / trl_tok_s, rel=0.05, abs=0.02)
+    assert "MFU" in out and "of the HBM bound" in out and "peak RSS" in out
