@@ -1,6 +1,6 @@
 """End to end, across processes as across machines: `deployments/dpo.sh up` with two process workers (one flow
 run each at a time), then `python flows/suite.py dispatch=pool ...`: each experiment is a run of the
-`dpo-train/default` deployment, both workers train one, and the suite collects them and writes the report.
+`dpo-train/default` deployment, run by a worker of the pool, and the suite collects them and writes the report.
 Every process shares the experiments folder, the reference cache, server storage and Prefect result storage."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ sys.exit(0 if len(online) >= 2 else 1)
 
 
 @pytest.mark.minutes(8)
-def test_pool_dispatch_spreads_experiments_over_two_workers(tmp_path, registered):
+def test_pool_dispatch_runs_experiments_on_the_workers(tmp_path, registered):
     port = free_port()
     env = dpo_sh_env(tmp_path, registered, port)
     env.update({
@@ -81,10 +81,13 @@ def test_pool_dispatch_spreads_experiments_over_two_workers(tmp_path, registered
         train_runs = json.loads(probe.stdout.strip().splitlines()[-1])
         assert len(train_runs) == 2 and all(r["state"] == "Completed" and r["parent"] for r in train_runs)
         assert sorted(r["name"].split("_")[0] for r in train_runs) == ["dataset1", "dataset2"]
-        # Each worker submitted one of them (a worker names the flow runs it submits in its log).
+        # Each ran on some worker of the pool (a worker names the flow runs it submits in its log). Which worker
+        # takes which run is Prefect's scheduling choice, not a guarantee: a worker slow to poll on a loaded
+        # machine may leave both to the other, so the test does not assert one run per worker.
         logs = {name: (run_dir / f"{name}.log").read_text() for name in ("worker", "worker-2")}
-        for name, log in logs.items():
-            assert sum(r["id"] in log for r in train_runs) == 1, f"{name}: {log[-2000:]}"
+        for run in train_runs:
+            takers = [name for name, log in logs.items() if run["id"] in log]
+            assert len(takers) == 1, f"{run['name']}: submitted by {takers}; logs: {[l[-1500:] for l in logs.values()]}"
 
         # The report is complete: the base model and both experiments.
         report = (tmp_path / "report" / "report.md").read_text()
