@@ -19,6 +19,11 @@ HYGIENE_ENV = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TINKER_TELEMETRY": "0",
+    # torch's OpenMP threads sleep instead of spinning while they wait for each other. On a shared or loaded CPU
+    # spinning threads steal the cores the working ones need: bench/omp_wait.py measured a SmolLM2 decode
+    # workload at 0.26x the default's wall with PASSIVE (2 vCPUs, load 2.5-4). Read when torch starts, so it
+    # must be set before torch is imported; an explicit OMP_WAIT_POLICY wins.
+    "OMP_WAIT_POLICY": "PASSIVE",
 }
 # Only where the local backend runs: its models are local folders, and HF libraries otherwise reach for the hub
 # in the background. Never on the tinker path: there the client loads tokenizers by HF repo id (Qwen/Qwen3-8B),

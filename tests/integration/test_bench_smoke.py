@@ -104,3 +104,14 @@ def test_gpu_scale_benchmark_smoke():
     assert suite_tok_s > 0 and trl_tok_s > 0 and sampled > 0
     assert ratio == pytest.approx(suite_tok_s / trl_tok_s, rel=0.05, abs=0.02)
     assert "MFU" in out and "of the HBM bound" in out and "peak RSS" in out
+
+
+def test_omp_wait_benchmark_smoke():
+    out = _smoke("omp_wait")
+    default = _number(r"median: default ([\d.]+) s", out)
+    passive = _number(r"PASSIVE ([\d.]+) s, ratio", out)
+    ratio = _number(r"ratio PASSIVE/default ([\d.]+)x", out)
+    assert default > 0 and passive > 0
+    # The printed ratio is the two medians' (each printed to 0.5 ms, so their quotient is known to that much).
+    slack = (passive + 0.0005) / max(default - 0.0005, 1e-9) - passive / default
+    assert abs(ratio - passive / default) <= 0.0005 + slack
