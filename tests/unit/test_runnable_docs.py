@@ -59,3 +59,34 @@ def test_a_failing_command_fails_its_block(tmp_path):
     with DocRunner(tmp_path, {"PATH": "/usr/bin:/bin"}, tmp_path / "logs") as runner:
         done = runner.run(block, timeout_s=20)
     assert done.returncode != 0 and "after" not in done.stdout
+
+
+def test_readme_commands_are_the_ones_the_quickstart_test_runs():
+    """README.md's runnable blocks run as written: each is a block of docs/quickstart.md, which
+    tests/flows/test_quickstart.py runs in order from a user's checkout, and in the same order there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = runnable_blocks((root / "README.md").read_text())
+    quickstart = [(b.code, b.background, b.ready) for b in runnable_blocks((root / "docs" / "quickstart.md").read_text())]
+    assert readme, "README.md marks no block runnable"
+    positions = []
+    for block in readme:
+        key = (block.code, block.background, block.ready)
+        assert key in quickstart, f"README.md line {block.line}: not a runnable block of docs/quickstart.md:\n{block.code}"
+        positions.append(quickstart.index(key))
+    assert positions == sorted(positions), "README.md runs the quick start's blocks in another order"
+
+
+def test_readme_is_a_manual_not_a_notebook():
+    """Under 300 lines, no issue numbers or commit hashes, and every relative link resolves."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "README.md").read_text()
+    assert len(text.splitlines()) < 300
+    assert not re.search(r"\bissue \d+", text, re.I)
+    assert not re.search(r"\bcommit `?[0-9a-f]{7,40}\b", text)
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (root / target).exists(), f"README.md links to {target}, which does not exist"
