@@ -53,19 +53,28 @@ def served_models(settings: Settings) -> dict[str, bool]:
 
 
 def train_experiment(config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> TrainOutcome:
-    """Train (or resume, or report finished) one experiment; returns where it is and its final checkpoint."""
+    """Train (or resume, or report finished) one experiment; returns where it is and its final checkpoint.
+
+    The run folder is chosen once the service is known: a folder trained on another service (other weights
+    under the same name, or checkpoints that live elsewhere) is another experiment."""
+    from dpo_core.backend import check_model_supported, service_client
+    from dpo_core.service import identify
+
     experiments_dir = Path(settings.experiments_dir)
     lock_dir = Path(settings.cache_dir) / "run-locks" / hashlib.sha256(
         str(experiments_dir.resolve()).encode()).hexdigest()[:16]
-    run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir, dataset.sha256)
-    try:
-        return _train_in(run_dir, config, settings, dataset)
-    finally:
-        lock.close()  # releases the flock (the kernel also releases it if this process dies)
+    with service_client(settings) as client:
+        check_model_supported(client, config.model_name, settings.resolved_backend())
+        service = identify(client, config.model_name, settings.resolved_backend())
+        run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir, dataset.sha256, service)
+        try:
+            return _train_in(run_dir, config, settings, dataset, client, service)
+        finally:
+            lock.close()  # releases the flock (the kernel also releases it if this process dies)
 
 
 def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path,
-                  dataset_sha256: str | None = None) -> tuple[Path, Any]:
+                  dataset_sha256: str | None = None, service: Any = None) -> tuple[Path, Any]:
     """Choose the run folder and hold an exclusive lock on it for the whole run.
 
     Two processes started at once with the same experiment would otherwise pick the same folder (it only
@@ -76,7 +85,8 @@ def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path,
     lock_dir.mkdir(parents=True, exist_ok=True)  # outside the experiments folder: nothing to see there
     taken: set[str] = set()
     while True:
-        run_dir = choose_run_dir(config, experiments_dir, taken=taken, dataset_sha256=dataset_sha256)
+        run_dir = choose_run_dir(config, experiments_dir, taken=taken, dataset_sha256=dataset_sha256,
+                                 service=service)
         handle = open(lock_dir / f"{run_dir.name}.lock", "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,22 +98,20 @@ def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path,
             taken.add(run_dir.name)
 
 
-def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> TrainOutcome:
-    from dpo_core.backend import check_model_supported, service_client
+def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: ValidatedDataset, client: Any,
+              service: Any) -> TrainOutcome:
     from dpo_core.logging_sinks import build_sinks
     from dpo_core.train import train
 
     pairs = data.load_pairs(Path(dataset.path))
     if data.content_hash(Path(dataset.path)) != dataset.sha256:
         raise ValueError(f"{dataset.path} changed after validation; rerun to validate it again")
-    with service_client(settings) as client:
-        check_model_supported(client, config.model_name, settings.resolved_backend())
-        check_step_count(config, dataset.rows, Path(dataset.path).name)  # before any training
-        with build_sinks(config, settings, run_dir) as sinks:
-            return train(
-                config, client, pairs, run_dir=run_dir, dataset_path=dataset.path, dataset_hash=dataset.sha256,
-                reference_dir=Path(settings.cache_dir) / "reference", metrics_sinks=sinks,
-            )
+    check_step_count(config, dataset.rows, Path(dataset.path).name)  # before any training
+    with build_sinks(config, settings, run_dir) as sinks:
+        return train(
+            config, client, pairs, run_dir=run_dir, dataset_path=dataset.path, dataset_hash=dataset.sha256,
+            reference_dir=Path(settings.cache_dir) / "reference", metrics_sinks=sinks, service=service,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
