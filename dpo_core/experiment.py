@@ -124,9 +124,11 @@ def eval_prompts_path(config: EvalConfig, settings: Settings) -> Path:
     return path if path.is_absolute() or path.exists() else Path(settings.data_dir) / path
 
 
-def eval_fingerprint(config: EvalConfig, settings: Settings) -> str:
-    """Short hash of what decides an evaluation's numbers: the eval config and the eval prompts' bytes."""
-    raw = json.dumps([config.model_dump(mode="json"), data.content_hash(eval_prompts_path(config, settings))])
+def eval_fingerprint(config: EvalConfig, settings: Settings, service: str | None = None) -> str:
+    """Short hash of what decides an evaluation's numbers: the eval config, the eval prompts' bytes and, when
+    given, the service identity (`ServiceIdentity.key()`) of the model sampled."""
+    raw = json.dumps([config.model_dump(mode="json"), data.content_hash(eval_prompts_path(config, settings)),
+                      *([service] if service else [])])
     return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
 
@@ -225,10 +227,12 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
     """Sample and score one model on the eval prompts; returns its eval folder (samples, scores, summary).
 
     A base model's evaluation lives in `experiments/base_models/<model>/eval_<fingerprint>/`, a trained
-    model's in `<run_dir>/eval/final_<fingerprint>/`.
+    model's in `<run_dir>/eval/final_<fingerprint>/`; the fingerprint includes the service identity, so two
+    servers' weights under one name never share a folder.
     """
     from dpo_core import evaluate
     from dpo_core.backend import service_client
+    from dpo_core.service import identify
 
     prepare_concurrent_evaluation()
     prompts_file = eval_prompts_path(eval_config, settings)
@@ -236,23 +240,26 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
     for dataset_path in request.training_datasets:
         training = {p.prompt_text() for p in data.load_pairs(Path(dataset_path))}
         evaluate.check_no_overlap(prompts, training, dataset_path)
-    fingerprint = eval_fingerprint(eval_config, settings)
-    if request.run_dir:
-        out_dir = Path(request.run_dir) / "eval" / f"final_{fingerprint}"
-    else:
-        # A base model prompted through another renderer than its default samples other text: another folder.
-        from dpo_core.rendering import renderer_name_for
-
-        rendered = request.renderer_name
-        suffix = "" if rendered in (None, renderer_name_for(request.model_name)) else "_" + re.sub(
-            r"[^A-Za-z0-9_-]", "-", rendered)
-        out_dir = (Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name)
-                   / f"eval_{fingerprint}{suffix}")
     embedder = shared_embedder()
     with service_client(settings) as client:
+        service = identify(client, request.model_name, settings.resolved_backend())
+        out_dir = _eval_dir(request, settings, eval_fingerprint(eval_config, settings, service.key()))
         target = evaluate.EvalTarget(request.label, request.model_name, request.model_path, request.renderer_name)
         evaluate.sample_and_score(client, target, prompts, eval_config, embedder, out_dir)
     return str(out_dir)
+
+
+def _eval_dir(request: EvalRequest, settings: Settings, fingerprint: str) -> Path:
+    if request.run_dir:
+        return Path(request.run_dir) / "eval" / f"final_{fingerprint}"
+    # A base model prompted through another renderer than its default samples other text: another folder.
+    from dpo_core.rendering import renderer_name_for
+
+    rendered = request.renderer_name
+    suffix = "" if rendered in (None, renderer_name_for(request.model_name)) else "_" + re.sub(
+        r"[^A-Za-z0-9_-]", "-", rendered)
+    return (Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name)
+            / f"eval_{fingerprint}{suffix}")
 
 
 def write_report(entries: Sequence[ReportEntry], out_dir: str, notes: Sequence[str] | None = None) -> str:
@@ -270,4 +277,4 @@ def build_pairs(config: Any, settings: Settings) -> dict[str, Any]:
 
     with service_client(settings) as client:
         check_model_supported(client, config.model_name, settings.resolved_backend())
-        return pairs.build_pairs(client, config, Path(settings.cache_dir))
+        return pairs.build_pairs(client, config, Path(settings.cache_dir), settings.resolved_backend())

@@ -92,3 +92,14 @@ def _read_memo(path: Path) -> dict:
         return memo if isinstance(memo, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def served_fingerprints(cache_dir: Path, local_models: dict[str, Path] | None = None, stand_in: str = ""
+                        ) -> list[list[str | None]]:
+    """[name, fingerprint] of every model a local server with these settings serves, without starting it: what
+    the Prefect task cache keys of the local backend include (the server reports the same per model)."""
+    from dpo_core.local import standin
+
+    specs = standin.lineup_specs() if stand_in == "tinker" else catalog.model_specs(local_models)
+    return [[name, weights_fingerprint(spec, cache_dir) if spec.kind != standin.UNBACKED_KIND else None]
+            for name, spec in sorted(specs.items())]
