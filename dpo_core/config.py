@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import re
 from pathlib import Path
@@ -256,9 +257,14 @@ def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | N
     candidate = experiments_dir / base
     suffix = 1
     while candidate.exists() or candidate.name in taken:
-        if (candidate.name not in taken and config.resume
-                and _same_experiment(_read_identity(candidate), config, dataset_sha256, service_key)):
-            return candidate
+        if candidate.name not in taken and config.resume:
+            existing = _read_identity(candidate)
+            if _same_experiment(existing, config, dataset_sha256, service_key):
+                return candidate
+            if service is not None and _same_experiment(existing, config, dataset_sha256):
+                logging.getLogger("dpo_core").warning(
+                    "%s holds this experiment trained on %s; this service is %s: training a new run beside it",
+                    candidate, _service_of(candidate), service.describe())
         suffix += 1
         candidate = experiments_dir / f"{base}_{suffix}"
     return candidate
