@@ -197,11 +197,17 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
     @app.get("/api/v1/get_server_capabilities")
     async def capabilities():
         # The stand-in lists Tinker's whole lineup but marks what it cannot back as neither trainable nor sampleable.
-        return {"supported_models": [
-            {"model_name": spec.name, "max_context_length": spec.max_context_length,
-             "trainable": engine.can_load(spec), "sampleable": engine.can_load(spec)}
-            for spec in engine.served_models()
-        ]}
+        # Beyond Tinker's fields (the SDK ignores extra ones): each model's weights fingerprint and the server's
+        # identity, which the client keys every cache of a model-computed value on (dpo_core/service.py).
+        return await asyncio.to_thread(lambda: {
+            "supported_models": [
+                {"model_name": spec.name, "max_context_length": spec.max_context_length,
+                 "trainable": engine.can_load(spec), "sampleable": engine.can_load(spec),
+                 "weights_fingerprint": engine.store.weights_fingerprint(spec)}
+                for spec in engine.served_models()],
+            "server": {"kind": "dpo-suite-local", "stand_in": engine.store.stand_in,
+                       "compute": engine.store.compute},
+        })
 
     # ------------------------------------------------------------------ training
     @app.post("/api/v1/create_model")
