@@ -20,7 +20,7 @@ import pandas as pd
 from dpo_core import findings, stats
 from dpo_core.checkpoints import read_jsonl
 from dpo_core.config import EvalConfig, FrozenModel
-from dpo_core.data import CONTROL_DATASET_FILE, DATASET_CRITERIA
+from dpo_core.data import CONTROL_DATASET_FILES, CONTROL_NAMES, CONTROL_QUALITY_FILE, DATASET_CRITERIA, PROMPT_BASELINE
 from dpo_core.diversity import HIGHER_IS_MORE_DIVERSE
 from dpo_core.fsutil import atomic_folder
 from dpo_core.evaluate import BUCKETS
@@ -39,6 +39,7 @@ class ReportEntry(FrozenModel):
     learning_rate: float | None = None
     dpo_beta: float | None = None
     run_dir: str | None = None
+    seed: int | None = None  # the training seed (the suite's seeds=N replicates share everything else)
 
 
 def _fmt(stat: dict[str, float] | None, digits: int = 3) -> str:
@@ -90,8 +91,35 @@ def write_report(entries: Sequence[ReportEntry], out_dir: Path, title: str = "dp
 
 
 def is_control(entry: ReportEntry) -> bool:
-    """The positive control: a run on the control dataset (pairs built to change diversity strongly)."""
-    return bool(entry.dataset) and Path(str(entry.dataset)).name == CONTROL_DATASET_FILE
+    """A positive control: a run on a control dataset (pairs built to change diversity strongly)."""
+    return bool(entry.dataset) and Path(str(entry.dataset)).name in CONTROL_DATASET_FILES
+
+
+def control_kind(entry: ReportEntry) -> str:
+    """"quality-preserving" (DivPO's pairs) or "degeneration" (most vs least diverse, no quality filter)."""
+    return "quality-preserving" if Path(str(entry.dataset)).name == CONTROL_QUALITY_FILE else "degeneration"
+
+
+def dataset_names(entries: Sequence[ReportEntry]) -> dict[str, str]:
+    """What each entry's dataset is, for the findings: 'Dataset 1 (embedding diversity)', the prompting
+    baseline, the controls."""
+    names = {str(k): f"Dataset {k} ({v})" for k, v in DATASET_CRITERIA.items()}
+    names[PROMPT_BASELINE] = "The prompting baseline (base model + diversity instruction, no training)"
+    for entry in entries:
+        if entry.dataset and Path(str(entry.dataset)).name in CONTROL_NAMES:
+            names[str(entry.dataset)] = "The " + CONTROL_NAMES[Path(str(entry.dataset)).name]
+    return names
+
+
+def _completion_lines(entries: Sequence[ReportEntry], scores: dict[str, pd.DataFrame],
+                      config: dict[str, Any]) -> list[str]:
+    """How many samples ended on their own (the rest were cut at max_tokens and count as invalid)."""
+    rates = [f"{e.label} {np.nanmean(scores[e.label]['completion_rate']):.0%}" for e in entries
+             if "completion_rate" in scores[e.label]]
+    if not rates:
+        return []
+    return [f"Samples that ended on their own before max_tokens {config.get('max_tokens', '?')} (the rest are "
+            f"cut and count as invalid): {'; '.join(rates)}.", ""]
 
 
 def _read_samples(eval_dir: Path) -> list[dict[str, Any]]:
@@ -136,15 +164,26 @@ def findings_section(entries: Sequence[ReportEntry], out: Path) -> tuple[str, li
         if (table["versus"] == versus).any():
             findings.plot_paired_differences(table, out / name, versus=versus)
             plots.append(name)
-    names = {str(k): v for k, v in DATASET_CRITERIA.items()}
     controls = [e for e in entries if is_control(e)]
-    names |= {str(e.dataset): "positive control: chosen = most diverse candidate, rejected = least" for e in controls}
-    markdown = findings.findings_markdown(table, HIGHER_IS_MORE_DIVERSE, dataset_names=names,
+    criteria = {str(k): v for k, v in DATASET_CRITERIA.items()} | {
+        str(e.dataset): CONTROL_NAMES[Path(str(e.dataset)).name] for e in controls} | {
+        PROMPT_BASELINE: "base model + diversity instruction, no training"}
+    markdown = findings.findings_markdown(table, HIGHER_IS_MORE_DIVERSE, dataset_names=criteria,
                                           quality_metric=_quality_metric(scores))
-    lines = [markdown.rstrip(), ""]
+    # The headline first (quality-aware metrics, a few sentences, one table); the per-metric detail below it.
+    _, _, details = markdown.partition("\n")
+    lines = ["## Findings", "", findings.headline_markdown(table, {k: v.split(":")[0] for k, v in dataset_names(entries).items()}),
+             *_completion_lines(entries, scores, config), "### Details: every comparison", details.strip(), ""]
     if controls:
-        lines += ["### Positive control", ""]
-        lines += [findings.positive_control_sentence(table, e.label) for e in controls] + [""]
+        lines += ["### Positive controls", ""]
+        seen: set[str] = set()
+        for entry in controls:
+            condition = next((r for r in table.itertuples() if r.dataset == entry.dataset), None)
+            label = condition.model if condition is not None else entry.label
+            if label not in seen:
+                seen.add(label)
+                lines.append("- " + findings.positive_control_sentence(table, label, kind=control_kind(entry)))
+        lines.append("")
     lines += _held_out_lines(held_out_rows(entries, seed), out)
     lines += _length_lines(scores, table)
     return "\n".join(lines), plots

@@ -114,8 +114,9 @@ def test_suite_runs_caches_and_reruns_only_what_changed(prefect_harness, project
 def _eval_dir(row, project_env) -> str:
     import json
 
-    if row["dataset"] == "base":
-        return str(next((project_env / "experiments" / "base_models").glob("*/eval_*")))
+    if row["dataset"] in ("base", "prompt"):  # the base model, and the base model with the diversity prompt
+        folders = (project_env / "experiments" / "base_models").glob("*/eval_*")
+        return str(next(f for f in folders if ("_prompted-" in f.name) == (row["dataset"] == "prompt")))
     run = next((project_env / "experiments").glob(f"dataset{row['dataset']}_*"))
     folder = next((run / "eval").glob("final_*"))
     assert json.loads((folder / "summary.json").read_text())["label"] == run.name
