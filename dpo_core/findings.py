@@ -322,8 +322,10 @@ def positive_control_sentence(table: pd.DataFrame, control_label: str, versus: s
 
 def plot_paired_differences(table: pd.DataFrame, path: Path, versus: str = VERSUS_BASE,
                             family: str = FAMILY_DIVERSITY,
-                            higher_is_more_diverse: Mapping[str, bool] = HIGHER_IS_MORE_DIVERSE) -> Path:
-    """PNG: per metric, each model's paired difference vs `versus` with 95% CI per scope; filled = significant."""
+                            higher_is_more_diverse: Mapping[str, bool] = HIGHER_IS_MORE_DIVERSE,
+                            names: Mapping[str, str] | None = None) -> Path:
+    """PNG: per metric, each model's paired difference vs `versus` with 95% CI per scope; filled = counts (CI
+    excludes 0). Series are labelled by dataset (`names`: dataset -> short name), the legend sits outside."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,7 +343,7 @@ def plot_paired_differences(table: pd.DataFrame, path: Path, versus: str = VERSU
         for index, model in enumerate(models):
             series = rows[(rows["metric"] == metric) & (rows["model"] == model)].set_index("scope")
             dataset = series["dataset"].iloc[0] if len(series) else None
-            label = f"{model} (dataset {dataset})" if dataset is not None else model
+            label = (names or {}).get(str(dataset), f"dataset {dataset}") if dataset is not None else model
             for position, scope in enumerate(scopes):
                 if scope not in series.index:
                     continue
@@ -349,20 +351,22 @@ def plot_paired_differences(table: pd.DataFrame, path: Path, versus: str = VERSU
                 x = position - 0.35 + width * (index + 0.5)
                 axis.errorbar([x], [row["difference"]], fmt="o", color=f"C{index}", capsize=3,
                               yerr=[[row["difference"] - row["ci_low"]], [row["ci_high"] - row["difference"]]],
-                              markerfacecolor=f"C{index}" if row["significant"] else "white",
+                              markerfacecolor=f"C{index}" if row.get("counts", row["significant"]) else "white",
                               label=label if position == 0 else None)
         axis.axhline(0.0, color="grey", linewidth=0.8)
         axis.set_xticks(range(len(scopes)), scopes)
         arrow = "↑" if higher_is_more_diverse.get(raw_metric_name(metric), True) else "↓"
-        axis.set_title(f"{metric}: model − {versus} ({arrow} = more diverse)", fontsize=9)
+        axis.set_title(f"{metric} − {versus}\n({arrow} = more diverse)", fontsize=9)
     for axis in list(axes.flat)[len(metrics):]:
         axis.set_visible(False)
     if models:
-        axes.flat[0].legend(fontsize=7, title="filled = significant (Holm)", title_fontsize=7)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
+                   title="filled = CI excludes 0", title_fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend outside the axes and every title kept whole
     plt.close(fig)
     return path
 

@@ -26,7 +26,8 @@ from dpo_core.fsutil import atomic_folder
 from dpo_core.evaluate import BUCKETS
 
 DIVERSITY = ("embedding_distance", "vendi", "distinct_1", "distinct_2", "self_bleu", "compression_ratio")
-PLOTTED = ("embedding_distance", "vendi", "distinct_2", "self_bleu")
+PLOTTED = ("utility_k", "effective_vendi", "embedding_distance", "distinct_2")
+QUALITY_AWARE_COLUMNS = ("utility_k", "distinct_k", "effective_vendi", "valid_rate", "completion_rate")
 
 
 class ReportEntry(FrozenModel):
@@ -54,7 +55,7 @@ def build_table(entries: Sequence[ReportEntry]) -> pd.DataFrame:
     for entry in entries:
         summary = json.loads((Path(entry.eval_dir) / "summary.json").read_text())
         row: dict[str, Any] = {"label": entry.label, "model": entry.model_name, "dataset": entry.dataset or "base",
-                               "learning_rate": entry.learning_rate, "dpo_beta": entry.dpo_beta}
+                               "learning_rate": entry.learning_rate, "dpo_beta": entry.dpo_beta, "seed": entry.seed}
         for scope, stats in [("all", summary["overall"])] + [(b, summary["buckets"].get(b, {})) for b in BUCKETS]:
             for metric, stat in stats.items():
                 if isinstance(stat, dict):
@@ -159,10 +160,13 @@ def findings_section(entries: Sequence[ReportEntry], out: Path) -> tuple[str, li
     table = findings.paired_table(scores, comparisons, samples=samples, bucket_edges=edges, seed=seed)
     table.to_csv(out / "paired.csv", index=False)
     plots = []
-    for versus, name in ((findings.VERSUS_BASE, "paired_vs_base.png"),
-                         (f"dataset {findings.QUALITY_DATASET}", "paired_vs_dataset2.png")):
-        if (table["versus"] == versus).any():
-            findings.plot_paired_differences(table, out / name, versus=versus)
+    short = {k: v.split(" (")[0].split(":")[0].replace("The ", "") for k, v in dataset_names(entries).items()}
+    for versus, family, name in (
+            (findings.VERSUS_BASE, findings.FAMILY_QUALITY_AWARE, "quality_aware_vs_base.png"),
+            (findings.VERSUS_BASE, findings.FAMILY_DIVERSITY, "paired_vs_base.png"),
+            (f"dataset {findings.QUALITY_DATASET}", findings.FAMILY_DIVERSITY, "paired_vs_dataset2.png")):
+        if ((table["versus"] == versus) & (table["family"] == family)).any():
+            findings.plot_paired_differences(table, out / name, versus=versus, family=family, names=short)
             plots.append(name)
     controls = [e for e in entries if is_control(e)]
     criteria = {str(k): v for k, v in DATASET_CRITERIA.items()} | {
@@ -266,12 +270,13 @@ def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[s
         findings_md, "",
         "## Overall", "",
     ]
-    header = ["model", "dataset", "lr", "β", *DIVERSITY, "quality_judge", "quality_logprob", "mean_tokens",
-              "train-batch DPO acc", "train-batch DPO margin"]
+    header = ["model", "dataset", "lr", "β", *QUALITY_AWARE_COLUMNS, *DIVERSITY, "quality_judge", "quality_logprob",
+              "mean_tokens", "train-batch DPO acc", "train-batch DPO margin"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for _, row in table.iterrows():
         cells = [row["model"], str(row["dataset"]), _num(row["learning_rate"], "g"), _num(row["dpo_beta"], "g")]
+        cells += [_fmt(_stat(row, m, "all"), 2) for m in QUALITY_AWARE_COLUMNS]
         cells += [_fmt(_stat(row, m, "all")) for m in DIVERSITY]
         cells += [_fmt(_stat(row, "quality_judge", "all")), _fmt(_stat(row, "quality_logprob", "all")),
                   _fmt(_stat(row, "mean_tokens", "all"), 1),
@@ -300,6 +305,19 @@ def _num(value: Any, spec: str) -> str:
     return "-" if value is None or pd.isna(value) else format(value, spec)
 
 
+def display_label(row: Any, several_models: bool = False) -> str:
+    """A plot's name for an evaluated model: by dataset ('dataset 1', 'base', 'prompt baseline', the control
+    kind), with its seed when it has one and its model when the suite trained several."""
+    dataset = str(row["dataset"] if isinstance(row, (dict, pd.Series)) else row.dataset)
+    seed = row.get("seed") if isinstance(row, (dict, pd.Series)) else getattr(row, "seed", None)
+    model = row.get("model") if isinstance(row, (dict, pd.Series)) else getattr(row, "model_name", "")
+    name = {"base": "base", PROMPT_BASELINE: "prompt baseline", CONTROL_QUALITY_FILE: "quality control",
+            CONTROL_DATASET_FILES[0]: "degeneration control"}.get(Path(dataset).name, f"dataset {dataset}")
+    if seed is not None and not pd.isna(seed) and dataset not in ("base", PROMPT_BASELINE):
+        name += f" · seed {int(seed)}"
+    return f"{name} · {str(model).split('/')[-1]}" if several_models else name
+
+
 def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> list[str]:
     import matplotlib
 
@@ -307,6 +325,7 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
     import matplotlib.pyplot as plt
 
     written = []
+    several_models = table["model"].nunique() > 1
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.8), squeeze=False)
     for axis, metric in zip(axes[0], PLOTTED):
         for _, row in table.iterrows():
@@ -315,14 +334,16 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
             means = [stats[i]["mean"] for i in xs]
             errors = [[stats[i]["mean"] - stats[i]["ci_low"] for i in xs], [stats[i]["ci_high"] - stats[i]["mean"] for i in xs]]
             style = "--" if row["dataset"] == "base" else "-"
-            axis.errorbar(xs, means, yerr=errors, linestyle=style, marker="o", capsize=3, label=row["label"])
+            axis.errorbar(xs, means, yerr=errors, linestyle=style, marker="o", capsize=3,
+                          label=display_label(row, several_models))
         axis.set_xticks(range(len(BUCKETS)), BUCKETS)
         axis.set_xlabel("prompt creativity")
-        direction = "higher" if HIGHER_IS_MORE_DIVERSE[metric] else "lower"
-        axis.set_title(f"{metric} ({direction} = more diverse)", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+        direction = "higher" if HIGHER_IS_MORE_DIVERSE.get(metric, True) else "lower"
+        axis.set_title(f"{metric}\n({direction} = more diverse)", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "diversity_vs_creativity.png", dpi=110)
+    fig.savefig(out / "diversity_vs_creativity.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     written.append("diversity_vs_creativity.png")
 
@@ -333,12 +354,13 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
             metrics = read_jsonl(Path(entry.run_dir) / "metrics.jsonl")
             steps = [m["step"] for m in metrics]
             for axis, key in zip(axes, ("dpo_loss", "accuracy", "margin")):
-                axis.plot(steps, [m[key] for m in metrics], marker=".", label=entry.label)
+                axis.plot(steps, [m[key] for m in metrics], marker=".", label=display_label(entry, several_models))
                 axis.set_title(key)
                 axis.set_xlabel("step")
-        axes[0].legend(fontsize=7)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "training_curves.png", dpi=110)
+        fig.savefig(out / "training_curves.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append("training_curves.png")
 
@@ -351,14 +373,16 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
             values = []
             for model in models:
                 match = table[(table["model"] == model) & (table["dataset"] == dataset)]
-                values.append(match["embedding_distance/all"].mean() if len(match) else float("nan"))
-            axis.bar([m + d * width for m in range(len(models))], values, width=width, label=str(dataset))
+                column = "utility_k/all" if "utility_k/all" in match else "embedding_distance/all"
+                values.append(match[column].mean() if len(match) else float("nan"))
+            axis.bar([m + d * width for m in range(len(models))], values, width=width,
+                     label=display_label({"dataset": dataset}))
         axis.set_xticks([m + width * (len(datasets) - 1) / 2 for m in range(len(models))], models, fontsize=7)
-        axis.set_ylabel("embedding_distance (all prompts)")
-        axis.set_title("model size: diversity by dataset")
-        axis.legend(fontsize=7)
+        axis.set_ylabel("utility_k (all prompts)" if "utility_k/all" in table else "embedding_distance (all prompts)")
+        axis.set_title("model size: quality-aware diversity by dataset")
+        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
-        fig.savefig(out / "model_size.png", dpi=110)
+        fig.savefig(out / "model_size.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append("model_size.png")
     return written

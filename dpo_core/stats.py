@@ -142,7 +142,11 @@ def two_level_bootstrap_ci(differences_SP: Sequence[Sequence[float]] | np.ndarra
     seeds = rng.integers(0, num_seeds, size=(rounds, num_seeds))
     prompts = rng.integers(0, num_prompts, size=(rounds, num_prompts))
     # values[seeds][:, :, prompts] per round, without building rounds x S x P at once for large P
-    means = np.array([np.nanmean(values[np.ix_(s, p)]) for s, p in zip(seeds, prompts)])
+    import warnings
+
+    with warnings.catch_warnings():  # a resample of only NaN cells has no mean; it is dropped below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.array([np.nanmean(values[np.ix_(s, p)]) for s, p in zip(seeds, prompts)])
     means = means[~np.isnan(means)]
     tail = (1.0 - confidence) / 2.0 * 100.0
     return float(np.percentile(means, tail)), float(np.percentile(means, 100.0 - tail))
