@@ -56,6 +56,7 @@ class Comparison:
     dataset: str | None = None
     model_runs: tuple[str, ...] = ()
     reference_runs: tuple[str, ...] = ()
+    model_name: str | None = None  # the base model both sides share
 
     def runs(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return self.model_runs or (self.model,), self.reference_runs or (self.reference,)
@@ -86,13 +87,13 @@ def plan_comparisons(entries: Sequence[Any], quality_dataset: str = QUALITY_DATA
         several = len(labels) > 1
         if model_name in bases:
             comparisons.append(Comparison(labels[0], bases[model_name].label, VERSUS_BASE, dataset,
-                                          labels if several else ()))
+                                          labels if several else (), model_name=model_name))
         partner = quality.get(key[1:])
         if partner is not None and partner != key:
             partner_runs = runs[partner]
             comparisons.append(Comparison(labels[0], partner_runs[0], f"dataset {quality_dataset}", dataset,
                                           labels if several else (),
-                                          partner_runs if len(partner_runs) > 1 else ()))
+                                          partner_runs if len(partner_runs) > 1 else (), model_name=model_name))
     return comparisons
 
 
@@ -153,6 +154,7 @@ def paired_table(scores: Mapping[str, pd.DataFrame], comparisons: Sequence[Compa
                                    permutation_rounds, seed)
                     family_rows.append({"model": comparison.model, "reference": comparison.reference,
                                         "versus": comparison.versus, "dataset": comparison.dataset,
+                                        "model_name": comparison.model_name,
                                         "family": family, "metric": metric, "scope": scope, **row})
             adjusted = stats.holm([row["p_value"] for row in family_rows])
             for row, p_holm in zip(family_rows, adjusted):
@@ -160,7 +162,8 @@ def paired_table(scores: Mapping[str, pd.DataFrame], comparisons: Sequence[Compa
                 row["significant"] = bool(p_holm < alpha)  # NaN (nothing to test) compares False
                 row["counts"] = bool(row["ci_low"] > 0 or row["ci_high"] < 0)
             rows.extend(family_rows)
-    columns = ["model", "reference", "versus", "dataset", "family", "metric", "scope", "num_pairs", "num_seeds",
+    columns = ["model", "reference", "versus", "dataset", "model_name", "family", "metric", "scope", "num_pairs",
+               "num_seeds",
                "mean_model", "mean_reference", "difference", "ci_low", "ci_high", "p_value", "p_seed", "seed_sd",
                "p_holm", "significant", "counts"]
     return pd.DataFrame(rows, columns=columns)
@@ -454,9 +457,12 @@ def headline_markdown(table: pd.DataFrame, names: Mapping[str, str] | None = Non
         return "No trained model had a reference to compare with.\n"
     groups = list(table.groupby(["model", "versus"], sort=False))
 
+    several_models = "model_name" in table and table["model_name"].nunique() > 1
+
     def name_of(rows: pd.DataFrame) -> str:
         dataset = rows.iloc[0]["dataset"]
-        return names.get(str(dataset), f"dataset {dataset}")
+        name = names.get(str(dataset), f"dataset {dataset}")
+        return f"{name} on {str(rows.iloc[0]['model_name']).split('/')[-1]}" if several_models else name
 
     def order(item: tuple) -> tuple:
         (_, versus), rows = item
@@ -482,3 +488,120 @@ def headline_markdown(table: pd.DataFrame, names: Mapping[str, str] | None = Non
               "and ended on their own; embedding_distance, distinct_2: raw diversity, which noise also raises; "
               f"\"{DEGENERATION}\" = a raw diversity metric up while valid_rate or fluency is down.", ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Does model size matter? The same dataset's effect on two base models: a difference of paired differences
+# ----------------------------------------------------------------------------------------------
+
+
+def parameter_count(model_name: str) -> float:
+    """Parameters read off the model's name ('SmolLM2-135M' -> 1.35e8, 'Qwen3-30B-A3B' -> 3e10); 0 when the
+    name gives none (local/tiny), which sorts it first."""
+    import re
+
+    match = re.search(r"(\d+(?:\.\d+)?)\s*([MB])\b", model_name.split("/")[-1].replace("-", " "), re.IGNORECASE)
+    if not match:
+        return 0.0
+    return float(match.group(1)) * (1e6 if match.group(2).upper() == "M" else 1e9)
+
+
+def _differences(scores: Mapping[str, pd.DataFrame], comparison: Comparison, metric: str,
+                 prompts: Sequence[str]) -> np.ndarray:
+    """Seeds x prompts matrix of model − reference on `metric` (as paired_table pairs them)."""
+    model_runs, reference_runs = comparison.runs()
+    model_SP = np.array([scores[r].set_index("prompt_id").loc[list(prompts), metric].to_numpy(dtype=float)
+                         for r in model_runs])
+    reference_SP = np.array([scores[r].set_index("prompt_id").loc[list(prompts), metric].to_numpy(dtype=float)
+                             for r in reference_runs])
+    if reference_SP.shape[0] == model_SP.shape[0]:
+        return model_SP - reference_SP
+    return model_SP - np.nanmean(reference_SP, axis=0, keepdims=True)
+
+
+def size_table(scores: Mapping[str, pd.DataFrame], comparisons: Sequence[Comparison],
+               metric: str = HEADLINE_METRIC, bootstrap_rounds: int = stats.DEFAULT_BOOTSTRAP_ROUNDS,
+               seed: int = 0) -> pd.DataFrame:
+    """Per dataset and reference role, each pair of adjacent base models (by parameter count): both effects on
+    `metric` and their difference (larger − smaller) with a CI over prompts and seeds (two-level bootstrap of the
+    per-prompt difference of paired differences; seed i with seed i). Empty with one base model."""
+    rows = []
+    groups: dict[tuple, list[Comparison]] = {}
+    for comparison in comparisons:
+        if comparison.model_name is not None:
+            groups.setdefault((comparison.dataset, comparison.versus), []).append(comparison)
+    for (dataset, versus), group in groups.items():
+        group = sorted(group, key=lambda c: (parameter_count(c.model_name or ""), c.model_name or ""))
+        for smaller, larger in zip(group, group[1:]):
+            labels = [*smaller.runs()[0], *smaller.runs()[1], *larger.runs()[0], *larger.runs()[1]]
+            if any(label not in scores or metric not in scores[label] for label in labels):
+                continue
+            shared = set.intersection(*(set(scores[label]["prompt_id"]) for label in labels))
+            prompts = sorted(shared)
+            small_SP = _differences(scores, smaller, metric, prompts)
+            large_SP = _differences(scores, larger, metric, prompts)
+            if small_SP.shape[0] != large_SP.shape[0]:
+                small_SP, large_SP = np.nanmean(small_SP, 0, keepdims=True), np.nanmean(large_SP, 0, keepdims=True)
+            difference_SP = large_SP - small_SP
+            ci_low, ci_high = stats.two_level_bootstrap_ci(difference_SP, bootstrap_rounds, seed=seed)
+            rows.append({"dataset": dataset, "versus": versus, "metric": metric,
+                         "smaller": smaller.model_name, "larger": larger.model_name,
+                         "effect_smaller": float(np.nanmean(small_SP)), "effect_larger": float(np.nanmean(large_SP)),
+                         "difference": float(np.nanmean(difference_SP)), "ci_low": ci_low, "ci_high": ci_high,
+                         "counts": bool(ci_low > 0 or ci_high < 0), "num_seeds": int(difference_SP.shape[0]),
+                         "num_pairs": len(prompts)})
+    return pd.DataFrame(rows, columns=["dataset", "versus", "metric", "smaller", "larger", "effect_smaller",
+                                       "effect_larger", "difference", "ci_low", "ci_high", "counts", "num_seeds",
+                                       "num_pairs"])
+
+
+def size_sentences(table: pd.DataFrame, names: Mapping[str, str] | None = None) -> list[str]:
+    """One sentence per row of `size_table`: does the dataset's effect differ between the two models?"""
+    names = {str(k): v for k, v in (names or {}).items()}
+    sentences = []
+    for row in table.itertuples():
+        name = names.get(str(row.dataset), f"dataset {row.dataset}")
+        small, large = str(row.smaller).split("/")[-1], str(row.larger).split("/")[-1]
+        verdict = "differs" if row.counts else "does not differ measurably"
+        sentences.append(
+            f"{name}: its effect on {row.metric} vs {row.versus} {verdict} between {small} and {large} "
+            f"({row.effect_smaller:+.3g} → {row.effect_larger:+.3g}; larger − smaller {row.difference:+.3g} "
+            f"[{row.ci_low:+.3g}, {row.ci_high:+.3g}], {row.num_seeds} seed{'s' if row.num_seeds != 1 else ''}, "
+            f"{row.num_pairs} prompts).")
+    return sentences
+
+
+def plot_size(table: pd.DataFrame, path: Path, names: Mapping[str, str] | None = None) -> Path:
+    """PNG: each dataset's effect vs base (y) against model size (x, by parameter count), one line per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {str(k): v for k, v in (names or {}).items()}
+    rows = table[table["versus"] == VERSUS_BASE]
+    fig, axis = plt.subplots(figsize=(5.5, 3.6))
+    models: list[str] = []
+    for row in rows.itertuples():
+        for model in (row.smaller, row.larger):
+            if model not in models:
+                models.append(model)
+    models.sort(key=lambda m: (parameter_count(m), m))
+    for index, (dataset, part) in enumerate(rows.groupby("dataset", sort=False)):
+        effects = {r.smaller: r.effect_smaller for r in part.itertuples()} | {
+            r.larger: r.effect_larger for r in part.itertuples()}
+        xs = [models.index(m) for m in effects]
+        axis.plot(xs, list(effects.values()), marker="o", color=f"C{index}",
+                  label=names.get(str(dataset), f"dataset {dataset}"))
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set_xticks(range(len(models)), [m.split("/")[-1] for m in models], fontsize=8)
+    axis.set_xlabel("base model (by parameter count)")
+    metric = rows["metric"].iloc[0] if len(rows) else HEADLINE_METRIC
+    axis.set_ylabel(f"{metric}: model − base")
+    axis.set_title("Effect vs model size", fontsize=10)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

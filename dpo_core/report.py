@@ -188,6 +188,14 @@ def findings_section(entries: Sequence[ReportEntry], out: Path) -> tuple[str, li
                 seen.add(label)
                 lines.append("- " + findings.positive_control_sentence(table, label, kind=control_kind(entry)))
         lines.append("")
+    sizes = findings.size_table(scores, comparisons, seed=seed)
+    if not sizes.empty:
+        sizes.to_csv(out / "model_size.csv", index=False)
+        findings.plot_size(sizes, out / "model_size.png", short)
+        plots.append("model_size.png")
+        lines += ["### Model size", "", "The same dataset trained on each base model: does its effect differ? "
+                  "(difference of paired differences, larger − smaller model, 95% CI over prompts and seeds)", "",
+                  *(f"- {sentence}" for sentence in findings.size_sentences(sizes, criteria)), ""]
     lines += _held_out_lines(held_out_rows(entries, seed), out)
     lines += _length_lines(scores, table)
     return "\n".join(lines), plots
@@ -364,27 +372,6 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
         plt.close(fig)
         written.append("training_curves.png")
 
-    models = list(dict.fromkeys(table["model"]))
-    if len(models) > 1:
-        datasets = list(dict.fromkeys(table["dataset"]))
-        fig, axis = plt.subplots(figsize=(1.6 + 1.4 * len(models) * max(len(datasets), 1) / 2, 3.8))
-        width = 0.8 / max(len(datasets), 1)
-        for d, dataset in enumerate(datasets):
-            values = []
-            for model in models:
-                match = table[(table["model"] == model) & (table["dataset"] == dataset)]
-                column = "utility_k/all" if "utility_k/all" in match else "embedding_distance/all"
-                values.append(match[column].mean() if len(match) else float("nan"))
-            axis.bar([m + d * width for m in range(len(models))], values, width=width,
-                     label=display_label({"dataset": dataset}))
-        axis.set_xticks([m + width * (len(datasets) - 1) / 2 for m in range(len(models))], models, fontsize=7)
-        axis.set_ylabel("utility_k (all prompts)" if "utility_k/all" in table else "embedding_distance (all prompts)")
-        axis.set_title("model size: quality-aware diversity by dataset")
-        axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        fig.tight_layout()
-        fig.savefig(out / "model_size.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append("model_size.png")
     return written
 
 

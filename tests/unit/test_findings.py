@@ -218,3 +218,33 @@ def test_seeds_form_one_condition_and_the_ci_resamples_them():
     assert d3["significant"]
     versus_2 = overall.loc[("d1-s0", "dataset 2")]
     assert versus_2["counts"] and versus_2["p_seed"] == pytest.approx(0.1)  # C(6,3) = 20 relabellings
+
+
+def test_model_size_compares_each_datasets_effect_between_base_models():
+    """Dataset 1 adds +0.10 utility_k on the 1.7B model and +0.02 on the 135M one: a difference of +0.08 that
+    counts; dataset 2 adds +0.03 on both: no difference. The smaller model comes first by parameter count."""
+    from dpo_core.findings import parameter_count, size_sentences, size_table
+
+    assert parameter_count("HuggingFaceTB/SmolLM2-135M-Instruct") == 1.35e8
+    assert parameter_count("Qwen/Qwen3-30B-A3B-Instruct-2507") == 3e10 and parameter_count("local/tiny") == 0
+    entries = [Entry("big (base)", "org/Model-1.7B"), Entry("small (base)", "org/Model-135M")]
+    for model, tag in (("org/Model-1.7B", "big"), ("org/Model-135M", "small")):
+        entries += [Entry(f"d{d}-{tag}", model, d, 1e-4, 0.1) for d in ("1", "2")]
+    comparisons = plan_comparisons(entries)
+    rng = np.random.default_rng(0)
+    scores = {}
+    for tag in ("big", "small"):
+        base = base_scores().assign(utility_k=rng.uniform(0.3, 0.6, NUM_PROMPTS))
+        scores[f"{tag} (base)"] = base
+        gain = 0.10 if tag == "big" else 0.02
+        scores[f"d1-{tag}"] = base.assign(utility_k=base["utility_k"] + gain + rng.normal(0, 0.01, NUM_PROMPTS))
+        scores[f"d2-{tag}"] = base.assign(utility_k=base["utility_k"] + 0.03 + rng.normal(0, 0.01, NUM_PROMPTS))
+    table = size_table(scores, comparisons).set_index(["dataset", "versus"])
+    d1 = table.loc[("1", "base")]
+    assert (d1["smaller"], d1["larger"]) == ("org/Model-135M", "org/Model-1.7B")
+    assert d1["difference"] == pytest.approx(0.08, abs=0.01) and d1["counts"] and d1["ci_low"] > 0.05
+    assert table.loc[("2", "base")]["difference"] == pytest.approx(0.0, abs=0.01)
+    assert not table.loc[("2", "base")]["counts"]
+    assert table.loc[("1", "dataset 2")]["difference"] == pytest.approx(0.08, abs=0.01)
+    sentence = size_sentences(table.reset_index().iloc[:1], {"1": "Dataset 1"})[0]
+    assert sentence.startswith("Dataset 1: its effect on utility_k vs base differs between Model-135M and Model-1.7B")
