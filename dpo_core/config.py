@@ -20,6 +20,9 @@ SEED_MODELS = (
     "Qwen/Qwen3-30B-A3B-Instruct-2507",
 )
 LOCAL_DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The prompting baseline's instruction: the base model asked for variety, evaluated like a trained model.
+PROMPT_BASELINE_INSTRUCTION = ("Give an original answer that differs from the most common one; surprise the "
+                               "reader while staying on topic.")
 
 
 class ConfigError(ValueError):
@@ -144,11 +147,13 @@ def dataset_tag(dataset: int | str) -> str:
 
 
 def run_name(config: TrainConfig, date: dt.date | None = None) -> str:
-    """The seed's naming: `dataset1_qwen34b_lr1e-05_beta0.1_2024-12-05`."""
+    """The seed's naming: `dataset1_qwen34b_lr1e-05_beta0.1_2024-12-05`; a training seed other than 0 adds
+    `_seed{N}` (the suite's `seeds=N` replicates)."""
     date = date or dt.date.today()
     return (
         f"{dataset_tag(config.dataset)}_{model_slug(config.model_name)}"
         f"_lr{config.learning_rate:g}_beta{config.dpo_beta:g}_{date.isoformat()}"
+        + (f"_seed{config.seed}" if config.seed else "")
     )
 
 
@@ -365,4 +370,26 @@ class EvalConfig(FrozenModel):
     quality_judge: bool = True
     """Score each sample's quality 1-10 with the judge (the base model, rating from its next-token distribution,
     dpo_core.judge): the quality signal that is NOT dataset 2's selection criterion (the logprob is).
+    """
+
+    # --- quality-aware diversity (dpo_core.novelty): what counts as a valid answer, and as a different one ---
+    fluency_floor: float = -4.5
+    """A sample is valid only if its mean token logprob under the base model is at least this (noise scores far
+    below it; calibrated on the shipped data, docs/study.md). Needs quality=true.
+    """
+    truncated_is_invalid: bool = True
+    """A sample cut at max_tokens is a fragment: count it as invalid for the quality-aware metrics."""
+    judge_floor: float | None = Field(default=None, ge=1, le=10)
+    """Also require the judge's 1-10 rating to reach this for a sample to be valid; none = the judge does not
+    decide validity (at temperature 1 the 135M judge rates noise and text alike).
+    """
+    similarity_threshold: float = Field(default=0.75, gt=0, le=1)
+    """Two samples are the same answer (one NoveltyBench class) when their embedding cosine similarity is at
+    least this (calibrated on the shipped data, docs/study.md).
+    """
+    patience: float = Field(default=0.8, gt=0, le=1)
+    """NoveltyBench's patience p: utility_k weighs the i-th sample by p^(i-1)."""
+    diversity_instruction: str | None = PROMPT_BASELINE_INSTRUCTION
+    """The prompting baseline: each base model is also evaluated with this instruction before every eval prompt
+    (a row of the report, compared with the base model like a trained one); none = no baseline.
     """

@@ -27,7 +27,17 @@ DATASET_FILES: dict[int, str] = {
 DATASET_CRITERIA: dict[int, str] = {1: "embedding diversity", 2: "quality", 3: "LLM-judge diversity"}
 # The positive control (issue 15): pairs built to change diversity strongly, so the study can show its instrument
 # sees an effect when there is one (chosen = the most diverse candidate of a prompt's pool, rejected = the least).
+# It has no quality filter, so it also rewards degeneration: the report calls it the degeneration control.
 CONTROL_DATASET_FILE = "control_diversity.parquet"
+# The quality-preserving control (DivPO, Lanchantin et al. 2025): chosen = the most diverse candidate above the
+# prompt's quality threshold, rejected = the least diverse below it.
+CONTROL_QUALITY_FILE = "control_quality.parquet"
+CONTROL_DATASET_FILES = (CONTROL_DATASET_FILE, CONTROL_QUALITY_FILE)
+PROMPT_BASELINE = "prompt"  # the prompting baseline's `dataset` in the report: the base model, instructed
+CONTROL_NAMES = {CONTROL_DATASET_FILE: "degeneration control: chosen = most diverse candidate, rejected = least, "
+                                       "no quality filter",
+                 CONTROL_QUALITY_FILE: "quality-preserving control (DivPO): chosen = most diverse candidate above "
+                                       "the prompt's median fluency, rejected = least diverse below it"}
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 PROMPT_ROLES = {"system", "user", "assistant"}
 RESPONSE_ROLES = {"assistant"}

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dpo_core import diversity
+from dpo_core import diversity, novelty
 from dpo_core.config import EvalConfig
 from dpo_core.data import EvalPrompt
 from dpo_core.fsutil import atomic_folder
@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # `import tinker` imports torch: only where a model is sample
 
 BUCKETS = ("low", "mid", "high")
 METRICS = ("distinct_1", "distinct_2", "self_bleu", "compression_ratio", "embedding_distance", "vendi",
-           "mean_words", "mean_tokens", "quality_judge", "quality_logprob")
+           "mean_words", "mean_tokens", "quality_judge", "quality_logprob", *novelty.QUALITY_AWARE_METRICS,
+           "completion_rate")
 
 
 class EvalOverlapError(ValueError):
@@ -47,6 +48,12 @@ class EvalTarget:
     model_name: str
     model_path: str | None = None
     renderer_name: str | None = None  # the run's (config.json); None = the model's default
+    instruction: str | None = None  # put before every eval prompt (the prompting baseline); None = prompt as is
+
+
+def instructed(prompt: str, instruction: str | None) -> str:
+    """The eval prompt as the model sees it: the instruction, a blank line, the prompt."""
+    return prompt if not instruction else f"{instruction}\n\n{prompt}"
 
 
 def bucket_of(creativity: float, edges: tuple[float, float]) -> str:
@@ -93,7 +100,7 @@ def sample_and_score(
                       service_client=service_client)
     # Each request asks for all k samples of one prompt; a window of `concurrency` requests in flight.
     with _sampling_base(target):
-        pools = sampler.sample_many([p.prompt for p in prompts], config.num_samples, concurrency=config.concurrency,
+        pools = sampler.sample_many([instructed(p.prompt, target.instruction) for p in prompts], config.num_samples, concurrency=config.concurrency,
                                     progress=f"sampling {target.label}" if progress else None)
     completions = [c for pool in pools for c in pool]
     samples: list[dict[str, Any]] = [
@@ -125,10 +132,20 @@ def sample_and_score(
         if config.quality_judge:
             judged = [s["quality_judge"] for s in own if not np.isnan(s["quality_judge"])]
             scores["quality_judge"] = float(np.mean(judged)) if judged else float("nan")
+        scores["completion_rate"] = float(np.mean([s["stop_reason"] != novelty.TRUNCATED for s in own]))
+        if config.quality and vectors is not None:
+            valid = novelty.validity([s["quality_logprob"] for s in own], [s["stop_reason"] for s in own],
+                                     config.fluency_floor, [s.get("quality_judge", np.nan) for s in own],
+                                     config.judge_floor, config.truncated_is_invalid)
+            for sample, ok in zip(own, valid):
+                sample["valid"] = bool(ok)
+            scores |= novelty.score_quality_aware(vectors[indices], valid, config.similarity_threshold,
+                                                  config.patience)
         rows.append({"prompt_id": prompt.prompt_id, "creativity_score": prompt.creativity_score,
                      "bucket": bucket_of(prompt.creativity_score, config.bucket_edges), **scores})
     table = pd.DataFrame(rows)
     summary = {"label": target.label, "model_name": target.model_name, "model_path": target.model_path,
+               "instruction": target.instruction,
                "num_prompts": len(prompts), "num_samples": config.num_samples,
                "eval_config": config.model_dump(mode="json"), **aggregate(table, config)}
     _write_outputs(out_dir, samples, table, summary)

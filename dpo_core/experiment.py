@@ -127,8 +127,9 @@ def eval_prompts_path(config: EvalConfig, settings: Settings) -> Path:
 def eval_fingerprint(config: EvalConfig, settings: Settings, service: str | None = None) -> str:
     """Short hash of what decides an evaluation's numbers: the eval config, the eval prompts' bytes and, when
     given, the service identity (`ServiceIdentity.key()`) of the model sampled."""
-    raw = json.dumps([config.model_dump(mode="json"), data.content_hash(eval_prompts_path(config, settings)),
-                      *([service] if service else [])])
+    # The prompting baseline's instruction decides only that baseline's folder (its own suffix), not the others'.
+    raw = json.dumps([config.model_dump(mode="json", exclude={"diversity_instruction"}),
+                      data.content_hash(eval_prompts_path(config, settings)), *([service] if service else [])])
     return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
 
@@ -183,11 +184,13 @@ class EvalRequest(FrozenModel):
     run_dir: str | None = None
     training_datasets: tuple[str, ...] = ()  # eval prompts found in these are an error
     renderer_name: str | None = None  # the renderer the model was trained with (config.json): one per run
+    instruction: str | None = None  # the prompting baseline's instruction before every eval prompt
 
 
-def plan_evaluation(run_dirs: Sequence[str]) -> list[EvalRequest]:
-    """Each base model once (checked against every dataset trained on it), then each experiment's final
-    checkpoint (checked against its own dataset)."""
+def plan_evaluation(run_dirs: Sequence[str], instruction: str | None = None) -> list[EvalRequest]:
+    """Each base model once (checked against every dataset trained on it), with `instruction` also the base
+    model prompted with it (the prompting baseline), then each experiment's final checkpoint (checked against
+    its own dataset)."""
     runs = [(str(run_dir), RunConfig.read(run_dir), final_record(run_dir)) for run_dir in run_dirs]
     trained_on: dict[str, list[str]] = {}
     for _, run, _ in runs:
@@ -201,6 +204,11 @@ def plan_evaluation(run_dirs: Sequence[str]) -> list[EvalRequest]:
     requests = [EvalRequest(label=f"{model} (base)", model_name=model, training_datasets=tuple(datasets),
                             renderer_name=rendered_as[model])
                 for model, datasets in trained_on.items()]
+    if instruction:
+        requests += [EvalRequest(label=f"{model} (base + diversity prompt)", model_name=model,
+                                 training_datasets=tuple(datasets), renderer_name=rendered_as[model],
+                                 instruction=instruction)
+                     for model, datasets in trained_on.items()]
     requests += [EvalRequest(label=Path(run_dir).name, model_name=run.train_config.model_name,
                              model_path=final.sampler_path, run_dir=run_dir, training_datasets=(run.dataset_path,),
                              renderer_name=run.renderer_name)
@@ -215,10 +223,12 @@ def report_entries(requests: Sequence[EvalRequest], eval_dirs: Sequence[str]) ->
     entries = []
     for request, eval_dir in zip(requests, eval_dirs):
         row = {"label": request.label, "model_name": request.model_name, "eval_dir": eval_dir}
+        if request.instruction:
+            row["dataset"] = data.PROMPT_BASELINE
         if request.run_dir:
             config = RunConfig.read(request.run_dir).train_config
             row |= {"dataset": str(config.dataset), "learning_rate": config.learning_rate,
-                    "dpo_beta": config.dpo_beta, "run_dir": request.run_dir}
+                    "dpo_beta": config.dpo_beta, "run_dir": request.run_dir, "seed": config.seed}
         entries.append(ReportEntry(**row))
     return entries
 
@@ -244,7 +254,8 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
     with service_client(settings) as client:
         service = identify(client, request.model_name, settings.resolved_backend())
         out_dir = _eval_dir(request, settings, eval_fingerprint(eval_config, settings, service.key()))
-        target = evaluate.EvalTarget(request.label, request.model_name, request.model_path, request.renderer_name)
+        target = evaluate.EvalTarget(request.label, request.model_name, request.model_path, request.renderer_name,
+                                     request.instruction)
         evaluate.sample_and_score(client, target, prompts, eval_config, embedder, out_dir)
     return str(out_dir)
 
@@ -258,6 +269,8 @@ def _eval_dir(request: EvalRequest, settings: Settings, fingerprint: str) -> Pat
     rendered = request.renderer_name
     suffix = "" if rendered in (None, renderer_name_for(request.model_name)) else "_" + re.sub(
         r"[^A-Za-z0-9_-]", "-", rendered)
+    if request.instruction:  # the prompting baseline: the same model and weights, other prompts
+        suffix += "_prompted-" + hashlib.sha256(request.instruction.encode()).hexdigest()[:8]
     return (Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name)
             / f"eval_{fingerprint}{suffix}")
 

@@ -335,47 +335,65 @@ def build_datasets(prompts: list[dict], candidates: dict[str, list[dict]], quali
     return tables, summary
 
 
-def positive_control_pairs(tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
+def positive_control_pairs(tables: Sequence[pd.DataFrame], quality_preserving: bool = False) -> pd.DataFrame:
     """The positive control's pairs from built datasets: per prompt, chosen = the candidate with the highest
     embedding diversity d_i, rejected = the lowest, among every candidate text the tables hold for it, with no
     quality filter (built to change diversity strongly, so the study can show its instrument sees it).
 
     d_i is comparable across the tables because all of them rank the same candidate pool of a prompt. Prompts
-    whose texts are all the same yield no pair."""
-    texts: dict[str, dict[str, float]] = {}
+    whose texts are all the same yield no pair.
+
+    `quality_preserving`: DivPO's rule instead (Lanchantin et al. 2025): split the prompt's texts at their median
+    quality (the base model's mean token logprob); chosen = the most diverse text at or above it, rejected = the
+    least diverse text below it, so the pairs teach diversity without teaching disfluency."""
+    texts: dict[str, dict[str, tuple[float, float]]] = {}
     info: dict[str, dict[str, Any]] = {}
     for table in tables:
+        has_quality = "chosen_quality" in table.columns
         for row in table.itertuples():
             info.setdefault(row.prompt_id, {"prompt": row.prompt, "creativity_score": row.creativity_score,
                                             "model": row.model, "seed": row.seed})
             pool = texts.setdefault(row.prompt_id, {})
-            pool.setdefault(row.chosen, float(row.chosen_diversity))
-            pool.setdefault(row.rejected, float(row.rejected_diversity))
+            for text, div, quality in ((row.chosen, row.chosen_diversity, getattr(row, "chosen_quality", None)),
+                                       (row.rejected, row.rejected_diversity, getattr(row, "rejected_quality", None))):
+                pool.setdefault(text, (float(div), float(quality) if has_quality else float("nan")))
     rows = []
     for prompt_id in sorted(texts):
-        ranked = sorted(texts[prompt_id].items(), key=lambda item: (item[1], item[0]))
-        (rejected, low), (chosen, high) = ranked[0], ranked[-1]
+        items = sorted(texts[prompt_id].items(), key=lambda item: (item[1][0], item[0]))
+        if quality_preserving:
+            threshold = float(np.median([q for _, (_, q) in items]))
+            above = [item for item in items if item[1][1] >= threshold]
+            below = [item for item in items if item[1][1] < threshold]
+            if not above or not below:
+                continue
+            (chosen, (high, chosen_quality)), (rejected, (low, rejected_quality)) = above[-1], below[0]
+        else:
+            (rejected, (low, rejected_quality)), (chosen, (high, chosen_quality)) = items[0], items[-1]
         if _normalised(chosen) == _normalised(rejected):
             continue
-        rows.append({"prompt_id": prompt_id, "prompt": info[prompt_id]["prompt"], "chosen": chosen,
-                     "rejected": rejected, "creativity_score": info[prompt_id]["creativity_score"],
-                     "criterion": "positive_control_diversity", "chosen_diversity": high, "rejected_diversity": low,
-                     "model": info[prompt_id]["model"], "seed": info[prompt_id]["seed"]})
+        row = {"prompt_id": prompt_id, "prompt": info[prompt_id]["prompt"], "chosen": chosen,
+               "rejected": rejected, "creativity_score": info[prompt_id]["creativity_score"],
+               "criterion": "positive_control_quality_preserving" if quality_preserving
+               else "positive_control_diversity", "chosen_diversity": high, "rejected_diversity": low,
+               "model": info[prompt_id]["model"], "seed": info[prompt_id]["seed"]}
+        if quality_preserving:
+            row |= {"chosen_quality": chosen_quality, "rejected_quality": rejected_quality}
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def write_positive_control(data_dir: Path) -> Path:
-    """`<data_dir>/control_diversity.parquet` from the three datasets there (one documented command:
-    `python -m dpo_core.pairs control data`)."""
+def write_positive_control(data_dir: Path, quality_preserving: bool = False) -> Path:
+    """`<data_dir>/control_diversity.parquet` (or, `quality_preserving`, `control_quality.parquet`) from the
+    three datasets there (one documented command: `python -m dpo_core.pairs control data`, or `control-quality`)."""
     import io
 
-    from dpo_core.data import CONTROL_DATASET_FILE
+    from dpo_core.data import CONTROL_DATASET_FILE, CONTROL_QUALITY_FILE
 
     tables = [pd.read_parquet(Path(data_dir) / DATASET_FILES[n]) for n in sorted(DATASET_FILES)
               if (Path(data_dir) / DATASET_FILES[n]).exists()]
     buffer = io.BytesIO()
-    positive_control_pairs(tables).to_parquet(buffer, index=False)
-    path = Path(data_dir) / CONTROL_DATASET_FILE
+    positive_control_pairs(tables, quality_preserving).to_parquet(buffer, index=False)
+    path = Path(data_dir) / (CONTROL_QUALITY_FILE if quality_preserving else CONTROL_DATASET_FILE)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
@@ -452,6 +470,6 @@ def build_pairs(service_client: tinker.ServiceClient, config: PairsConfig, cache
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "control":
-        sys.exit("usage: python -m dpo_core.pairs control DATA_DIR")
-    print(write_positive_control(Path(sys.argv[2])))
+    if len(sys.argv) != 3 or sys.argv[1] not in ("control", "control-quality"):
+        sys.exit("usage: python -m dpo_core.pairs control|control-quality DATA_DIR")
+    print(write_positive_control(Path(sys.argv[2]), quality_preserving=sys.argv[1] == "control-quality"))

@@ -11,9 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, create_model, field_validator
 
-from dpo_core.config import (LOCAL_DEFAULT_MODEL, SEED_MODELS, ConfigError, EvalConfig, FrozenModel, TrainConfig,
-                             run_name)
-from dpo_core.data import CONTROL_DATASET_FILE
+from dpo_core.config import (LOCAL_DEFAULT_MODEL, PROMPT_BASELINE_INSTRUCTION, SEED_MODELS, ConfigError,
+                             EvalConfig, FrozenModel, TrainConfig, run_name)
+from dpo_core.data import CONTROL_DATASET_FILES
 
 # TrainConfig fields the suite sweeps over: a list of values, one experiment per combination.
 SWEPT = ("learning_rate", "dpo_beta")
@@ -31,11 +31,14 @@ LIST_FIELDS = ("datasets", "models", *SWEPT)
 # barely moves (held-out loss stayed at ln 2, accuracy 3/8). held_out_fraction 0.2 (on 8 pairs a bootstrap CI
 # clears 0.5 only at 7/8): 28 of the 140 shipped pairs; 16 of the earlier 80 could not resolve dataset 3's ~0.7
 # from chance, hence the 140. batch 6: the 112 trained pairs make 19 steps (>= MIN_STEPS).
-# The positive control (data/control_diversity.parquet: chosen = most diverse candidate, rejected = least) runs
+# The positive controls (data/control_diversity.parquet: chosen = most diverse candidate, rejected = least, no
+# quality filter, the "degeneration control"; data/control_quality.parquet: DivPO's quality-preserving pairs) run
 # with the first model and hyper-parameters, so the report can say whether its instrument sees a built-in effect.
+# eval_max_tokens 128: SmolLM2 ends 19% / 33% / 54% of its samples on its own at 64 / 128 / 256 tokens; the
+# quality-aware metrics count a cut sample as invalid and the report shows each model's completion rate.
 LOCAL_DEFAULTS = {"models": [LOCAL_DEFAULT_MODEL], "learning_rate": [1e-3], "lr_schedule": "constant",
                   "batch_size": 6, "num_epochs": 1, "held_out_fraction": 0.2, "max_length": 256,
-                  "eval_num_samples": 4, "eval_max_prompts": 24, "eval_max_tokens": 64, "positive_control": True}
+                  "eval_num_samples": 4, "eval_max_prompts": 24, "eval_max_tokens": 128, "positive_control": True}
 # Tinker keeps the seed guide's training defaults (TrainConfig's own).
 TINKER_DEFAULTS = {"models": list(SEED_MODELS), "learning_rate": [1e-5], "batch_size": 256, "max_length": 1024,
                    **{name: TrainConfig.model_fields[name].default
@@ -114,10 +117,18 @@ SuiteConfig = create_model(
     dispatch=(Literal["local", "pool"], Field(
         default="local", description="local: train in this process; pool: each experiment as a run of the "
         "dpo-train deployment on the dpo-local work pool (start it with deployments/dpo.sh up).")),
+    seeds=(int, Field(default=1, ge=1, description="Train each condition this many times, with training seeds "
+                      "seed, seed+1, ... (LoRA initialisation, data order and held-out split; recorded in each run's "
+                      "config.json); the findings then resample seeds and prompts.")),
+    diversity_instruction=(str | None, Field(
+        default=PROMPT_BASELINE_INSTRUCTION, description="The prompting baseline: the base model is also evaluated "
+        "with this instruction before every eval prompt, as a row of the report; none = no baseline.")),
     positive_control=(bool | None, Field(
-        default=None, description="Also train the positive control (data/control_diversity.parquet: chosen = the "
-        "most diverse answer, rejected = the least), so the report can say whether the instrument sees a built-in "
-        "effect; none = the backend's default, with the default datasets only.")),
+        default=None, description="Also train the two positive controls (data/control_diversity.parquet: chosen = "
+        "the most diverse answer, rejected = the least, no quality filter, the degeneration control; "
+        "data/control_quality.parquet: DivPO's chosen = most diverse above a quality threshold, rejected = least "
+        "diverse below it), so the report can say whether the instrument sees a built-in effect; none = the "
+        "backend's default, with the default datasets only.")),
 )
 
 
@@ -175,22 +186,28 @@ def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> 
             shared[name] = value
     models = models if models is not None else (config.models or defaults["models"])
     rates = config.learning_rate or defaults["learning_rate"]
+    # seeds=N: each condition N times, with training seeds seed, seed+1, ... (LoRA init, data order; config.json)
+    first_seed = shared.pop("seed")
+    seeds = [first_seed + i for i in range(config.seeds)]
     experiments = [
-        TrainConfig(model_name=model, dataset=dataset, learning_rate=lr, dpo_beta=beta, **shared)
+        TrainConfig(model_name=model, dataset=dataset, learning_rate=lr, dpo_beta=beta, seed=seed, **shared)
         for dataset, model, lr, beta in itertools.product(config.datasets, models, rates, config.dpo_beta)
+        for seed in seeds
     ]
     # By default only with the default datasets: a run narrowed to some datasets (datasets=1) asked for those.
     control = config.positive_control if config.positive_control is not None else (
         defaults["positive_control"] and "datasets" not in config.model_fields_set)
     if control and models:
-        experiments.append(TrainConfig(model_name=models[0], dataset=CONTROL_DATASET_FILE, learning_rate=rates[0],
-                                       dpo_beta=config.dpo_beta[0], **shared))
+        experiments += [TrainConfig(model_name=models[0], dataset=dataset, learning_rate=rates[0],
+                                    dpo_beta=config.dpo_beta[0], seed=seed, **shared)
+                        for dataset in CONTROL_DATASET_FILES for seed in seeds]
     eval_config = EvalConfig(
         eval_prompts=config.eval_prompts,
         num_samples=config.eval_num_samples or defaults["eval_num_samples"],
         max_prompts=config.eval_max_prompts if config.eval_max_prompts is not None else defaults["eval_max_prompts"],
         max_tokens=config.eval_max_tokens or defaults["eval_max_tokens"],
         temperature=config.eval_temperature, seed=config.seed,
+        diversity_instruction=config.diversity_instruction,
     )
     return experiments, eval_config
 

@@ -20,13 +20,14 @@ import pandas as pd
 from dpo_core import findings, stats
 from dpo_core.checkpoints import read_jsonl
 from dpo_core.config import EvalConfig, FrozenModel
-from dpo_core.data import CONTROL_DATASET_FILE, DATASET_CRITERIA
+from dpo_core.data import CONTROL_DATASET_FILES, CONTROL_NAMES, CONTROL_QUALITY_FILE, DATASET_CRITERIA, PROMPT_BASELINE
 from dpo_core.diversity import HIGHER_IS_MORE_DIVERSE
 from dpo_core.fsutil import atomic_folder
 from dpo_core.evaluate import BUCKETS
 
 DIVERSITY = ("embedding_distance", "vendi", "distinct_1", "distinct_2", "self_bleu", "compression_ratio")
-PLOTTED = ("embedding_distance", "vendi", "distinct_2", "self_bleu")
+PLOTTED = ("utility_k", "effective_vendi", "embedding_distance", "distinct_2")
+QUALITY_AWARE_COLUMNS = ("utility_k", "distinct_k", "effective_vendi", "valid_rate", "completion_rate")
 
 
 class ReportEntry(FrozenModel):
@@ -39,6 +40,7 @@ class ReportEntry(FrozenModel):
     learning_rate: float | None = None
     dpo_beta: float | None = None
     run_dir: str | None = None
+    seed: int | None = None  # the training seed (the suite's seeds=N replicates share everything else)
 
 
 def _fmt(stat: dict[str, float] | None, digits: int = 3) -> str:
@@ -53,7 +55,7 @@ def build_table(entries: Sequence[ReportEntry]) -> pd.DataFrame:
     for entry in entries:
         summary = json.loads((Path(entry.eval_dir) / "summary.json").read_text())
         row: dict[str, Any] = {"label": entry.label, "model": entry.model_name, "dataset": entry.dataset or "base",
-                               "learning_rate": entry.learning_rate, "dpo_beta": entry.dpo_beta}
+                               "learning_rate": entry.learning_rate, "dpo_beta": entry.dpo_beta, "seed": entry.seed}
         for scope, stats in [("all", summary["overall"])] + [(b, summary["buckets"].get(b, {})) for b in BUCKETS]:
             for metric, stat in stats.items():
                 if isinstance(stat, dict):
@@ -90,8 +92,35 @@ def write_report(entries: Sequence[ReportEntry], out_dir: Path, title: str = "dp
 
 
 def is_control(entry: ReportEntry) -> bool:
-    """The positive control: a run on the control dataset (pairs built to change diversity strongly)."""
-    return bool(entry.dataset) and Path(str(entry.dataset)).name == CONTROL_DATASET_FILE
+    """A positive control: a run on a control dataset (pairs built to change diversity strongly)."""
+    return bool(entry.dataset) and Path(str(entry.dataset)).name in CONTROL_DATASET_FILES
+
+
+def control_kind(entry: ReportEntry) -> str:
+    """"quality-preserving" (DivPO's pairs) or "degeneration" (most vs least diverse, no quality filter)."""
+    return "quality-preserving" if Path(str(entry.dataset)).name == CONTROL_QUALITY_FILE else "degeneration"
+
+
+def dataset_names(entries: Sequence[ReportEntry]) -> dict[str, str]:
+    """What each entry's dataset is, for the findings: 'Dataset 1 (embedding diversity)', the prompting
+    baseline, the controls."""
+    names = {str(k): f"Dataset {k} ({v})" for k, v in DATASET_CRITERIA.items()}
+    names[PROMPT_BASELINE] = "The prompting baseline (base model + diversity instruction, no training)"
+    for entry in entries:
+        if entry.dataset and Path(str(entry.dataset)).name in CONTROL_NAMES:
+            names[str(entry.dataset)] = "The " + CONTROL_NAMES[Path(str(entry.dataset)).name]
+    return names
+
+
+def _completion_lines(entries: Sequence[ReportEntry], scores: dict[str, pd.DataFrame],
+                      config: dict[str, Any]) -> list[str]:
+    """How many samples ended on their own (the rest were cut at max_tokens and count as invalid)."""
+    rates = [f"{e.label} {np.nanmean(scores[e.label]['completion_rate']):.0%}" for e in entries
+             if "completion_rate" in scores[e.label]]
+    if not rates:
+        return []
+    return [f"Samples that ended on their own before max_tokens {config.get('max_tokens', '?')} (the rest are "
+            f"cut and count as invalid): {'; '.join(rates)}.", ""]
 
 
 def _read_samples(eval_dir: Path) -> list[dict[str, Any]]:
@@ -131,20 +160,42 @@ def findings_section(entries: Sequence[ReportEntry], out: Path) -> tuple[str, li
     table = findings.paired_table(scores, comparisons, samples=samples, bucket_edges=edges, seed=seed)
     table.to_csv(out / "paired.csv", index=False)
     plots = []
-    for versus, name in ((findings.VERSUS_BASE, "paired_vs_base.png"),
-                         (f"dataset {findings.QUALITY_DATASET}", "paired_vs_dataset2.png")):
-        if (table["versus"] == versus).any():
-            findings.plot_paired_differences(table, out / name, versus=versus)
+    short = {k: v.split(" (")[0].split(":")[0].replace("The ", "") for k, v in dataset_names(entries).items()}
+    for versus, family, name in (
+            (findings.VERSUS_BASE, findings.FAMILY_QUALITY_AWARE, "quality_aware_vs_base.png"),
+            (findings.VERSUS_BASE, findings.FAMILY_DIVERSITY, "paired_vs_base.png"),
+            (f"dataset {findings.QUALITY_DATASET}", findings.FAMILY_DIVERSITY, "paired_vs_dataset2.png")):
+        if ((table["versus"] == versus) & (table["family"] == family)).any():
+            findings.plot_paired_differences(table, out / name, versus=versus, family=family, names=short)
             plots.append(name)
-    names = {str(k): v for k, v in DATASET_CRITERIA.items()}
     controls = [e for e in entries if is_control(e)]
-    names |= {str(e.dataset): "positive control: chosen = most diverse candidate, rejected = least" for e in controls}
-    markdown = findings.findings_markdown(table, HIGHER_IS_MORE_DIVERSE, dataset_names=names,
+    criteria = {str(k): v for k, v in DATASET_CRITERIA.items()} | {
+        str(e.dataset): CONTROL_NAMES[Path(str(e.dataset)).name] for e in controls} | {
+        PROMPT_BASELINE: "base model + diversity instruction, no training"}
+    markdown = findings.findings_markdown(table, HIGHER_IS_MORE_DIVERSE, dataset_names=criteria,
                                           quality_metric=_quality_metric(scores))
-    lines = [markdown.rstrip(), ""]
+    # The headline first (quality-aware metrics, a few sentences, one table); the per-metric detail below it.
+    _, _, details = markdown.partition("\n")
+    lines = ["## Findings", "", findings.headline_markdown(table, {k: v.split(":")[0] for k, v in dataset_names(entries).items()}),
+             *_completion_lines(entries, scores, config), "### Details: every comparison", details.strip(), ""]
     if controls:
-        lines += ["### Positive control", ""]
-        lines += [findings.positive_control_sentence(table, e.label) for e in controls] + [""]
+        lines += ["### Positive controls", ""]
+        seen: set[str] = set()
+        for entry in controls:
+            condition = next((r for r in table.itertuples() if r.dataset == entry.dataset), None)
+            label = condition.model if condition is not None else entry.label
+            if label not in seen:
+                seen.add(label)
+                lines.append("- " + findings.positive_control_sentence(table, label, kind=control_kind(entry)))
+        lines.append("")
+    sizes = findings.size_table(scores, comparisons, seed=seed)
+    if not sizes.empty:
+        sizes.to_csv(out / "model_size.csv", index=False)
+        findings.plot_size(sizes, out / "model_size.png", short)
+        plots.append("model_size.png")
+        lines += ["### Model size", "", "The same dataset trained on each base model: does its effect differ? "
+                  "(difference of paired differences, larger − smaller model, 95% CI over prompts and seeds)", "",
+                  *(f"- {sentence}" for sentence in findings.size_sentences(sizes, criteria)), ""]
     lines += _held_out_lines(held_out_rows(entries, seed), out)
     lines += _length_lines(scores, table)
     return "\n".join(lines), plots
@@ -227,12 +278,13 @@ def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[s
         findings_md, "",
         "## Overall", "",
     ]
-    header = ["model", "dataset", "lr", "β", *DIVERSITY, "quality_judge", "quality_logprob", "mean_tokens",
-              "train-batch DPO acc", "train-batch DPO margin"]
+    header = ["model", "dataset", "lr", "β", *QUALITY_AWARE_COLUMNS, *DIVERSITY, "quality_judge", "quality_logprob",
+              "mean_tokens", "train-batch DPO acc", "train-batch DPO margin"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for _, row in table.iterrows():
         cells = [row["model"], str(row["dataset"]), _num(row["learning_rate"], "g"), _num(row["dpo_beta"], "g")]
+        cells += [_fmt(_stat(row, m, "all"), 2) for m in QUALITY_AWARE_COLUMNS]
         cells += [_fmt(_stat(row, m, "all")) for m in DIVERSITY]
         cells += [_fmt(_stat(row, "quality_judge", "all")), _fmt(_stat(row, "quality_logprob", "all")),
                   _fmt(_stat(row, "mean_tokens", "all"), 1),
@@ -261,6 +313,19 @@ def _num(value: Any, spec: str) -> str:
     return "-" if value is None or pd.isna(value) else format(value, spec)
 
 
+def display_label(row: Any, several_models: bool = False) -> str:
+    """A plot's name for an evaluated model: by dataset ('dataset 1', 'base', 'prompt baseline', the control
+    kind), with its seed when it has one and its model when the suite trained several."""
+    dataset = str(row["dataset"] if isinstance(row, (dict, pd.Series)) else row.dataset)
+    seed = row.get("seed") if isinstance(row, (dict, pd.Series)) else getattr(row, "seed", None)
+    model = row.get("model") if isinstance(row, (dict, pd.Series)) else getattr(row, "model_name", "")
+    name = {"base": "base", PROMPT_BASELINE: "prompt baseline", CONTROL_QUALITY_FILE: "quality control",
+            CONTROL_DATASET_FILES[0]: "degeneration control"}.get(Path(dataset).name, f"dataset {dataset}")
+    if seed is not None and not pd.isna(seed) and dataset not in ("base", PROMPT_BASELINE):
+        name += f" · seed {int(seed)}"
+    return f"{name} · {str(model).split('/')[-1]}" if several_models else name
+
+
 def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> list[str]:
     import matplotlib
 
@@ -268,6 +333,7 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
     import matplotlib.pyplot as plt
 
     written = []
+    several_models = table["model"].nunique() > 1
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.8), squeeze=False)
     for axis, metric in zip(axes[0], PLOTTED):
         for _, row in table.iterrows():
@@ -276,14 +342,16 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
             means = [stats[i]["mean"] for i in xs]
             errors = [[stats[i]["mean"] - stats[i]["ci_low"] for i in xs], [stats[i]["ci_high"] - stats[i]["mean"] for i in xs]]
             style = "--" if row["dataset"] == "base" else "-"
-            axis.errorbar(xs, means, yerr=errors, linestyle=style, marker="o", capsize=3, label=row["label"])
+            axis.errorbar(xs, means, yerr=errors, linestyle=style, marker="o", capsize=3,
+                          label=display_label(row, several_models))
         axis.set_xticks(range(len(BUCKETS)), BUCKETS)
         axis.set_xlabel("prompt creativity")
-        direction = "higher" if HIGHER_IS_MORE_DIVERSE[metric] else "lower"
-        axis.set_title(f"{metric} ({direction} = more diverse)", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+        direction = "higher" if HIGHER_IS_MORE_DIVERSE.get(metric, True) else "lower"
+        axis.set_title(f"{metric}\n({direction} = more diverse)", fontsize=9)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "diversity_vs_creativity.png", dpi=110)
+    fig.savefig(out / "diversity_vs_creativity.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     written.append("diversity_vs_creativity.png")
 
@@ -294,34 +362,16 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
             metrics = read_jsonl(Path(entry.run_dir) / "metrics.jsonl")
             steps = [m["step"] for m in metrics]
             for axis, key in zip(axes, ("dpo_loss", "accuracy", "margin")):
-                axis.plot(steps, [m[key] for m in metrics], marker=".", label=entry.label)
+                axis.plot(steps, [m[key] for m in metrics], marker=".", label=display_label(entry, several_models))
                 axis.set_title(key)
                 axis.set_xlabel("step")
-        axes[0].legend(fontsize=7)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "training_curves.png", dpi=110)
+        fig.savefig(out / "training_curves.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append("training_curves.png")
 
-    models = list(dict.fromkeys(table["model"]))
-    if len(models) > 1:
-        datasets = list(dict.fromkeys(table["dataset"]))
-        fig, axis = plt.subplots(figsize=(1.6 + 1.4 * len(models) * max(len(datasets), 1) / 2, 3.8))
-        width = 0.8 / max(len(datasets), 1)
-        for d, dataset in enumerate(datasets):
-            values = []
-            for model in models:
-                match = table[(table["model"] == model) & (table["dataset"] == dataset)]
-                values.append(match["embedding_distance/all"].mean() if len(match) else float("nan"))
-            axis.bar([m + d * width for m in range(len(models))], values, width=width, label=str(dataset))
-        axis.set_xticks([m + width * (len(datasets) - 1) / 2 for m in range(len(models))], models, fontsize=7)
-        axis.set_ylabel("embedding_distance (all prompts)")
-        axis.set_title("model size: diversity by dataset")
-        axis.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "model_size.png", dpi=110)
-        plt.close(fig)
-        written.append("model_size.png")
     return written
 
 

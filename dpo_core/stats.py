@@ -117,3 +117,63 @@ def paired_compare(model_values: Sequence[float] | np.ndarray, reference_values:
                         mean_reference=float(reference.mean()), difference=float(differences.mean()),
                         ci_low=ci_low, ci_high=ci_high,
                         p_value=sign_flip_permutation_p(differences, permutation_rounds, seed=seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# Several training seeds: resample seeds and prompts (a crossed design), test at the seed level
+# ----------------------------------------------------------------------------------------------
+
+
+def two_level_bootstrap_ci(differences_SP: Sequence[Sequence[float]] | np.ndarray,
+                           rounds: int = DEFAULT_BOOTSTRAP_ROUNDS, confidence: float = 0.95,
+                           seed: int = 0) -> tuple[float, float]:
+    """Percentile CI of the mean of a seeds x prompts matrix of paired differences, resampling training seeds
+    AND prompts with replacement (independently: every seed answered every prompt). With one seed it is
+    `paired_bootstrap_ci` over the prompts (same numbers). NaN cells are left out of each mean."""
+    values = np.asarray(differences_SP, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"expected a seeds x prompts matrix, got shape {values.shape}")
+    num_seeds, num_prompts = values.shape
+    if num_seeds == 1:
+        return paired_bootstrap_ci(values[0], rounds, confidence, seed)
+    if num_prompts == 0 or np.isnan(values).all():
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, num_seeds, size=(rounds, num_seeds))
+    prompts = rng.integers(0, num_prompts, size=(rounds, num_prompts))
+    # values[seeds][:, :, prompts] per round, without building rounds x S x P at once for large P
+    import warnings
+
+    with warnings.catch_warnings():  # a resample of only NaN cells has no mean; it is dropped below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.array([np.nanmean(values[np.ix_(s, p)]) for s, p in zip(seeds, prompts)])
+    means = means[~np.isnan(means)]
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100.0 - tail))
+
+
+def seed_permutation_p(model_means: Sequence[float] | np.ndarray,
+                       reference_means: Sequence[float] | np.ndarray) -> float:
+    """Exact two-sided permutation p-value at the seed level, on each training run's mean over prompts.
+
+    One reference run (a base model): sign flips of the per-seed differences (n seeds allow p >= 2 / 2**n).
+    Several reference runs (another trained condition): every relabelling of the pooled runs into the two
+    groups (3 seeds each allow p >= 0.1). NaN when either side has no run, or one run against one run."""
+    model = _clean(model_means)
+    reference = _clean(reference_means)
+    if model.size == 0 or reference.size == 0 or model.size + reference.size < 3:
+        return float("nan")
+    if reference.size == 1:
+        return sign_flip_permutation_p(model - reference[0])
+    import itertools
+
+    pooled = np.concatenate([model, reference])
+    observed = abs(model.mean() - reference.mean())
+    indices = range(pooled.size)
+    extreme = total = 0
+    for group in itertools.combinations(indices, model.size):
+        mask = np.zeros(pooled.size, dtype=bool)
+        mask[list(group)] = True
+        total += 1
+        extreme += abs(pooled[mask].mean() - pooled[~mask].mean()) >= observed - _TIE_TOLERANCE
+    return extreme / total

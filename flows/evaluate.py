@@ -34,7 +34,7 @@ def evaluate_and_report(run_dirs: list[str], eval_config: EvalConfig, out_dir: s
     """Evaluate base models and experiments (tasks run concurrently), then the report (`notes`, e.g. the
     suite's model replacements, under its title); returns report.md."""
     # --- evaluate: each base model once, each experiment's final checkpoint (submitted together) ---
-    requests = plan_evaluation(run_dirs)
+    requests = plan_evaluation(run_dirs, eval_config.diversity_instruction)
     eval_dirs = results_fresh_if_gone(evaluate_model, still_there("eval_dir", "summary.json"),
                                       [{"request": r, "eval_config": eval_config} for r in requests])
     # --- report: tables and plots, also as a Prefect artifact ---

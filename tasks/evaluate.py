@@ -21,8 +21,8 @@ def _registries(parameters: dict[str, Any]) -> list[str | None]:
 
 
 @task(name="plan-evaluation", tags=task_tags(), cache_key_fn=content_key(extra=_registries), **CACHED)
-def plan_evaluation(run_dirs: list[str]) -> list[experiment.EvalRequest]:
-    return experiment.plan_evaluation(run_dirs)
+def plan_evaluation(run_dirs: list[str], instruction: str | None = None) -> list[experiment.EvalRequest]:
+    return experiment.plan_evaluation(run_dirs, instruction)
 
 
 def _eval_inputs(parameters: dict[str, Any]) -> list[Any]:

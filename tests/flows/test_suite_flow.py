@@ -114,8 +114,9 @@ def test_suite_runs_caches_and_reruns_only_what_changed(prefect_harness, project
 def _eval_dir(row, project_env) -> str:
     import json
 
-    if row["dataset"] == "base":
-        return str(next((project_env / "experiments" / "base_models").glob("*/eval_*")))
+    if row["dataset"] in ("base", "prompt"):  # the base model, and the base model with the diversity prompt
+        folders = (project_env / "experiments" / "base_models").glob("*/eval_*")
+        return str(next(f for f in folders if ("_prompted-" in f.name) == (row["dataset"] == "prompt")))
     run = next((project_env / "experiments").glob(f"dataset{row['dataset']}_*"))
     folder = next((run / "eval").glob("final_*"))
     assert json.loads((folder / "summary.json").read_text())["label"] == run.name
@@ -185,3 +186,33 @@ def test_suite_keeps_secrets_out_of_files_logs_parameters_and_artifacts(prefect_
     written = json.dumps([[r.parameters for r in runs], [log.message for log in logs],
                           [a.data for a in artifacts], [t.task_inputs for t in task_runs]], default=str)
     assert tinker_canary not in written and wandb_canary not in written
+
+
+@pytest.mark.minutes(6)
+def test_two_models_two_seeds_report_seed_level_findings_the_baseline_and_model_size(prefect_harness, project_env):
+    """SmolLM2 and local/tiny, two training seeds each, on datasets 1 and 2 (small settings): the report states
+    its findings with 2 seeds, has the prompting baseline and the completion rates, and compares each dataset's
+    effect between the two models."""
+    from flows.suite import dpo_suite
+    from dpo_core.models import SMOLLM2
+
+    config = SuiteConfig(**{**SMALL, "models": ["local/tiny", SMOLLM2], "max_pairs": 24, "batch_size": 12,
+                            "eval_max_prompts": 3, "eval_max_tokens": 8}, seeds=2,
+                         report_dir=str(project_env / "report"))
+    state = dpo_suite(config, return_state=True)
+    assert state.is_completed(), state.message
+    runs = sorted((project_env / "experiments").glob("dataset*"))
+    assert len(runs) == 8  # 2 datasets x 2 models x 2 seeds
+    assert sorted(json.loads((r / "config.json").read_text())["train_config"]["seed"] for r in runs) == [0] * 4 + [1] * 4
+    report = (project_env / "report" / "report.md").read_text()
+    headline = report[report.index("## Findings"):report.index("### Details")]
+    assert "2 seeds, 3 prompts" in headline and "on SmolLM2-135M-Instruct" in headline and "on tiny" in headline
+    assert "The prompting baseline" in headline and "Samples that ended on their own before max_tokens 8" in headline
+    assert "### Model size" in report and "between tiny and SmolLM2-135M-Instruct" in report
+    paired = pd.read_csv(project_env / "report" / "paired.csv")
+    trained = paired[paired["dataset"].astype(str).isin(["1", "2"])]
+    assert set(trained["num_seeds"]) == {2} and set(paired.loc[paired["dataset"] == "prompt", "num_seeds"]) == {1}
+    assert {"utility_k", "distinct_k", "effective_vendi", "valid_rate"} <= set(paired["metric"])
+    sizes = pd.read_csv(project_env / "report" / "model_size.csv")
+    assert set(sizes["dataset"].astype(str)) == {"1", "2"} and set(sizes["num_seeds"]) == {2}
+    assert (project_env / "report" / "model_size.png").exists()

@@ -20,7 +20,7 @@ PROMPT_FILES = ("train_prompts.parquet", "eval_prompts.parquet")
 
 
 def shipped_slice(folder: Path, pairs: int = TEST_PAIRS) -> Path:
-    """Write every shipped dataset (1-3, control) cut to the prompts of dataset 1's first `pairs` rows, and the
+    """Write every shipped dataset (1-3, controls) cut to the prompts of dataset 1's first `pairs` rows, and the
     prompt files, into `folder`."""
     import pandas as pd
 
@@ -28,7 +28,7 @@ def shipped_slice(folder: Path, pairs: int = TEST_PAIRS) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     frames = {name: pd.read_parquet(SHIPPED / name)
-              for name in (*data.DATASET_FILES.values(), data.CONTROL_DATASET_FILE)}
+              for name in (*data.DATASET_FILES.values(), *data.CONTROL_DATASET_FILES)}
     first = frames[data.DATASET_FILES[1]]
     assert len(first) >= pairs, f"dataset 1 has {len(first)} pairs, fewer than the {pairs} asked for"
     prompts = set(first["prompt_id"].head(pairs))  # the same prompts in every file (the control is sorted apart)

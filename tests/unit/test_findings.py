@@ -180,3 +180,71 @@ def test_an_empty_sample_leaves_its_prompt_out_of_the_length_controlled_test_onl
     pairs = table[table["scope"] == "all"].set_index("family")["num_pairs"]
     assert dict(pairs) == {"diversity": 20, "length-controlled": 19}
     assert "### Other comparisons" in findings_markdown(table)  # a comparison without a dataset still reads
+
+
+@dataclass(frozen=True)
+class SeededEntry(Entry):
+    seed: int | None = None
+
+
+def test_seeds_form_one_condition_and_the_ci_resamples_them():
+    """Three seeds of dataset 1 agree on +0.05 utility_k; three seeds of dataset 3 average +0.05 too, but one
+    seed carries it all (+0.15, 0, 0): only the first counts under the two-level bootstrap."""
+    entries = [Entry("base", "A")]
+    for dataset in ("1", "2", "3"):
+        entries += [SeededEntry(f"d{dataset}-s{s}", "A", dataset, 1e-4, 0.1, seed=s) for s in (2, 0, 1)]
+    comparisons = plan_comparisons(entries)
+    by_key = {(c.model, c.versus): c for c in comparisons}
+    assert by_key[("d1-s0", "base")].model_runs == ("d1-s0", "d1-s1", "d1-s2")  # seed order, one condition
+    assert by_key[("d1-s0", "dataset 2")].reference_runs == ("d2-s0", "d2-s1", "d2-s2")
+    assert len(comparisons) == 5  # d1, d2, d3 vs base; d1, d3 vs dataset 2
+
+    rng = np.random.default_rng(0)
+    base = base_scores().assign(utility_k=rng.uniform(0.3, 0.6, NUM_PROMPTS))
+    scores = {"base": base}
+    for s, lucky in zip(range(3), (0.15, 0.0, 0.0)):
+        noise = rng.normal(0, 0.01, (3, NUM_PROMPTS))
+        scores[f"d1-s{s}"] = base.assign(utility_k=base["utility_k"] + 0.05 + noise[0])
+        scores[f"d2-s{s}"] = base.assign(utility_k=base["utility_k"] + noise[1])
+        scores[f"d3-s{s}"] = base.assign(utility_k=base["utility_k"] + lucky + noise[2])
+    table = paired_table(scores, comparisons, metrics=(), context_metrics=(), permutation_rounds=500)
+    overall = table[(table["scope"] == "all") & (table["metric"] == "utility_k")].set_index(["model", "versus"])
+    d1, d3 = overall.loc[("d1-s0", "base")], overall.loc[("d3-s0", "base")]
+    assert d1["num_seeds"] == 3 and d1["difference"] == pytest.approx(0.05, abs=0.005) and d1["counts"]
+    assert d1["seed_sd"] < 0.005 and d1["p_seed"] == pytest.approx(0.25)  # 3 seeds: the smallest p there is
+    assert d3["difference"] == pytest.approx(0.05, abs=0.005) and d3["seed_sd"] > 0.08
+    assert d3["ci_low"] <= 0.0 + 0.005 and not d3["counts"]  # the lucky seed alone does not carry it
+    # A prompt-only test of the seed-averaged differences would have called d3 significant.
+    assert d3["significant"]
+    versus_2 = overall.loc[("d1-s0", "dataset 2")]
+    assert versus_2["counts"] and versus_2["p_seed"] == pytest.approx(0.1)  # C(6,3) = 20 relabellings
+
+
+def test_model_size_compares_each_datasets_effect_between_base_models():
+    """Dataset 1 adds +0.10 utility_k on the 1.7B model and +0.02 on the 135M one: a difference of +0.08 that
+    counts; dataset 2 adds +0.03 on both: no difference. The smaller model comes first by parameter count."""
+    from dpo_core.findings import parameter_count, size_sentences, size_table
+
+    assert parameter_count("HuggingFaceTB/SmolLM2-135M-Instruct") == 1.35e8
+    assert parameter_count("Qwen/Qwen3-30B-A3B-Instruct-2507") == 3e10 and parameter_count("local/tiny") == 0
+    entries = [Entry("big (base)", "org/Model-1.7B"), Entry("small (base)", "org/Model-135M")]
+    for model, tag in (("org/Model-1.7B", "big"), ("org/Model-135M", "small")):
+        entries += [Entry(f"d{d}-{tag}", model, d, 1e-4, 0.1) for d in ("1", "2")]
+    comparisons = plan_comparisons(entries)
+    rng = np.random.default_rng(0)
+    scores = {}
+    for tag in ("big", "small"):
+        base = base_scores().assign(utility_k=rng.uniform(0.3, 0.6, NUM_PROMPTS))
+        scores[f"{tag} (base)"] = base
+        gain = 0.10 if tag == "big" else 0.02
+        scores[f"d1-{tag}"] = base.assign(utility_k=base["utility_k"] + gain + rng.normal(0, 0.01, NUM_PROMPTS))
+        scores[f"d2-{tag}"] = base.assign(utility_k=base["utility_k"] + 0.03 + rng.normal(0, 0.01, NUM_PROMPTS))
+    table = size_table(scores, comparisons).set_index(["dataset", "versus"])
+    d1 = table.loc[("1", "base")]
+    assert (d1["smaller"], d1["larger"]) == ("org/Model-135M", "org/Model-1.7B")
+    assert d1["difference"] == pytest.approx(0.08, abs=0.01) and d1["counts"] and d1["ci_low"] > 0.05
+    assert table.loc[("2", "base")]["difference"] == pytest.approx(0.0, abs=0.01)
+    assert not table.loc[("2", "base")]["counts"]
+    assert table.loc[("1", "dataset 2")]["difference"] == pytest.approx(0.08, abs=0.01)
+    sentence = size_sentences(table.reset_index().iloc[:1], {"1": "Dataset 1"})[0]
+    assert sentence.startswith("Dataset 1: its effect on utility_k vs base differs between Model-135M and Model-1.7B")

@@ -7,7 +7,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from dpo_core.config import TrainConfig
+from dpo_core.config import TrainConfig, run_name
 from dpo_core.plan import SuiteConfig, plan, plan_suite, split_lists
 from dpo_core.train import learning_rate_at
 
@@ -25,7 +25,7 @@ def test_plan_takes_the_backends_defaults_when_unset():
     assert (local.model_name, local.batch_size, local.max_length, local.learning_rate) == (
         "HuggingFaceTB/SmolLM2-135M-Instruct", 6, 256, 1e-3)
     assert (local.lr_schedule, local.num_epochs, local.held_out_fraction) == ("constant", 1, 0.2)
-    assert (local_eval.num_samples, local_eval.max_prompts, local_eval.max_tokens) == (4, 24, 64)
+    assert (local_eval.num_samples, local_eval.max_prompts, local_eval.max_tokens) == (4, 24, 128)
     tinker_runs, tinker_eval = plan(SuiteConfig(datasets=[1]), "tinker")
     assert len(tinker_runs) == 3 and {e.batch_size for e in tinker_runs} == {256}
     # Tinker keeps the seed guide's training defaults
@@ -77,10 +77,25 @@ def test_learning_rate_at_follows_the_schedule(schedule, halfway):
 
 def test_local_default_plan_adds_the_positive_control_last_and_only_by_default():
     experiments, _ = plan(SuiteConfig(), "local")
-    assert [e.dataset for e in experiments] == [1, 2, 3, "control_diversity.parquet"]
-    control = experiments[-1]
-    assert (control.model_name, control.learning_rate) == (experiments[0].model_name, experiments[0].learning_rate)
+    assert [e.dataset for e in experiments] == [1, 2, 3, "control_diversity.parquet", "control_quality.parquet"]
+    for control in experiments[-2:]:
+        assert (control.model_name, control.learning_rate) == (experiments[0].model_name,
+                                                                experiments[0].learning_rate)
     assert [e.dataset for e in plan(SuiteConfig(datasets=[1]), "local")[0]] == [1]  # narrowed: no control
     assert [e.dataset for e in plan(SuiteConfig(datasets=[1], positive_control=True), "local")[0]] == [
-        1, "control_diversity.parquet"]
+        1, "control_diversity.parquet", "control_quality.parquet"]
     assert "control_diversity.parquet" not in [e.dataset for e in plan(SuiteConfig(), "tinker")[0]]
+
+
+def test_seeds_replicate_every_condition_with_consecutive_training_seeds_and_their_own_run_names():
+    experiments, eval_config = plan(SuiteConfig(datasets=[1, 2], seeds=3, seed=5), "local")
+    assert [(e.dataset, e.seed) for e in experiments] == [(1, 5), (1, 6), (1, 7), (2, 5), (2, 6), (2, 7)]
+    assert eval_config.seed == 5  # one sampling seed for every model: the paired design holds across seeds
+    names = [run_name(e) for e in experiments]
+    assert len(set(names)) == 6 and names[1].endswith("_seed6")
+    assert not run_name(plan(SuiteConfig(datasets=[1]), "local")[0][0]).endswith("_seed0")  # seed 0: the seed's name
+    controls = plan(SuiteConfig(datasets=[1], positive_control=True, seeds=2), "local")[0]
+    assert [(e.dataset, e.seed) for e in controls][2:] == [("control_diversity.parquet", 0),
+                                                           ("control_diversity.parquet", 1),
+                                                           ("control_quality.parquet", 0),
+                                                           ("control_quality.parquet", 1)]

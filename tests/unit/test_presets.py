@@ -25,8 +25,8 @@ def test_quick_preset_shrinks_training_and_evaluation():
 def test_explicit_keys_win_over_the_preset_and_defaults_stay_untouched():
     config = SuiteConfig.model_validate(split_lists({"preset": "quick", "batch_size": "4", "eval_max_tokens": "50"}))
     experiments, eval_config = plan(config, "local")
-    # the three datasets plus the local default's positive control, every one at the explicit batch size
-    assert len(experiments) == 4 and {e.batch_size for e in experiments} == {4}
+    # the three datasets plus the local default's two positive controls, every one at the explicit batch size
+    assert len(experiments) == 5 and {e.batch_size for e in experiments} == {4}
     assert eval_config.max_tokens == 50 and eval_config.max_prompts == 6
     assert {e.max_pairs for e in experiments} == {40}
     [wider], _ = plan(SuiteConfig(preset="quick", datasets=[1], max_pairs=60), "local")

@@ -16,7 +16,8 @@ NUM_PROMPTS = 30
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
-def _eval_folder(folder: Path, shift: float, rng: np.random.Generator, config: EvalConfig) -> str:
+def _eval_folder(folder: Path, shift: float, rng: np.random.Generator, config: EvalConfig,
+                 quality_shift: float = 0.0) -> str:
     """Per-prompt scores with embedding_distance shifted by `shift`, and 4 samples per prompt."""
     creativity = np.linspace(0.0, 0.99, NUM_PROMPTS)
     base = np.random.default_rng(7)  # the same per-prompt baseline for every model: a paired design
@@ -27,7 +28,13 @@ def _eval_folder(folder: Path, shift: float, rng: np.random.Generator, config: E
         "vendi": base.uniform(1.5, 3.0, NUM_PROMPTS) + rng.normal(0, 0.01, NUM_PROMPTS),
         "quality_judge": base.uniform(4, 7, NUM_PROMPTS) + rng.normal(0, 0.05, NUM_PROMPTS),
         "quality_logprob": base.uniform(-3, -2, NUM_PROMPTS) + rng.normal(0, 0.01, NUM_PROMPTS),
-        "mean_words": np.full(NUM_PROMPTS, 6.0), "mean_tokens": np.full(NUM_PROMPTS, 9.0)})
+        "mean_words": np.full(NUM_PROMPTS, 6.0), "mean_tokens": np.full(NUM_PROMPTS, 9.0),
+        # the quality-aware metrics move with `quality_shift` (a quality-preserving gain when positive)
+        "utility_k": np.clip(base.uniform(0.4, 0.6, NUM_PROMPTS) + quality_shift, 0, 1),
+        "distinct_k": base.integers(1, 4, NUM_PROMPTS) + (quality_shift > 0),
+        "effective_vendi": base.uniform(1.0, 2.0, NUM_PROMPTS) + 10 * quality_shift,
+        "valid_rate": np.clip(base.uniform(0.5, 0.9, NUM_PROMPTS) + quality_shift, 0, 1),
+        "completion_rate": np.full(NUM_PROMPTS, 0.5)})
     samples = [{"prompt_id": pid, "sample_index": k, "num_tokens": 9,
                 "text": " ".join(rng.choice(WORDS, 6))} for pid in scores["prompt_id"] for k in range(4)]
     folder.mkdir(parents=True)
@@ -70,8 +77,8 @@ def test_report_opens_with_findings_held_out_accuracy_and_the_control(tmp_path):
     header_end = text.index("## Findings")
     assert "## Overall" not in text[:header_end] and text.index("## Overall") > header_end
     findings = text[header_end:text.index("## Overall")]
-    assert "### Dataset 1 (embedding diversity)" in findings and "### Positive control" in findings
-    assert "Positive control `run3`: the instrument detected a diversity change vs base (embedding_distance" in findings
+    assert "### Dataset 1 (embedding diversity)" in findings and "### Positive controls" in findings
+    assert "Degeneration control `run3`: the instrument detected a diversity change vs base (embedding_distance" in findings
     assert "quality (quality_judge)" in findings and "dataset 2's own selection signal" in findings
     paired = pd.read_csv(tmp_path / "report" / "paired.csv")
     control = paired[(paired["model"] == "run3") & (paired["metric"] == "embedding_distance")
@@ -88,3 +95,35 @@ def test_held_out_accuracy_ci_says_whether_it_is_above_chance(tmp_path):
     assert held.loc["1", "accuracy"] == 1.0 and held.loc["1", "above_chance"]
     assert held.loc["2", "accuracy"] == 0.75 and held.loc["2", "accuracy_ci_low"] <= 0.5
     assert not held.loc["2", "above_chance"] and held.loc["1", "initial_accuracy"] == 0.0
+
+
+def test_findings_lead_with_quality_aware_sentences_a_compact_table_and_name_degeneration(tmp_path):
+    """The degeneration control raises raw embedding distance while validity falls: labelled as such. The
+    quality-preserving control raises utility_k: detected. Dataset 1 moves nothing: no claim."""
+    config, rng = EvalConfig(), np.random.default_rng(0)
+    setting = {"model_name": "m", "learning_rate": 1e-4, "dpo_beta": 0.1}
+    entries = [ReportEntry(label="m (base)", model_name="m", eval_dir=_eval_folder(tmp_path / "base", 0.0, rng, config))]
+    for dataset, shift, quality_shift in (("1", 0.0, 0.0), ("2", 0.0, 0.0),
+                                          ("control_diversity.parquet", 0.08, -0.3),
+                                          ("control_quality.parquet", 0.0, 0.1)):
+        name = f"run{len(entries)}"
+        entries.append(ReportEntry(label=name, dataset=dataset, run_dir=_run_folder(tmp_path / name, [0.2] * 8),
+                                   eval_dir=_eval_folder(tmp_path / f"eval{name}", shift, rng, config,
+                                                         quality_shift), **setting))
+    text = write_report(entries, tmp_path / "report").read_text()
+    headline = text[text.index("## Findings"):text.index("### Details")]
+    sentences, table = headline.split("| comparison |")
+    assert sentences.count(". ") + 1 <= 6 + 1  # at most six sentences (plus the completion-rate line)
+    assert "Dataset 1 (embedding diversity) did not change quality-aware diversity vs the base model" in sentences
+    assert ("The degeneration control" in sentences and "valid_rate fell" in sentences
+            and "diversity through degeneration" in sentences)
+    assert "The quality-preserving control (DivPO) raised quality-aware diversity vs the base model: utility_k +0.1" \
+        in sentences
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert "diversity through degeneration" in rows["The degeneration control vs base"]
+    assert "+0.1 ✓" in rows["The quality-preserving control (DivPO) vs base"]
+    assert "Dataset 1 (embedding diversity) vs dataset 2" in rows
+    assert "Samples that ended on their own before max_tokens 128" in headline
+    controls = text[text.index("### Positive controls"):]
+    assert "Quality-preserving control `run4`" in controls and "it detected more diversity" in controls
+    assert "Degeneration control `run3`" in controls and "reading: diversity through degeneration" in controls

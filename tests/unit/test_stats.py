@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dpo_core import stats
 from dpo_core.stats import holm, paired_bootstrap_ci, paired_compare, sign_flip_permutation_p
 
 
@@ -78,3 +79,49 @@ def test_paired_compare_drops_prompts_missing_on_either_side_and_refuses_misalig
     assert np.isnan(paired_compare([float("nan")], [1.0]).p_value)
     with pytest.raises(ValueError, match="align"):
         paired_compare([1.0, 2.0], [1.0])
+
+
+# --- several training seeds -------------------------------------------------------------------
+
+
+def test_two_level_bootstrap_with_one_seed_is_the_prompt_bootstrap():
+    rng = np.random.default_rng(3)
+    differences = rng.normal(0.2, 1.0, size=40)
+    assert stats.two_level_bootstrap_ci(differences[None, :], seed=4) == stats.paired_bootstrap_ci(differences, seed=4)
+
+
+def test_two_level_bootstrap_known_answers():
+    # The same difference in every cell: every resample has that mean.
+    assert stats.two_level_bootstrap_ci(np.full((3, 20), 0.5)) == pytest.approx((0.5, 0.5))
+    # Only the seeds differ (a seed effect, no prompt noise): the CI is the bootstrap over the 3 seed means,
+    # whose resampled means lie on the grid {(a+b+c)/3}: from all-lowest -1 to all-highest +1.
+    seed_only = np.repeat(np.array([[-1.0], [0.0], [1.0]]), 20, axis=1)
+    low, high = stats.two_level_bootstrap_ci(seed_only, rounds=4000)
+    assert -1.0 <= low <= -1 / 3 and 1 / 3 <= high <= 1.0
+    # ...which a prompt-only bootstrap of the seed-averaged differences (all zero) would miss entirely.
+    assert stats.paired_bootstrap_ci(seed_only.mean(axis=0)) == (0.0, 0.0)
+    # NaN cells are left out of each resampled mean.
+    with_gaps = np.full((2, 10), 1.0)
+    with_gaps[0, :5] = np.nan
+    assert stats.two_level_bootstrap_ci(with_gaps) == pytest.approx((1.0, 1.0))
+
+
+def test_two_level_bootstrap_widens_when_seeds_disagree():
+    rng = np.random.default_rng(0)
+    prompts = rng.normal(0.0, 0.1, size=(1, 48))
+    agreeing = 0.3 + prompts + rng.normal(0, 0.01, size=(3, 48))
+    disagreeing = agreeing + np.array([[-0.3], [0.0], [0.3]])
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(stats.two_level_bootstrap_ci(disagreeing)) > 5 * width(stats.two_level_bootstrap_ci(agreeing))
+    low, high = stats.two_level_bootstrap_ci(agreeing)
+    assert low > 0  # three agreeing seeds: the effect counts
+    assert stats.two_level_bootstrap_ci(disagreeing)[0] < 0.05  # one seed's luck does not carry it alone
+
+
+def test_seed_permutation_p_known_answers():
+    # Against one base run: sign flips of 3 per-seed differences, all positive -> 2 of 8 patterns as extreme.
+    assert stats.seed_permutation_p([1.0, 2.0, 3.0], [0.0]) == pytest.approx(0.25)
+    # Two groups of 3 runs, perfectly separated: 2 of the C(6,3) = 20 labellings are as extreme.
+    assert stats.seed_permutation_p([5.0, 6.0, 7.0], [1.0, 2.0, 3.0]) == pytest.approx(0.1)
+    assert stats.seed_permutation_p([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert np.isnan(stats.seed_permutation_p([1.0], [0.0]))  # one run against one run: no seed-level test
