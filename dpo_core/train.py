@@ -264,8 +264,8 @@ def train(
         metrics = {
             # Measured on the batch just trained on (before its update): "train_batch", unlike held_out.jsonl.
             "step": step, "epoch": epoch, "split": "train_batch",
-            **{k: loss_metrics[k] for k in ("dpo_loss", "accuracy", "ties", "margin", "chosen_reward", "rejected_reward",
-                                             "logps/chosen", "logps/rejected") if k in loss_metrics},
+            **{k: loss_metrics[k] for k in ("dpo_loss", "accuracy", "ties", "margin", "chosen_reward",
+                                             "rejected_reward", "logps/chosen", "logps/rejected") if k in loss_metrics},
             "learning_rate": lr, "num_pairs": len(indices),
             "num_tokens": sum(rendered[i].num_tokens for i in indices),
             "progress": (step + 1) / total_steps, "time/step": time.time() - started,
