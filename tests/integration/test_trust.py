@@ -84,7 +84,9 @@ def test_a_rerun_on_other_weights_under_the_same_name_trains_afresh(two_weights,
     first_service = RunConfig.read_service(first.run_dir)
     assert first_service.weights and first_service.model_name == NAME and first_service.backend == "local"
 
-    second = experiment.train_experiment(_config(), _settings(tmp_path, second_weights, "storage-b"), dataset)
+    with caplog.at_level(logging.WARNING, logger="dpo_core"):
+        second = experiment.train_experiment(_config(), _settings(tmp_path, second_weights, "storage-b"), dataset)
+    assert "training a new run beside it" in caplog.text
     assert not second.already_finished and second.run_dir != first.run_dir  # a new run, not the first's
     second_service = RunConfig.read_service(second.run_dir)
     assert second_service.weights != first_service.weights
