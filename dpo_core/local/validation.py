@@ -21,7 +21,7 @@ import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
                       field_validator, model_validator)
 
 # Checkpoint names become folder names: no separators, no dot-only names, nothing after the last character
@@ -138,16 +138,18 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Tag = Annotated[str, StringConstraints(max_length=MAX_TAG_CHARS)]
 
 
+def _small_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value)) > MAX_USER_METADATA_BYTES:
+        raise ValueError(f"must be at most {MAX_USER_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+UserMetadata = Annotated[dict[str, Any], AfterValidator(_small_metadata)]
+
+
 class CreateSession(Wire):
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
-    user_metadata: dict[str, Any] | None = None
-
-    @field_validator("user_metadata")
-    @classmethod
-    def _small_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(json.dumps(value)) > MAX_USER_METADATA_BYTES:
-            raise ValueError(f"must be at most {MAX_USER_METADATA_BYTES} bytes as JSON")
-        return value
+    user_metadata: UserMetadata | None = None
 
 
 class LoraConfig(Wire):
@@ -168,14 +170,7 @@ class CreateModel(Wire):
     base_model: Id
     lora_config: LoraConfig | None = None
     optimizer_config: OptimizerConfig | None = None
-    user_metadata: dict[str, str] | None = None  # the training run's, as Tinker keeps it (e.g. its renderer)
-
-    @field_validator("user_metadata")
-    @classmethod
-    def _small_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None and len(json.dumps(value)) > MAX_USER_METADATA_BYTES:
-            raise ValueError(f"must be at most {MAX_USER_METADATA_BYTES} bytes as JSON")
-        return value
+    user_metadata: UserMetadata | None = None  # the training run's, as Tinker keeps it (e.g. its renderer)
 
 
 class Heartbeat(Wire):
