@@ -75,6 +75,11 @@ class TrainConfig(FrozenModel):
     # As tinker-cookbook: a paid run killed at step 150 resumes from step 140, not from zero. 0 = only `final`.
     save_every: int = Field(default=20, ge=0)
     """Save a resumable checkpoint every this many steps; 0 = only the final one."""
+    # As tinker-cookbook: periodic checkpoints expire on the service after 7 days, the final one never.
+    checkpoint_ttl: int | None = Field(default=7 * 24 * 3600, ge=3600)
+    """Seconds the service keeps each periodic checkpoint (at least 3600); none = until deleted. The final
+    checkpoint is always kept.
+    """
     seed: int = 0
     """Seed of the LoRA initialisation, the data order, the held-out split and the max_pairs subset."""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -159,7 +164,7 @@ def run_name(config: TrainConfig, date: dt.date | None = None) -> str:
 
 # Fields that decide whether an existing run folder is "the same experiment" (resumable).
 _IDENTITY_EXCLUDE = {"log_path", "wandb_project", "wandb_name", "resume", "num_epochs", "save_every",
-                     "allow_few_steps", "reference_check_tolerance"}
+                     "allow_few_steps", "reference_check_tolerance", "checkpoint_ttl"}
 
 
 def identity(config: TrainConfig, dataset_sha256: str | None = None, service: str | None = None) -> dict[str, Any]:

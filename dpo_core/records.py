@@ -28,6 +28,20 @@ class CheckpointRecord(FrozenModel):
     step: int = 0  # optimizer steps done
     state_path: str | None = None  # weights + optimizer: what resume needs
     sampler_path: str | None = None  # weights for sampling: what inference needs
+    ttl_seconds: int | None = None  # the time to live the service was given (checkpoint_ttl); None = kept
+    expires_at: float | None = None  # when the service deletes it (epoch seconds); None = never
+
+    def expired(self, now: float | None = None) -> bool:
+        import time
+
+        return self.expires_at is not None and (time.time() if now is None else now) >= self.expires_at
+
+    def expired_message(self, run_dir: str | Path) -> str:
+        import datetime as dt
+
+        when = dt.datetime.fromtimestamp(self.expires_at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return (f"{run_dir}: checkpoint {self.name!r} (step {self.step}) expired on the service at {when} "
+                f"(saved with checkpoint_ttl={self.ttl_seconds} s): use the run's final checkpoint, or train again")
 
 
 class RunConfig(FrozenModel):

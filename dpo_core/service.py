@@ -32,7 +32,8 @@ class ServiceIdentity:
         return json.dumps(asdict(self), sort_keys=True)
 
     def describe(self) -> str:
-        """One line for a person: `local server (stand-in tinker) at http://..., weights sha256:ab12cd34ef56, cpu/float32`."""
+        """One line for a person, e.g. `Qwen/Qwen3-8B on tinker: dpo-suite-local (stand-in tinker) at
+        http://127.0.0.1:8765, weights sha256:ab12cd34ef56, cpu/float32`."""
         where = self.server or self.backend
         at = "" if self.endpoint == "local" else f" at {self.endpoint}"
         weights = f", weights {self.weights[:19]}" if self.weights else ", weights not reported"

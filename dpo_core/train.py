@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 
 from dpo_core import rendering
 from dpo_core.checkpoints import append_jsonl, read_checkpoints, read_jsonl
-from dpo_core.config import TrainConfig
+from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import DatasetError, PreferencePair, held_out_split, pair_subset
 from dpo_core.fsutil import atomic_write_bytes
 from dpo_core.loss import TIE_TOLERANCE, dpo_loss
@@ -37,6 +38,7 @@ from dpo_core.service import ServiceIdentity, identify
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
+RENDERER_METADATA_KEY = "renderer_name"  # tinker_cookbook.checkpoint_utils.RENDERER_NAME_METADATA_KEY
 
 
 class ReferenceMismatchError(RuntimeError):
@@ -140,8 +142,6 @@ def _check_schedule_continues(config: TrainConfig, run_dir: Path, n_batches: int
     """A resumed run whose `num_epochs` changed keeps its learning rates only on a constant schedule: a decaying
     one is laid over the total step count, so the steps already taken followed another curve (a finished linear
     run ended near 0 and would jump back up). Refuse that with the ways out rather than train on a broken curve."""
-    from dpo_core.config import ConfigError
-
     if not (run_dir / "config.json").exists():
         return
     before = RunConfig.read_train_config(run_dir).num_epochs
@@ -199,6 +199,9 @@ def train(
         return TrainOutcome(run_dir=str(run_dir), steps=start_step, already_finished=True, final=last)
     if last:
         _check_schedule_continues(config, run_dir, n_batches, start_step, total_steps)
+        _check_same_renderer(service_client, run_dir, last.state_path, renderer_name)
+        if last.expired():
+            raise ConfigError(last.expired_message(run_dir) + "; start a new run with resume=false")
 
     ref_id = reference_id(service)
     ref_file = reference_dir / (reference_key(ref_id, dataset_hash, renderer_name, config.max_length, subset)
@@ -223,8 +226,10 @@ def train(
         training_client = service_client.create_training_client_from_state_with_optimizer(
             last.state_path).result()
     else:
+        # The renderer goes with the training run, as the cookbook stores it: a resume can check it there.
         training_client = service_client.create_lora_training_client(
-            base_model=config.model_name, rank=config.lora_rank, seed=config.seed).result()
+            base_model=config.model_name, rank=config.lora_rank, seed=config.seed,
+            user_metadata={RENDERER_METADATA_KEY: renderer_name}).result()
         if held_out:
             # Measured, not assumed: the untrained policy (adapter zero) against the cached reference, as at every
             # later checkpoint. Equal to the reference up to numeric noise only if the reference is right.
@@ -259,8 +264,8 @@ def train(
         metrics = {
             # Measured on the batch just trained on (before its update): "train_batch", unlike held_out.jsonl.
             "step": step, "epoch": epoch, "split": "train_batch",
-            **{k: loss_metrics[k] for k in ("dpo_loss", "accuracy", "ties", "margin", "chosen_reward", "rejected_reward",
-                                             "logps/chosen", "logps/rejected") if k in loss_metrics},
+            **{k: loss_metrics[k] for k in ("dpo_loss", "accuracy", "ties", "margin", "chosen_reward",
+                                             "rejected_reward", "logps/chosen", "logps/rejected") if k in loss_metrics},
             "learning_rate": lr, "num_pairs": len(indices),
             "num_tokens": sum(rendered[i].num_tokens for i in indices),
             "progress": (step + 1) / total_steps, "time/step": time.time() - started,
@@ -272,7 +277,8 @@ def train(
         done = step + 1
         if done == total_steps or (config.save_every and done % config.save_every == 0):
             name = "final" if done == total_steps else f"{done:06d}"
-            _save_checkpoint(training_client, checkpoints_file, name, done, n_batches)
+            _save_checkpoint(training_client, checkpoints_file, name, done, n_batches,
+                             None if name == "final" else config.checkpoint_ttl)
             if held_out:
                 _log_held_out(held_out_file, name, done,
                               evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
@@ -280,16 +286,20 @@ def train(
                         final=read_checkpoints(run_dir)[-1])
 
 
-def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int) -> str:
+def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int,
+                     ttl_seconds: int | None) -> str:
     # Unique names per save: a rerun of a half-saved step writes new paths instead of colliding.
     suffix = f"{name}-{int(time.time() * 1000) % 10**9}"
-    state = training_client.save_state(suffix)
-    sampler = training_client.save_weights_for_sampler(suffix)
+    saved_at = time.time()
+    state = training_client.save_state(suffix, ttl_seconds=ttl_seconds)
+    sampler = training_client.save_weights_for_sampler(suffix, ttl_seconds=ttl_seconds)
     epoch, batch = divmod(done, n_batches)
     sampler_path = sampler.result().path
     append_jsonl(checkpoints_file, {
         "name": name, "epoch": epoch, "batch": batch, "step": done,
-        "state_path": state.result().path, "sampler_path": sampler_path,
+        "state_path": state.result().path, "sampler_path": sampler_path, "ttl_seconds": ttl_seconds,
+        # Counted from before the request: the service's own clock starts later, so this errs early.
+        "expires_at": None if ttl_seconds is None else saved_at + ttl_seconds,
     })
     return sampler_path
 
@@ -310,10 +320,26 @@ def _check_reference_matches(metrics: dict[str, float], config: TrainConfig, ser
         "just that noisy (bf16 on long sequences), raise reference_check_tolerance (0 = no check)")
 
 
+def _check_same_renderer(service_client: Any, run_dir: Path, state_path: str, renderer_name: str) -> None:
+    """A resume renders with the renderer the run trained with: the one config.json records, and the one the
+    training run's metadata holds on the service (where the service keeps it)."""
+    recorded = {"config.json": RunConfig.read(run_dir).renderer_name if (run_dir / "config.json").exists() else None}
+    with warnings.catch_warnings():  # create_rest_client: deprecated in favour of tinker.RestClient(...), in 0.38
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            run = service_client.create_rest_client().get_training_run_by_tinker_path(state_path).result()
+            recorded["the training run's metadata"] = (run.user_metadata or {}).get(RENDERER_METADATA_KEY)
+        except (tinker.TinkerError, ValueError):
+            pass  # a service that does not say: config.json still does
+    for where, name in recorded.items():
+        if name is not None and name != renderer_name:
+            raise ConfigError(f"{run_dir} was trained with renderer {name!r} ({where}); this run renders with "
+                              f"{renderer_name!r}. Resume with renderer_name={name}, or start a new run "
+                              "(resume=false)")
+
+
 def _check_same_service(run_dir: Path, service: ServiceIdentity) -> None:
     """A run's checkpoints live on the service that trained it: resuming or reporting them elsewhere is refused."""
-    from dpo_core.config import ConfigError
-
     recorded = RunConfig.read_service(run_dir)
     if recorded is not None and recorded.key() != service.key():
         raise ConfigError(

@@ -217,7 +217,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         model_id = ids.training_model_id(payload.session_id, payload.model_seq_id)
         lora = payload.lora_config.model_dump() if payload.lora_config else None
         return submit(model_id, 0, _json(lambda: {"type": "create_model", "model_id": engine.create_model(
-            model_id, payload.base_model, lora)}))
+            model_id, payload.base_model, lora, payload.user_metadata)}))
 
     @app.post("/api/v1/get_info")
     async def get_info(request: Request):
@@ -253,7 +253,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         payload = await parsed(request, wire.SaveWeights)
         name = payload.path or f"step-{next(names)}"
         return submit(payload.model_id, payload.seq_id, _json(lambda: {"type": "save_weights", "path": (
-            engine.save_state(payload.model_id, name, payload.overwrite))}))
+            engine.save_state(payload.model_id, name, payload.overwrite, payload.ttl_seconds))}))
 
     @app.post("/api/v1/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request):
@@ -261,7 +261,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         model_id = payload.model_id
         if payload.path:
             run = _json(lambda: {"type": "save_weights_for_sampler",
-                                 "path": engine.save_sampler(model_id, payload.path)})
+                                 "path": engine.save_sampler(model_id, payload.path, payload.ttl_seconds)})
         else:  # an ephemeral sampler over the current weights, owned by the model's session
             seq = payload.sampling_session_seq_id
             sampler_id = ids.sampler_id(ids.session_of(model_id), next(names) if seq is None else seq)

@@ -21,7 +21,7 @@ import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
+from pydantic import (AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, ValidationError,
                       field_validator, model_validator)
 
 # Checkpoint names become folder names: no separators, no dot-only names, nothing after the last character
@@ -138,16 +138,18 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Tag = Annotated[str, StringConstraints(max_length=MAX_TAG_CHARS)]
 
 
+def _small_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value)) > MAX_USER_METADATA_BYTES:
+        raise ValueError(f"must be at most {MAX_USER_METADATA_BYTES} bytes as JSON")
+    return value
+
+
+UserMetadata = Annotated[dict[str, Any], AfterValidator(_small_metadata)]
+
+
 class CreateSession(Wire):
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
-    user_metadata: dict[str, Any] | None = None
-
-    @field_validator("user_metadata")
-    @classmethod
-    def _small_metadata(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and len(json.dumps(value)) > MAX_USER_METADATA_BYTES:
-            raise ValueError(f"must be at most {MAX_USER_METADATA_BYTES} bytes as JSON")
-        return value
+    user_metadata: UserMetadata | None = None
 
 
 class LoraConfig(Wire):
@@ -168,6 +170,7 @@ class CreateModel(Wire):
     base_model: Id
     lora_config: LoraConfig | None = None
     optimizer_config: OptimizerConfig | None = None
+    user_metadata: UserMetadata | None = None  # the training run's, as Tinker keeps it (e.g. its renderer)
 
 
 class Heartbeat(Wire):
@@ -200,7 +203,7 @@ class SaveWeights(Wire):
     model_id: Id
     path: str | None = None
     seq_id: SeqId | None = None
-    ttl_seconds: int | None = Field(default=None, ge=0)
+    ttl_seconds: int | None = Field(default=None, ge=3600, le=10 * 366 * 24 * 3600)  # 1 hour to 10 years
     overwrite: bool = False
 
     @field_validator("path")

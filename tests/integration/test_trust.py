@@ -84,7 +84,9 @@ def test_a_rerun_on_other_weights_under_the_same_name_trains_afresh(two_weights,
     first_service = RunConfig.read_service(first.run_dir)
     assert first_service.weights and first_service.model_name == NAME and first_service.backend == "local"
 
-    second = experiment.train_experiment(_config(), _settings(tmp_path, second_weights, "storage-b"), dataset)
+    with caplog.at_level(logging.WARNING, logger="dpo_core"):
+        second = experiment.train_experiment(_config(), _settings(tmp_path, second_weights, "storage-b"), dataset)
+    assert "training a new run beside it" in caplog.text
     assert not second.already_finished and second.run_dir != first.run_dir  # a new run, not the first's
     second_service = RunConfig.read_service(second.run_dir)
     assert second_service.weights != first_service.weights
@@ -174,3 +176,61 @@ def test_a_cache_hit_whose_sequences_differ_is_recomputed(two_weights, dataset, 
         assert len(calls) == 2 and "computed for other sequences" in caplog.text
         np.testing.assert_array_equal(recomputed, computed)  # same weights, same sequences: same values
         assert json.loads(sequences_file(cache_file).read_text())[0][0] != "0" * 32  # the keys rewritten
+
+
+def _tiny_run(service_client, tmp_path, **overrides):
+    from dpo_core.train import train
+
+    path = data.resolve_dataset(1, DATA)
+    pairs = data.load_pairs(path)[:8]
+    values = dict(model_name="local/tiny", dataset=1, batch_size=4, num_epochs=2, learning_rate=1e-3,
+                  max_length=64, lr_schedule="constant", save_every=2, held_out_fraction=0, allow_few_steps=True)
+    config = TrainConfig(**{**values, **overrides})
+    return train(config, service_client, pairs, run_dir=tmp_path / "run", dataset_path=str(path),
+                 dataset_hash=data.content_hash(path), reference_dir=tmp_path / "ref")
+
+
+def test_periodic_checkpoints_expire_and_the_final_one_is_kept(service_client, server, tmp_path):
+    from dpo_core.checkpoints import read_checkpoints
+    from dpo_core.sampling import Sampler
+
+    _tiny_run(service_client, tmp_path)
+    records = read_checkpoints(tmp_path / "run")
+    assert [(r.name, r.ttl_seconds) for r in records] == [("000002", 7 * 24 * 3600), ("final", None)]
+    assert records[0].expires_at is not None and records[-1].expires_at is None
+    # The service was given the time to live: it lists the periodic checkpoint's expiry, not the final one's.
+    listed = {c.tinker_path: c.expires_at for c in
+              service_client.create_rest_client().list_checkpoints(records[0].state_path.split("/")[2]).result()
+              .checkpoints}
+    assert listed[records[0].state_path] is not None and listed[records[-1].state_path] is None
+
+    # Past its expiry (rewritten here: the shortest TTL is an hour), sampling it is a clear error naming the run
+    # and the step, on the client before any request, and on the server for a client that asks anyway.
+    registry = tmp_path / "run" / "checkpoints.jsonl"
+    rows = read_jsonl(registry)
+    rows[0]["expires_at"] = 1.0
+    registry.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(FileNotFoundError) as expired:
+        Sampler.from_run(tmp_path / "run", checkpoint="000002", service_client=service_client)
+    assert "000002" in str(expired.value) and "step 2" in str(expired.value) and str(tmp_path / "run") in str(
+        expired.value)
+    _, _, _, folder = server.engine.checkpoint_dir(records[0].sampler_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "expires_at": 1.0}))
+    import tinker
+
+    with pytest.raises(tinker.BadRequestError, match="expired"):
+        service_client.create_sampling_client(model_path=records[0].sampler_path).result()
+
+
+def test_a_resume_with_another_renderer_is_refused_naming_both(service_client, tmp_path):
+    _tiny_run(service_client, tmp_path, num_epochs=1)
+    with pytest.raises(ConfigError) as refused:
+        _tiny_run(service_client, tmp_path, num_epochs=2, renderer_name="role_colon")
+    assert "dpo_suite/smollm2_chatml" in str(refused.value) and "role_colon" in str(refused.value)
+    # The training run on the service holds the renderer too: caught there when config.json says nothing.
+    config_file = tmp_path / "run" / "config.json"
+    record = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**record, "renderer_name": "role_colon"}))
+    with pytest.raises(ConfigError, match="the training run's metadata"):
+        _tiny_run(service_client, tmp_path, num_epochs=2, renderer_name="role_colon")
