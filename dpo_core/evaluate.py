@@ -100,7 +100,8 @@ def sample_and_score(
                       service_client=service_client)
     # Each request asks for all k samples of one prompt; a window of `concurrency` requests in flight.
     with _sampling_base(target):
-        pools = sampler.sample_many([instructed(p.prompt, target.instruction) for p in prompts], config.num_samples, concurrency=config.concurrency,
+        pools = sampler.sample_many([instructed(p.prompt, target.instruction) for p in prompts], config.num_samples,
+                                    concurrency=config.concurrency,
                                     progress=f"sampling {target.label}" if progress else None)
     completions = [c for pool in pools for c in pool]
     samples: list[dict[str, Any]] = [

@@ -179,23 +179,29 @@ def _compare(model_SP: np.ndarray, reference_SP: np.ndarray, bootstrap_rounds: i
                 "mean_reference": result.mean_reference, "difference": result.difference,
                 "ci_low": result.ci_low, "ci_high": result.ci_high, "p_value": result.p_value,
                 "p_seed": float("nan"), "seed_sd": float("nan")}
-    if reference_SP.shape[0] == num_seeds:
-        differences = model_SP - reference_SP  # seed i against seed i: independent runs, paired by prompt
-    else:
-        differences = model_SP - np.nanmean(reference_SP, axis=0, keepdims=True)
-    usable = ~np.isnan(differences).all(axis=0)
-    differences = differences[:, usable]
-    with np.errstate(all="ignore"):
-        import warnings
+    import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            per_seed = np.nanmean(differences, axis=1)
-            per_prompt = np.nanmean(differences, axis=0)
-            model_means = np.nanmean(model_SP[:, usable], axis=1)
-            reference_means = np.nanmean(reference_SP[:, usable], axis=1)
+    with warnings.catch_warnings():  # a metric missing for every prompt (NaN) gives NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if reference_SP.shape[0] == num_seeds:
+            differences = model_SP - reference_SP  # seed i against seed i: independent runs, paired by prompt
+        else:
+            differences = model_SP - np.nanmean(reference_SP, axis=0, keepdims=True)
+        usable = ~np.isnan(differences).all(axis=0)
+        differences = differences[:, usable]
+        per_seed = np.nanmean(differences, axis=1)
+        per_prompt = np.nanmean(differences, axis=0)
+        model_means = np.nanmean(model_SP[:, usable], axis=1)
+        reference_means = np.nanmean(reference_SP[:, usable], axis=1)
+        return _seeded_result(model_means, reference_means, per_seed, per_prompt, differences, num_seeds,
+                              bootstrap_rounds, permutation_rounds, seed)
+
+
+def _seeded_result(model_means: np.ndarray, reference_means: np.ndarray, per_seed: np.ndarray,
+                   per_prompt: np.ndarray, differences: np.ndarray, num_seeds: int, bootstrap_rounds: int,
+                   permutation_rounds: int, seed: int) -> dict[str, Any]:
     ci_low, ci_high = stats.two_level_bootstrap_ci(differences, bootstrap_rounds, seed=seed)
-    return {"num_pairs": int(usable.sum()), "num_seeds": int(num_seeds),
+    return {"num_pairs": int(differences.shape[1]), "num_seeds": int(num_seeds),
             "mean_model": float(np.nanmean(model_means)), "mean_reference": float(np.nanmean(reference_means)),
             "difference": float(np.nanmean(per_seed)), "ci_low": ci_low, "ci_high": ci_high,
             "p_value": stats.sign_flip_permutation_p(per_prompt, permutation_rounds, seed=seed),

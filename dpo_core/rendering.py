@@ -133,7 +133,12 @@ def _ensure_registered() -> None:
 
 
 def renderer_name_for(model_name: str, extra_models: dict[str, Path] | None = None) -> str:
-    """The renderer for a model: the catalog's choice for a local model, else the cookbook's recommendation."""
+    """The renderer for a model: the catalog's choice for a local model (DPO_LOCAL_MODELS' folders included when
+    `extra_models` is not given), else the cookbook's recommendation."""
+    if extra_models is None:
+        from dpo_core.settings import Settings
+
+        extra_models = Settings().local_models
     return catalog.renderer_name_for(model_name, extra_models)
 
 

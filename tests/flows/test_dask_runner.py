@@ -53,7 +53,8 @@ def test_dask_evaluations_equal_the_thread_runner(prefect_harness, project_env, 
     assert (threads["runner"], dask["runner"]) == ("ThreadPoolTaskRunner", "DaskTaskRunner")
     # The evaluations really ran on the cluster's side: new eval folders under the copied experiment.
     assert list(dask_dir.glob("eval/*/summary.json"))
-    assert len(threads["table"]) == len(dask["table"]) == 2  # the base model and the experiment
+    # the base model, the base model with the diversity prompt (the prompting baseline) and the experiment
+    assert len(threads["table"]) == len(dask["table"]) == 3
     numeric = threads["table"].select_dtypes("number").columns
     pd.testing.assert_frame_equal(threads["table"][numeric], dask["table"][numeric])
     # And each model's samples and scores: the trained checkpoint's eval folder under each experiment copy.

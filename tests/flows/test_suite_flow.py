@@ -188,31 +188,58 @@ def test_suite_keeps_secrets_out_of_files_logs_parameters_and_artifacts(prefect_
     assert tinker_canary not in written and wandb_canary not in written
 
 
-@pytest.mark.minutes(6)
-def test_two_models_two_seeds_report_seed_level_findings_the_baseline_and_model_size(prefect_harness, project_env):
-    """SmolLM2 and local/tiny, two training seeds each, on datasets 1 and 2 (small settings): the report states
-    its findings with 2 seeds, has the prompting baseline and the completion rates, and compares each dataset's
-    effect between the two models."""
-    from flows.suite import dpo_suite
-    from dpo_core.models import SMOLLM2
+@pytest.fixture
+def second_tiny_model(project_env, registered, monkeypatch) -> str:
+    """A second random-init model, larger than local/tiny (~4M parameters, named so), served from a folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = SuiteConfig(**{**SMALL, "models": ["local/tiny", SMOLLM2], "max_pairs": 24, "batch_size": 12,
-                            "eval_max_prompts": 3, "eval_max_tokens": 8}, seeds=2,
-                         report_dir=str(project_env / "report"))
+    from dpo_core import models as catalog
+    from dpo_core import rendering
+
+    name, folder = "test/Tiny-4M", project_env / "tiny-4m"
+    folder.mkdir()
+    for path in catalog.tokenizer_dir(catalog.SMOLLM2, registered).iterdir():
+        shutil.copy(path, folder / path.name)
+    torch.manual_seed(7)
+    LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=80, intermediate_size=160, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                 tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                     ).save_pretrained(folder)
+    monkeypatch.setenv("DPO_LOCAL_MODELS", json.dumps({name: str(folder)}))
+    rendering.register_models(registered, {name: folder})
+    return name
+
+
+@pytest.mark.minutes(5)
+def test_two_models_two_seeds_report_seed_level_findings_the_baseline_and_model_size(
+        prefect_harness, project_env, second_tiny_model):
+    """Two base models, two training seeds each, on datasets 1 and 2 (small settings): the report states its
+    findings with 2 seeds, has the prompting baseline and the completion rates, and compares each dataset's
+    effect between the two models, smaller first."""
+    from flows.suite import dpo_suite
+
+    from dpo_core.models import SMOLLM2_RENDERER
+
+    # Both models read SmolLM2's tokenizer; a folder model has no cookbook renderer of its own, so name it.
+    config = SuiteConfig(**{**SMALL, "models": ["local/tiny", second_tiny_model]}, seeds=2,
+                         renderer_name=SMOLLM2_RENDERER, report_dir=str(project_env / "report"))
     state = dpo_suite(config, return_state=True)
     assert state.is_completed(), state.message
     runs = sorted((project_env / "experiments").glob("dataset*"))
     assert len(runs) == 8  # 2 datasets x 2 models x 2 seeds
-    assert sorted(json.loads((r / "config.json").read_text())["train_config"]["seed"] for r in runs) == [0] * 4 + [1] * 4
+    seeds = sorted(json.loads((r / "config.json").read_text())["train_config"]["seed"] for r in runs)
+    assert seeds == [0] * 4 + [1] * 4
     report = (project_env / "report" / "report.md").read_text()
     headline = report[report.index("## Findings"):report.index("### Details")]
-    assert "2 seeds, 3 prompts" in headline and "on SmolLM2-135M-Instruct" in headline and "on tiny" in headline
+    assert "2 seeds, 3 prompts" in headline and "on Tiny-4M" in headline and "on tiny" in headline
     assert "The prompting baseline" in headline and "Samples that ended on their own before max_tokens 8" in headline
-    assert "### Model size" in report and "between tiny and SmolLM2-135M-Instruct" in report
+    assert "### Model size" in report and "between tiny and Tiny-4M" in report
     paired = pd.read_csv(project_env / "report" / "paired.csv")
     trained = paired[paired["dataset"].astype(str).isin(["1", "2"])]
     assert set(trained["num_seeds"]) == {2} and set(paired.loc[paired["dataset"] == "prompt", "num_seeds"]) == {1}
     assert {"utility_k", "distinct_k", "effective_vendi", "valid_rate"} <= set(paired["metric"])
     sizes = pd.read_csv(project_env / "report" / "model_size.csv")
     assert set(sizes["dataset"].astype(str)) == {"1", "2"} and set(sizes["num_seeds"]) == {2}
+    assert set(sizes["smaller"]) == {"local/tiny"} and set(sizes["larger"]) == {second_tiny_model}
     assert (project_env / "report" / "model_size.png").exists()

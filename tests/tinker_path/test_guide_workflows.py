@@ -104,7 +104,7 @@ def test_workflow_3_default_models_replace_retired_ones_and_train_what_is_served
     # The evaluation of Qwen3-8B (base and trained) sampled answers, not reasoning.
     samples = [json.loads(line) for f in (tmp_path / "experiments").rglob("samples.jsonl")
                for line in f.read_text().splitlines()]
-    assert len(samples) == 4 * 3 * 2  # base + 3 checkpoints, 3 prompts, k = 2
+    assert len(samples) == 5 * 3 * 2  # base, the prompting baseline + 3 checkpoints, 3 prompts, k = 2
     assert not any("<think>" in s["text"] or "</think>" in s["text"] for s in samples)
 
 
