@@ -83,6 +83,31 @@ class TrainConfig(FrozenModel):
     allow_few_steps: bool = False
     """Run a plan of fewer than 10 optimizer steps anyway (refused by default: too few to move an adapter)."""
 
+    # --- loss (TRL's DPOTrainer names; dpo_core/loss.py has the formulas) ---
+    loss_type: Literal["sigmoid", "ipo", "robust", "sigmoid_norm"] = "sigmoid"
+    """DPO loss: sigmoid (the paper's), ipo (squared, on per-token mean log-ratios), robust (unbiased under label
+    noise label_smoothing) or sigmoid_norm (sigmoid on per-token mean log-ratios: length-normalised, so a response
+    is not preferred for its length).
+    """
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """Assumed share of flipped preference labels: conservative DPO for sigmoid, the noise rate for robust."""
+    nll_weight: float = Field(default=0.0, ge=0)
+    """Weight of an NLL term on the chosen responses (per token) added to the loss (RPO; TRL's rpo_alpha); 0 = none."""
+
+    # --- run control (0 / none = disabled, as in tinker-cookbook) ---
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (the learning-rate schedule spans them); none = num_epochs' steps."""
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    """Adam's beta1 (first-moment decay)."""
+    adam_beta2: float = Field(default=0.95, ge=0, lt=1)
+    """Adam's beta2 (second-moment decay)."""
+    adam_eps: float = Field(default=1e-8, gt=0)
+    """Adam's epsilon."""
+    eval_every: int = Field(default=0, ge=0)
+    """Held-out DPO metrics every this many steps (and at the end), whether or not a checkpoint is saved there;
+    0 = at every saved checkpoint.
+    """
+
     # --- held-out evaluation (never trained on; DPO metrics before training and at every saved checkpoint) ---
     held_out_fraction: float = Field(default=0.1, ge=0, lt=1)
     """Share of the pairs (whole prompts) never trained on: DPO metrics on them before training and at every
@@ -139,13 +164,22 @@ def run_name(config: TrainConfig, date: dt.date | None = None) -> str:
     date = date or dt.date.today()
     return (
         f"{dataset_tag(config.dataset)}_{model_slug(config.model_name)}"
-        f"_lr{config.learning_rate:g}_beta{config.dpo_beta:g}_{date.isoformat()}"
+        f"_lr{config.learning_rate:g}_beta{config.dpo_beta:g}{loss_tag(config)}_{date.isoformat()}"
     )
+
+
+def loss_tag(config: TrainConfig) -> str:
+    """`` for the default sigmoid loss, else `_ipo`, `_robust0.1`, `_sigmoid_norm`, `_rpo0.5` (a loss sweep's names
+    differ)."""
+    tag = "" if config.loss_type == "sigmoid" and not config.label_smoothing else f"_{config.loss_type}"
+    if config.label_smoothing:
+        tag += f"{config.label_smoothing:g}"
+    return tag + (f"_rpo{config.nll_weight:g}" if config.nll_weight else "")
 
 
 # Fields that decide whether an existing run folder is "the same experiment" (resumable).
 _IDENTITY_EXCLUDE = {"log_path", "wandb_project", "wandb_name", "resume", "num_epochs", "save_every",
-                     "allow_few_steps"}
+                     "allow_few_steps", "eval_every"}
 
 
 def identity(config: TrainConfig, dataset_sha256: str | None = None) -> dict[str, Any]:
@@ -190,6 +224,11 @@ def check_step_count(config: TrainConfig, num_pairs: int, source: str) -> None:
     held = held_out_size(total, config.held_out_fraction, config.held_out_min_pairs)
     num_pairs = total - held  # the held-out pairs are never trained on
     steps = num_steps(num_pairs, config.batch_size, config.num_epochs)
+    if config.max_steps is not None and config.max_steps < steps:
+        if config.max_steps >= MIN_STEPS or config.allow_few_steps:
+            return
+        raise ConfigError(f"{source}: max_steps={config.max_steps} is fewer than {MIN_STEPS} optimizer steps; raise "
+                          "max_steps, or allow_few_steps=true to run it anyway")
     if steps >= MIN_STEPS or config.allow_few_steps:
         return
     per_epoch = math.ceil(MIN_STEPS / config.num_epochs)

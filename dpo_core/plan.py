@@ -16,7 +16,7 @@ from dpo_core.config import (LOCAL_DEFAULT_MODEL, SEED_MODELS, ConfigError, Eval
 from dpo_core.data import CONTROL_DATASET_FILE
 
 # TrainConfig fields the suite sweeps over: a list of values, one experiment per combination.
-SWEPT = ("learning_rate", "dpo_beta")
+SWEPT = ("learning_rate", "dpo_beta", "loss_type")
 # Set per experiment by the plan itself. log_path names ONE run folder, which many experiments cannot share:
 # the suite's runs go to the experiments folder under their seed names.
 PER_EXPERIMENT = ("model_name", "dataset", "log_path")
@@ -162,7 +162,7 @@ def resolve_models(config: SuiteConfig, backend: str, served: dict[str, bool]) -
 
 
 def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> tuple[list[TrainConfig], EvalConfig]:
-    """Every experiment (dataset x model x lr x beta, in that order) and the evaluation settings. `models`
+    """Every experiment (dataset x model x lr x beta x loss_type, in that order) and the evaluation settings. `models`
     (from `resolve_models`) replaces the configured or default models."""
     defaults = {**(TINKER_DEFAULTS if backend == "tinker" else LOCAL_DEFAULTS), **PRESETS[config.preset]}
     shared = {name: getattr(config, name) for name in TrainConfig.model_fields
@@ -176,15 +176,16 @@ def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> 
     models = models if models is not None else (config.models or defaults["models"])
     rates = config.learning_rate or defaults["learning_rate"]
     experiments = [
-        TrainConfig(model_name=model, dataset=dataset, learning_rate=lr, dpo_beta=beta, **shared)
-        for dataset, model, lr, beta in itertools.product(config.datasets, models, rates, config.dpo_beta)
+        TrainConfig(model_name=model, dataset=dataset, learning_rate=lr, dpo_beta=beta, loss_type=loss, **shared)
+        for dataset, model, lr, beta, loss in itertools.product(config.datasets, models, rates, config.dpo_beta,
+                                                                config.loss_type)
     ]
     # By default only with the default datasets: a run narrowed to some datasets (datasets=1) asked for those.
     control = config.positive_control if config.positive_control is not None else (
         defaults["positive_control"] and "datasets" not in config.model_fields_set)
     if control and models:
         experiments.append(TrainConfig(model_name=models[0], dataset=CONTROL_DATASET_FILE, learning_rate=rates[0],
-                                       dpo_beta=config.dpo_beta[0], **shared))
+                                       dpo_beta=config.dpo_beta[0], loss_type=config.loss_type[0], **shared))
     eval_config = EvalConfig(
         eval_prompts=config.eval_prompts,
         num_samples=config.eval_num_samples or defaults["eval_num_samples"],

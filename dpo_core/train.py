@@ -33,10 +33,6 @@ from dpo_core.fsutil import atomic_write_bytes
 from dpo_core.loss import dpo_loss
 from dpo_core.records import RunConfig, TrainOutcome
 
-ADAM_BETAS = (0.9, 0.95)
-ADAM_EPS = 1e-8
-
-
 class MetricsSink(Protocol):
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
 
@@ -265,7 +261,7 @@ def train(
     train_rows, held_rows = held_out_split(pairs, config.held_out_fraction, config.held_out_min_pairs, config.seed)
     rendered = [all_rendered[i] for i in train_rows]
     n_batches = math.ceil(len(rendered) / config.batch_size)
-    total_steps = n_batches * config.num_epochs
+    total_steps = min(n_batches * config.num_epochs, config.max_steps or n_batches * config.num_epochs)
 
     records = [r for r in read_checkpoints(run_dir) if r.state_path]
     last = records[-1] if records else None
@@ -315,20 +311,24 @@ def train(
         def loss_fn(batch_data, logprobs_list, ref=ref):
             weights = [torch.tensor(d.loss_fn_inputs["weights"].to_numpy(), dtype=torch.float32) for d in batch_data]
             sums = torch.stack([(lp * w).sum() for lp, w in zip(logprobs_list, weights)])
-            return dpo_loss(sums[0::2], sums[1::2], ref[:, 0].to(sums.dtype), ref[:, 1].to(sums.dtype), config.dpo_beta)
+            tokens = torch.stack([w.sum() for w in weights])
+            return dpo_loss(sums[0::2], sums[1::2], ref[:, 0].to(sums.dtype), ref[:, 1].to(sums.dtype), config.dpo_beta,
+                            loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+                            nll_weight=config.nll_weight, tokens_chosen=tokens[0::2], tokens_rejected=tokens[1::2])
 
         started = time.time()
         lr = learning_rate_at(config, step, total_steps)
         backward = training_client.forward_backward_custom(data, loss_fn)
         optim = training_client.optim_step(tinker.AdamParams(
-            learning_rate=lr, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], eps=ADAM_EPS))
+            learning_rate=lr, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps))
         loss_metrics = backward.result().metrics
         optim.result()
         metrics = {
             # Measured on the batch just trained on (before its update): "train_batch", unlike held_out.jsonl.
             "step": step, "epoch": epoch, "split": "train_batch",
-            **{k: loss_metrics[k] for k in ("dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
-                                             "logps/chosen", "logps/rejected") if k in loss_metrics},
+            **{k: loss_metrics[k] for k in ("loss", "dpo_loss", "nll_loss", "margin_norm", "accuracy", "margin",
+                                             "chosen_reward", "rejected_reward", "logps/chosen", "logps/rejected")
+               if k in loss_metrics},
             "learning_rate": lr, "num_pairs": len(indices),
             "num_tokens": sum(rendered[i].num_tokens for i in indices),
             "progress": (step + 1) / total_steps, "time/step": time.time() - started,
@@ -338,12 +338,14 @@ def train(
         for sink in metrics_sinks:
             sink.log(metrics, step)
         done = step + 1
-        if done == total_steps or (config.save_every and done % config.save_every == 0):
-            name = "final" if done == total_steps else f"{done:06d}"
+        name = "final" if done == total_steps else f"{done:06d}"
+        saved = done == total_steps or bool(config.save_every and done % config.save_every == 0)
+        if saved:
             _save_checkpoint(training_client, checkpoints_file, name, done, n_batches)
-            if held_out:
-                _log_held_out(held_out_file, name, done,
-                              evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
+        # eval_every = 0: at each saved checkpoint; else every eval_every steps and at the end, saved or not.
+        if held_out and (done % config.eval_every == 0 or done == total_steps if config.eval_every else saved):
+            _log_held_out(held_out_file, name, done,
+                          evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
     return TrainOutcome(run_dir=str(run_dir), steps=total_steps, already_finished=False,
                         final=read_checkpoints(run_dir)[-1])
 

@@ -17,7 +17,7 @@ from dpo_core.train import train
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 TINY = "local/tiny"
-METRIC_KEYS = {"step", "epoch", "split", "dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
+METRIC_KEYS = {"step", "epoch", "split", "loss", "dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
                "logps/chosen", "logps/rejected", "learning_rate", "num_pairs", "num_tokens", "progress", "time/step",
                "time/start"}
 

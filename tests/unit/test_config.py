@@ -92,3 +92,22 @@ def test_explicit_log_path_with_other_experiment_is_refused(tmp_path):
     _write_config(tmp_path / "run", config.model_copy(update={"dpo_beta": 0.3}))
     with pytest.raises(ConfigError, match="different experiment"):
         choose_run_dir(config, tmp_path)
+
+
+def test_max_steps_caps_the_plan_and_is_checked_against_the_minimum():
+    from dpo_core.config import ConfigError, check_step_count
+
+    config = TrainConfig(model_name="local/tiny", dataset=1, batch_size=2, held_out_fraction=0, max_steps=12)
+    check_step_count(config, 100, "d.parquet")  # 50 steps capped at 12: fine
+    with pytest.raises(ConfigError, match="max_steps=5 is fewer than 10"):
+        check_step_count(config.model_copy(update={"max_steps": 5}), 100, "d.parquet")
+    check_step_count(config.model_copy(update={"max_steps": 5, "allow_few_steps": True}), 100, "d.parquet")
+
+
+def test_eval_every_is_not_part_of_the_experiments_identity_but_max_steps_is():
+    from dpo_core.config import identity
+
+    config = TrainConfig(model_name="local/tiny", dataset=1)
+    assert identity(config) == identity(config.model_copy(update={"eval_every": 5}))
+    assert identity(config) != identity(config.model_copy(update={"max_steps": 5}))
+    assert identity(config) != identity(config.model_copy(update={"loss_type": "ipo"}))
