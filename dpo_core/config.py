@@ -82,6 +82,10 @@ class TrainConfig(FrozenModel):
     """
     allow_few_steps: bool = False
     """Run a plan of fewer than 10 optimizer steps anyway (refused by default: too few to move an adapter)."""
+    dry_run: bool = False
+    """Print the plan (steps, tokens to train, sample and score, cost where DPO_PRICE_TABLE prices the model) and
+    exit without training.
+    """
 
     # --- loss (TRL's DPOTrainer names; dpo_core/loss.py has the formulas) ---
     loss_type: Literal["sigmoid", "ipo", "robust", "sigmoid_norm"] = "sigmoid"
@@ -179,7 +183,7 @@ def loss_tag(config: TrainConfig) -> str:
 
 # Fields that decide whether an existing run folder is "the same experiment" (resumable).
 _IDENTITY_EXCLUDE = {"log_path", "wandb_project", "wandb_name", "resume", "num_epochs", "save_every",
-                     "allow_few_steps", "eval_every"}
+                     "allow_few_steps", "eval_every", "dry_run"}
 
 
 def identity(config: TrainConfig, dataset_sha256: str | None = None) -> dict[str, Any]:

@@ -269,3 +269,20 @@ def check_runnable(config: SuiteConfig, settings: Any) -> None:
         raise ConfigError("; ".join([*too_few, *invalid]))
     if not any(e.dataset in validated for e in experiments):
         raise ConfigError("nothing to run: " + "; ".join([*invalid, *missing]))
+
+
+def dry_run_plan(config: SuiteConfig, settings: Any) -> str:
+    """The suite's dry-run printout: every planned experiment on a dataset that exists, and its evaluation."""
+    from dpo_core.dry_run import format_plan
+    from dpo_core.experiment import validate_dataset
+
+    experiments, eval_config = plan(config, settings.resolved_backend())
+    present = set()
+    for dataset in dict.fromkeys(e.dataset for e in experiments):
+        try:
+            validate_dataset(dataset, settings)
+            present.add(dataset)
+        except FileNotFoundError:  # skipped by the suite too, with a warning
+            continue
+    return format_plan([e for e in experiments if e.dataset in present], eval_config if config.evaluate else None,
+                       settings)

@@ -235,6 +235,20 @@ def _check_schedule_continues(config: TrainConfig, run_dir: Path, n_batches: int
         "which can be extended")
 
 
+def planned_steps(config: TrainConfig, num_train_pairs: int) -> int:
+    """Optimizer steps of a run on this many trained pairs: batches x epochs, capped at max_steps."""
+    steps = math.ceil(num_train_pairs / config.batch_size) * config.num_epochs
+    return min(steps, config.max_steps or steps)
+
+
+def batch_indices(config: TrainConfig, num_train_pairs: int, step: int) -> list[int]:
+    """The trained pairs of one step: each epoch is a seeded shuffle cut into batches (the last may be partial)."""
+    epoch, batch = divmod(step, math.ceil(num_train_pairs / config.batch_size))
+    order = list(range(num_train_pairs))
+    random.Random(config.seed + epoch).shuffle(order)
+    return order[batch * config.batch_size:(batch + 1) * config.batch_size]
+
+
 def _rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
@@ -261,7 +275,7 @@ def train(
     train_rows, held_rows = held_out_split(pairs, config.held_out_fraction, config.held_out_min_pairs, config.seed)
     rendered = [all_rendered[i] for i in train_rows]
     n_batches = math.ceil(len(rendered) / config.batch_size)
-    total_steps = min(n_batches * config.num_epochs, config.max_steps or n_batches * config.num_epochs)
+    total_steps = planned_steps(config, len(rendered))
 
     records = [r for r in read_checkpoints(run_dir) if r.state_path]
     last = records[-1] if records else None
@@ -301,10 +315,8 @@ def train(
 
     step = start_step
     for step in range(start_step, total_steps):
-        epoch, batch = divmod(step, n_batches)
-        order = list(range(len(rendered)))
-        random.Random(config.seed + epoch).shuffle(order)
-        indices = order[batch * config.batch_size:(batch + 1) * config.batch_size]
+        epoch = step // n_batches
+        indices = batch_indices(config, len(rendered), step)
         data = [d for i in indices for d in (rendered[i].chosen, rendered[i].rejected)]
         ref = torch.tensor(reference[indices], dtype=torch.float64)
 

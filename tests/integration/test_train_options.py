@@ -69,3 +69,22 @@ def test_loss_type_adam_max_steps_and_eval_every_reach_the_run(service_client, t
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train_config"]
     assert (saved["loss_type"], saved["nll_weight"], saved["max_steps"], saved["adam_beta1"], saved["adam_beta2"],
             saved["adam_eps"], saved["eval_every"]) == ("sigmoid_norm", 0.2, 5, 0.8, 0.99, 1e-6, 2)
+
+
+def test_dry_run_counts_exactly_the_tokens_training_then_trains(service_client, registered, tmp_path):
+    from dpo_core.dry_run import experiment_plan
+    from dpo_core.settings import Settings
+
+    path = data.resolve_dataset(1, DATA)
+    pairs = data.load_pairs(path)  # as the flow does (dpo_core.experiment)
+    config = TrainConfig(model_name="local/tiny", dataset=1, batch_size=6, num_epochs=3, max_pairs=24, max_steps=7,
+                         max_length=96, held_out_fraction=0.25, held_out_min_pairs=4, eval_every=3, save_every=0)
+    plan = experiment_plan(config, Settings(data_dir=DATA, cache_dir=registered))
+    train(config, service_client, pairs, run_dir=tmp_path / "run", dataset_path=str(path),
+          dataset_hash=data.content_hash(path), reference_dir=tmp_path / "ref")
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert plan["steps"] == len(metrics) == 7
+    assert plan["train_tokens"] == sum(m["num_tokens"] for m in metrics)
+    held = read_jsonl(tmp_path / "run" / "held_out.jsonl")
+    assert plan["held_out_pairs"] == held[0]["num_pairs"] and plan["checkpoints"] == 1
+    assert [r["step"] for r in held] == [0, 3, 6, 7]
