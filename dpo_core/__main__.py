@@ -81,13 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     apply_offline_env(settings)
     try:
-        path = resolve_dataset(args.dataset, settings.data_dir)
+        path = resolve_dataset(args.dataset, settings.data_dir, settings.cache_dir)
         tokenize = _tokenize_pair_fn(args.model, settings) if args.max_length else None
         _, report = validate(path, max_length=args.max_length, tokenize_pair=tokenize)
     except (DatasetError, DatasetNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(report.format())
+    from dpo_core.public_datasets import conversion_note
+
+    if conversion_note(path):
+        print(conversion_note(path))
     return 0
 
 
