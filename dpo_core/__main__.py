@@ -3,7 +3,7 @@
     .venv/bin/python -m dpo_core validate PATH_OR_NUMBER [--max-length N] [--model NAME]
         check a preference dataset: prints the validation report and exits 0 when it is usable; prints the
         one-line error (file, row, column, fix) and exits 1 otherwise. No traceback for user errors.
-    .venv/bin/python -m dpo_core export RUN_DIR --out DIR [--step final] [--format peft|merged]
+    .venv/bin/python -m dpo_core export RUN_DIR --out DIR [--step final] [--format peft|merged] [--base DIR]
         write the run's checkpoint as a PEFT adapter folder (adapter_config.json, adapter_model.safetensors and
         the tokenizer; serve it with vLLM --lora-modules or load it with peft) or a merged HF model, through
         the SDK's checkpoint download (docs/export.md).
@@ -60,7 +60,7 @@ def prime_hf_cache(hf_home: str | None) -> int:
     return 0
 
 
-def export_command(run: str, out: str, step: str, fmt: str) -> int:
+def export_command(run: str, out: str, step: str, fmt: str, base: str | None = None) -> int:
     """`export`: the run's checkpoint through the SDK's download, converted by tinker-cookbook's weights module."""
     from dpo_core.backend import service_client
     from dpo_core.export import ExportError, export_run
@@ -68,7 +68,7 @@ def export_command(run: str, out: str, step: str, fmt: str) -> int:
     settings = Settings()
     try:
         with service_client(settings) as client:
-            written = export_run(Path(run), Path(out), client, settings, step=step, fmt=fmt)
+            written = export_run(Path(run), Path(out), client, settings, step=step, fmt=fmt, base_model_path=base)
     except (ExportError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -98,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--step", default="final", help="checkpoint name (final, 000020) or step number")
     export.add_argument("--format", choices=("peft", "merged"), default="peft",
                         help="peft: the adapter alone (default); merged: the base model with the adapter merged in")
+    export.add_argument("--base", default=None, help="a local folder of the base model (config.json, safetensors); "
+                        "default: the local server's copy, or the HF cache's for a hub model")
     args = parser.parse_args(argv)
     if args.command == "export":
-        return export_command(args.run, args.out, args.step, args.format)
+        return export_command(args.run, args.out, args.step, args.format, args.base)
     if args.command == "help":
         parser.print_help()
         return 0

@@ -79,8 +79,9 @@ def save_tokenizer(model_name: str, settings: Settings, out_dir: Path) -> None:
 
 
 def export_run(run_dir: Path, out_dir: Path, service_client: Any, settings: Settings, step: str = "final",
-               fmt: ExportFormat = "peft") -> Path:
-    """Write the run's checkpoint `step` to `out_dir` (which must not exist) as a PEFT adapter or a merged model."""
+               fmt: ExportFormat = "peft", base_model_path: str | None = None) -> Path:
+    """Write the run's checkpoint `step` to `out_dir` (which must not exist) as a PEFT adapter or a merged model.
+    `base_model_path`: a local folder of the base model (config.json + safetensors) instead of the HF cache's."""
     from tinker_cookbook import weights
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -89,7 +90,7 @@ def export_run(run_dir: Path, out_dir: Path, service_client: Any, settings: Sett
     run = RunConfig.read(run_dir)
     model_name = run.train_config.model_name
     name, state_path = checkpoint_state_path(run_dir, step)
-    base = base_model_dir(model_name, settings)
+    base = base_model_path or base_model_dir(model_name, settings)
     with tempfile.TemporaryDirectory(prefix="dpo-export-") as tmp:
         adapter = download_adapter(service_client, state_path, Path(tmp) / "adapter")
         out_dir.parent.mkdir(parents=True, exist_ok=True)
