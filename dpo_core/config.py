@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from dpo_core.service import ServiceIdentity
 
 SEED_MODELS = (
     "Qwen/Qwen3-4B-Instruct-2507",
@@ -68,6 +72,11 @@ class TrainConfig(FrozenModel):
     # As tinker-cookbook: a paid run killed at step 150 resumes from step 140, not from zero. 0 = only `final`.
     save_every: int = Field(default=20, ge=0)
     """Save a resumable checkpoint every this many steps; 0 = only the final one."""
+    # As tinker-cookbook: periodic checkpoints expire on the service after 7 days, the final one never.
+    checkpoint_ttl: int | None = Field(default=7 * 24 * 3600, ge=3600)
+    """Seconds the service keeps each periodic checkpoint (at least 3600); none = until deleted. The final
+    checkpoint is always kept.
+    """
     seed: int = 0
     """Seed of the LoRA initialisation, the data order, the held-out split and the max_pairs subset."""
     lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
@@ -122,6 +131,11 @@ class TrainConfig(FrozenModel):
     # For a first look at a large dataset, and the quick preset.
     max_pairs: int | None = Field(default=None, ge=2)
     """Use only a seeded subset of this many pairs (whole prompts, held-out split included); none = all."""
+    # At step 0 the adapter is zero, so the policy is the reference: loss ln 2, margins only numeric noise.
+    reference_check_tolerance: float = Field(default=1e-3, ge=0)
+    """Stop the run when the first batch's DPO loss is further than this from ln 2 (or its mean margin further
+    than twice this from 0): the reference logprobs were then computed on other weights; 0 = no check.
+    """
 
     @field_validator("dataset")
     @classmethod
@@ -183,21 +197,29 @@ def loss_tag(config: TrainConfig) -> str:
 
 # Fields that decide whether an existing run folder is "the same experiment" (resumable).
 _IDENTITY_EXCLUDE = {"log_path", "wandb_project", "wandb_name", "resume", "num_epochs", "save_every",
-                     "allow_few_steps", "eval_every", "dry_run"}
+                     "allow_few_steps", "eval_every", "dry_run", "reference_check_tolerance", "checkpoint_ttl"}
 
 
-def identity(config: TrainConfig, dataset_sha256: str | None = None) -> dict[str, Any]:
+def identity(config: TrainConfig, dataset_sha256: str | None = None, service: str | None = None) -> dict[str, Any]:
     """What must match for a rerun to continue an existing folder (epochs may be extended): the config and,
-    when known, the dataset's content hash (a regenerated dataset under the same path is another experiment)."""
-    return {**config.model_dump(exclude=_IDENTITY_EXCLUDE, mode="json"), "dataset_sha256": dataset_sha256}
+    when known, the dataset's content hash (a regenerated dataset under the same path is another experiment) and
+    the service identity (`ServiceIdentity.key()`: a run's checkpoints and reference belong to its service)."""
+    return {**config.model_dump(exclude=_IDENTITY_EXCLUDE, mode="json"), "dataset_sha256": dataset_sha256,
+            "service": service}
 
 
-def _same_experiment(existing: dict[str, Any] | None, config: TrainConfig, dataset_sha256: str | None) -> bool:
+def _same_experiment(existing: dict[str, Any] | None, config: TrainConfig, dataset_sha256: str | None,
+                     service: str | None = None) -> bool:
     if existing is None:
         return False
-    if existing.get("dataset_sha256") is None or dataset_sha256 is None:  # a config.json without the hash
-        return {**existing, "dataset_sha256": None} == identity(config)
-    return existing == identity(config, dataset_sha256)
+    known = {**existing}
+    if known.get("dataset_sha256") is None or dataset_sha256 is None:  # a config.json without the hash
+        known["dataset_sha256"] = dataset_sha256 = None
+    # A caller that names no service compares none; one that does never resumes a folder of an unknown service
+    # (a config.json written before services were recorded): its checkpoints may live elsewhere.
+    if service is None:
+        known["service"] = None
+    return known == identity(config, dataset_sha256, service)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +271,8 @@ def check_step_count(config: TrainConfig, num_pairs: int, source: str) -> None:
 
 
 def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | None = None,
-                   taken: frozenset[str] | set[str] = frozenset(), dataset_sha256: str | None = None) -> Path:
+                   taken: frozenset[str] | set[str] = frozenset(), dataset_sha256: str | None = None,
+                   service: ServiceIdentity | None = None) -> Path:
     """Pick the run folder. Never overwrites another experiment.
 
     - explicit `log_path`: used as is (resumed if it holds the same experiment and `resume` is on, refused if
@@ -257,12 +280,19 @@ def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | N
     - otherwise `experiments/<run_name>`; if that folder exists with the same experiment and
       `resume` is on, it is reused (resumed); else the first free `<run_name>_2`, `_3`, ...
     Names in `taken` (folders another running process holds) are passed over. With `dataset_sha256`, a folder
-    trained on other bytes of the same dataset path is another experiment.
+    trained on other bytes of the same dataset path is another experiment; with `service`, so is a folder trained
+    on another service (other weights, or checkpoints that live elsewhere).
     """
+    service_key = service.key() if service is not None else None
     if config.log_path:
         path = Path(config.log_path)
         existing = _read_identity(path)
-        if existing is not None and not _same_experiment(existing, config, dataset_sha256):
+        if (existing is not None and _same_experiment(existing, config, dataset_sha256)
+                and not _same_experiment(existing, config, dataset_sha256, service_key)):
+            raise ConfigError(f"log_path {path} was trained on {_service_of(path)}; this run's service is "
+                              f"{service.describe()}. Its checkpoints and reference belong to that service: choose "
+                              "another log_path to train a new run here, or point the backend back at that service")
+        if existing is not None and not _same_experiment(existing, config, dataset_sha256, service_key):
             raise ConfigError(
                 f"log_path {path} holds a different experiment (config.json or the dataset's sha256 differs); "
                 "choose another log_path or delete that folder"
@@ -275,9 +305,14 @@ def choose_run_dir(config: TrainConfig, experiments_dir: Path, date: dt.date | N
     candidate = experiments_dir / base
     suffix = 1
     while candidate.exists() or candidate.name in taken:
-        if (candidate.name not in taken and config.resume
-                and _same_experiment(_read_identity(candidate), config, dataset_sha256)):
-            return candidate
+        if candidate.name not in taken and config.resume:
+            existing = _read_identity(candidate)
+            if _same_experiment(existing, config, dataset_sha256, service_key):
+                return candidate
+            if service is not None and _same_experiment(existing, config, dataset_sha256):
+                logging.getLogger("dpo_core").warning(
+                    "%s holds this experiment trained on %s; this service is %s: training a new run beside it",
+                    candidate, _service_of(candidate), service.describe())
         suffix += 1
         candidate = experiments_dir / f"{base}_{suffix}"
     return candidate
@@ -290,9 +325,18 @@ def _read_identity(run_dir: Path) -> dict[str, Any] | None:
     from dpo_core.records import RunConfig  # records builds on this module's TrainConfig
 
     try:
-        return identity(RunConfig.read_train_config(run_dir), RunConfig.read_dataset_sha256(run_dir))
+        service = RunConfig.read_service(run_dir)
+        return identity(RunConfig.read_train_config(run_dir), RunConfig.read_dataset_sha256(run_dir),
+                        service.key() if service is not None else None)
     except (ValueError, ValidationError):
         return {"__unknown__": True}
+
+
+def _service_of(run_dir: Path) -> str:
+    from dpo_core.records import RunConfig
+
+    service = RunConfig.read_service(run_dir)
+    return service.describe() if service is not None else "a service it does not record (an older config.json)"
 
 
 # ----------------------------------------------------------------------------------------------

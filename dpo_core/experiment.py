@@ -56,19 +56,28 @@ def served_models(settings: Settings) -> dict[str, bool]:
 
 
 def train_experiment(config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> TrainOutcome:
-    """Train (or resume, or report finished) one experiment; returns where it is and its final checkpoint."""
+    """Train (or resume, or report finished) one experiment; returns where it is and its final checkpoint.
+
+    The run folder is chosen once the service is known: a folder trained on another service (other weights
+    under the same name, or checkpoints that live elsewhere) is another experiment."""
+    from dpo_core.backend import check_model_supported, service_client
+    from dpo_core.service import identify
+
     experiments_dir = Path(settings.experiments_dir)
     lock_dir = Path(settings.cache_dir) / "run-locks" / hashlib.sha256(
         str(experiments_dir.resolve()).encode()).hexdigest()[:16]
-    run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir, dataset.sha256)
-    try:
-        return _train_in(run_dir, config, settings, dataset)
-    finally:
-        lock.close()  # releases the flock (the kernel also releases it if this process dies)
+    with service_client(settings) as client:
+        check_model_supported(client, config.model_name, settings.resolved_backend())
+        service = identify(client, config.model_name, settings.resolved_backend())
+        run_dir, lock = claim_run_dir(config, experiments_dir, lock_dir, dataset.sha256, service)
+        try:
+            return _train_in(run_dir, config, settings, dataset, client, service)
+        finally:
+            lock.close()  # releases the flock (the kernel also releases it if this process dies)
 
 
 def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path,
-                  dataset_sha256: str | None = None) -> tuple[Path, Any]:
+                  dataset_sha256: str | None = None, service: Any = None) -> tuple[Path, Any]:
     """Choose the run folder and hold an exclusive lock on it for the whole run.
 
     Two processes started at once with the same experiment would otherwise pick the same folder (it only
@@ -79,7 +88,8 @@ def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path,
     lock_dir.mkdir(parents=True, exist_ok=True)  # outside the experiments folder: nothing to see there
     taken: set[str] = set()
     while True:
-        run_dir = choose_run_dir(config, experiments_dir, taken=taken, dataset_sha256=dataset_sha256)
+        run_dir = choose_run_dir(config, experiments_dir, taken=taken, dataset_sha256=dataset_sha256,
+                                 service=service)
         handle = open(lock_dir / f"{run_dir.name}.lock", "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,22 +101,20 @@ def claim_run_dir(config: TrainConfig, experiments_dir: Path, lock_dir: Path,
             taken.add(run_dir.name)
 
 
-def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: ValidatedDataset) -> TrainOutcome:
-    from dpo_core.backend import check_model_supported, service_client
+def _train_in(run_dir: Path, config: TrainConfig, settings: Settings, dataset: ValidatedDataset, client: Any,
+              service: Any) -> TrainOutcome:
     from dpo_core.logging_sinks import build_sinks
     from dpo_core.train import train
 
     pairs = data.load_pairs(Path(dataset.path))
     if data.content_hash(Path(dataset.path)) != dataset.sha256:
         raise ValueError(f"{dataset.path} changed after validation; rerun to validate it again")
-    with service_client(settings) as client:
-        check_model_supported(client, config.model_name, settings.resolved_backend())
-        check_step_count(config, dataset.rows, Path(dataset.path).name)  # before any training
-        with build_sinks(config, settings, run_dir) as sinks:
-            return train(
-                config, client, pairs, run_dir=run_dir, dataset_path=dataset.path, dataset_hash=dataset.sha256,
-                reference_dir=Path(settings.cache_dir) / "reference", metrics_sinks=sinks,
-            )
+    check_step_count(config, dataset.rows, Path(dataset.path).name)  # before any training
+    with build_sinks(config, settings, run_dir) as sinks:
+        return train(
+            config, client, pairs, run_dir=run_dir, dataset_path=dataset.path, dataset_hash=dataset.sha256,
+            reference_dir=Path(settings.cache_dir) / "reference", metrics_sinks=sinks, service=service,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,9 +127,11 @@ def eval_prompts_path(config: EvalConfig, settings: Settings) -> Path:
     return path if path.is_absolute() or path.exists() else Path(settings.data_dir) / path
 
 
-def eval_fingerprint(config: EvalConfig, settings: Settings) -> str:
-    """Short hash of what decides an evaluation's numbers: the eval config and the eval prompts' bytes."""
-    raw = json.dumps([config.model_dump(mode="json"), data.content_hash(eval_prompts_path(config, settings))])
+def eval_fingerprint(config: EvalConfig, settings: Settings, service: str | None = None) -> str:
+    """Short hash of what decides an evaluation's numbers: the eval config, the eval prompts' bytes and, when
+    given, the service identity (`ServiceIdentity.key()`) of the model sampled."""
+    raw = json.dumps([config.model_dump(mode="json"), data.content_hash(eval_prompts_path(config, settings)),
+                      *([service] if service else [])])
     return hashlib.sha256(raw.encode()).hexdigest()[:10]
 
 
@@ -220,10 +230,12 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
     """Sample and score one model on the eval prompts; returns its eval folder (samples, scores, summary).
 
     A base model's evaluation lives in `experiments/base_models/<model>/eval_<fingerprint>/`, a trained
-    model's in `<run_dir>/eval/final_<fingerprint>/`.
+    model's in `<run_dir>/eval/final_<fingerprint>/`; the fingerprint includes the service identity, so two
+    servers' weights under one name never share a folder.
     """
     from dpo_core import evaluate
     from dpo_core.backend import service_client
+    from dpo_core.service import identify
 
     prepare_concurrent_evaluation()
     prompts_file = eval_prompts_path(eval_config, settings)
@@ -231,23 +243,26 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
     for dataset_path in request.training_datasets:
         training = {p.prompt_text() for p in data.load_pairs(Path(dataset_path))}
         evaluate.check_no_overlap(prompts, training, dataset_path)
-    fingerprint = eval_fingerprint(eval_config, settings)
-    if request.run_dir:
-        out_dir = Path(request.run_dir) / "eval" / f"final_{fingerprint}"
-    else:
-        # A base model prompted through another renderer than its default samples other text: another folder.
-        from dpo_core.rendering import renderer_name_for
-
-        rendered = request.renderer_name
-        suffix = "" if rendered in (None, renderer_name_for(request.model_name)) else "_" + re.sub(
-            r"[^A-Za-z0-9_-]", "-", rendered)
-        out_dir = (Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name)
-                   / f"eval_{fingerprint}{suffix}")
     embedder = shared_embedder()
     with service_client(settings) as client:
+        service = identify(client, request.model_name, settings.resolved_backend())
+        out_dir = _eval_dir(request, settings, eval_fingerprint(eval_config, settings, service.key()))
         target = evaluate.EvalTarget(request.label, request.model_name, request.model_path, request.renderer_name)
         evaluate.sample_and_score(client, target, prompts, eval_config, embedder, out_dir)
     return str(out_dir)
+
+
+def _eval_dir(request: EvalRequest, settings: Settings, fingerprint: str) -> Path:
+    if request.run_dir:
+        return Path(request.run_dir) / "eval" / f"final_{fingerprint}"
+    # A base model prompted through another renderer than its default samples other text: another folder.
+    from dpo_core.rendering import renderer_name_for
+
+    rendered = request.renderer_name
+    suffix = "" if rendered in (None, renderer_name_for(request.model_name)) else "_" + re.sub(
+        r"[^A-Za-z0-9_-]", "-", rendered)
+    return (Path(settings.experiments_dir) / "base_models" / model_slug(request.model_name)
+            / f"eval_{fingerprint}{suffix}")
 
 
 def write_report(entries: Sequence[ReportEntry], out_dir: str, notes: Sequence[str] | None = None) -> str:
@@ -265,4 +280,4 @@ def build_pairs(config: Any, settings: Settings) -> dict[str, Any]:
 
     with service_client(settings) as client:
         check_model_supported(client, config.model_name, settings.resolved_backend())
-        return pairs.build_pairs(client, config, Path(settings.cache_dir))
+        return pairs.build_pairs(client, config, Path(settings.cache_dir), settings.resolved_backend())

@@ -185,16 +185,19 @@ def load_prompts(path: Path, max_prompts: int | None = None) -> list[dict[str, A
 
 
 class StageCache:
-    """JSON files under `<cache_dir>/pairs/<stage>/<key>.json`, keyed by the content that decides them."""
+    """JSON files under `<cache_dir>/pairs/<stage>/<key>.json`, keyed by the content that decides them and by
+    `service` (the identities of the services and weights that compute them, `dpo_core.service`): a value
+    sampled or judged by one server's weights never answers for another's under the same model name."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, service: str = ""):
         self.root = Path(root)
+        self.service = service
         self.hits = 0
         self.misses = 0
 
-    @staticmethod
-    def key(*parts: Any) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    def key(self, *parts: Any) -> str:
+        raw = json.dumps([self.service, *parts] if self.service else list(parts), sort_keys=True, default=str)
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
     def get(self, stage: str, key: str) -> Any:
         path = self.root / stage / f"{key}.json"
@@ -414,13 +417,17 @@ def gap_plot(tables: dict[int, pd.DataFrame], out: Path) -> None:
     plt.close(fig)
 
 
-def build_pairs(service_client: tinker.ServiceClient, config: PairsConfig, cache_dir: Path) -> dict[str, Any]:
-    """All stages for one prompts file; writes the three datasets and `pairs_summary.json`, returns the summary."""
+def build_pairs(service_client: tinker.ServiceClient, config: PairsConfig, cache_dir: Path,
+                backend: str | None = None) -> dict[str, Any]:
+    """All stages for one prompts file; writes the three datasets and `pairs_summary.json`, returns the summary.
+    `backend` is the settings' resolved backend (see `dpo_core.service.identify`)."""
     from dpo_core.judge import ORIGINALITY_RUBRIC, QUALITY_RUBRIC, judge_ratings
+    from dpo_core.service import identify
 
     prompts = load_prompts(Path(config.prompts), config.max_prompts)
-    cache = StageCache(Path(cache_dir) / "pairs")
     judge = config.judge_model or config.model_name
+    services = [identify(service_client, name, backend).key() for name in dict.fromkeys((config.model_name, judge))]
+    cache = StageCache(Path(cache_dir) / "pairs", json.dumps(services))
     candidates = sample_candidates(service_client, prompts, config, cache)
     if config.judge_quality:
         quality, quality_failures = judge_ratings(service_client, judge, QUALITY_RUBRIC, prompts, candidates,

@@ -82,6 +82,8 @@ class Sampler:
             names = [r.name for r in read_checkpoints(run_dir) if r.sampler_path]
             raise FileNotFoundError(f"{run_dir} has no checkpoint {checkpoint!r} with a sampler_path in "
                                     f"checkpoints.jsonl (it has: {', '.join(names) or 'none'})")
+        if rows[-1].expired():
+            raise FileNotFoundError(rows[-1].expired_message(run_dir))
         return cls(run.train_config.model_name, rows[-1].sampler_path, renderer_name=run.renderer_name, **options)
 
     def _prompt(self, prompt: str | Sequence[Message]) -> tinker.ModelInput:

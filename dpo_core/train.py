@@ -1,21 +1,22 @@
 """The DPO loop over tinker SDK clients. It is handed a `ServiceClient` (Tinker's or the local server's).
 
 Per step, on a batch of explicit (chosen, rejected) pairs:
-1. reference logprobs come from an on-disk cache keyed by (base model, dataset content hash, renderer,
-   max_length), computed once from the frozen base weights and reused across epochs, resumes and sweeps (and
-   per sequence across datasets that share texts);
-2. `forward_backward_custom` with the pure DPO loss of `dpo_core.loss`;
+1. reference logprobs come from `dpo_core.reference`'s on-disk cache, keyed by the reference (model and the
+   service that computes it), dataset content hash, renderer and max_length, computed once from the frozen base
+   weights and reused across epochs, resumes and sweeps (and per sequence across datasets that share texts);
+2. `forward_backward_custom` with the pure DPO loss of `dpo_core.loss`; at step 0, while the adapter is still
+   zero, the policy IS the reference, so a first-batch loss away from ln 2 stops the run (`ReferenceMismatchError`);
 3. `optim_step`, submitted without waiting for step 2's result;
 4. one metrics line; `state` + sampler weights every `save_every` steps and at the end (`final`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,20 @@ import torch
 
 from dpo_core import rendering
 from dpo_core.checkpoints import append_jsonl, read_checkpoints, read_jsonl
-from dpo_core.config import TrainConfig
+from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import DatasetError, PreferencePair, held_out_split, pair_subset
 from dpo_core.fsutil import atomic_write_bytes
-from dpo_core.loss import dpo_loss
+from dpo_core.loss import TIE_TOLERANCE, dpo_loss
 from dpo_core.records import RunConfig, TrainOutcome
+from dpo_core.reference import full_tokens, reference_id, reference_key, reference_logprobs, weighted_sum
+from dpo_core.service import ServiceIdentity, identify
+
+RENDERER_METADATA_KEY = "renderer_name"  # tinker_cookbook.checkpoint_utils.RENDERER_NAME_METADATA_KEY
+
+
+class ReferenceMismatchError(RuntimeError):
+    """At step 0 the policy's logprobs differ from the reference's: the reference was computed on other weights."""
+
 
 class MetricsSink(Protocol):
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
@@ -44,10 +54,6 @@ class RenderedPair:
     chosen: tinker.Datum
     rejected: tinker.Datum
     num_tokens: int
-
-
-def _full_tokens(datum: tinker.Datum) -> list[int]:
-    return datum.model_input.to_ints() + [int(datum.loss_fn_inputs["target_tokens"].to_numpy()[-1])]
 
 
 def render_pairs(pairs: Sequence[PreferencePair], renderer: Any, max_length: int, source: str) -> list[RenderedPair]:
@@ -64,7 +70,7 @@ def render_pairs(pairs: Sequence[PreferencePair], renderer: Any, max_length: int
     rendered = []
     for pair in pairs:
         chosen, rejected = datum(pair.chosen_conversation()), datum(pair.rejected_conversation())
-        if _full_tokens(chosen) == _full_tokens(rejected):
+        if full_tokens(chosen) == full_tokens(rejected):
             raise DatasetError(source, f"chosen and rejected become identical after truncation to "
                                f"max_length={max_length}", row=pair.row, column="chosen",
                                hint="raise max_length or drop the row")
@@ -76,86 +82,6 @@ def render_pairs(pairs: Sequence[PreferencePair], renderer: Any, max_length: int
     return rendered
 
 
-def _weighted_sum(datum: tinker.Datum, logprobs: Sequence[float] | np.ndarray) -> float:
-    return float(np.dot(np.asarray(logprobs, dtype=np.float64), datum.loss_fn_inputs["weights"].to_numpy()))
-
-
-# ----------------------------------------------------------------------------------------------
-# Reference logprobs
-# ----------------------------------------------------------------------------------------------
-
-
-def reference_key(base_model: str, dataset_hash: str, renderer_name: str, max_length: int,
-                  subset: tuple[int, int] | None = None) -> str:
-    """The cache file of a dataset's reference logprobs; `subset` = (max_pairs, seed) when a run uses one."""
-    raw = json.dumps([base_model, dataset_hash, renderer_name, max_length, *([list(subset)] if subset else [])])
-    return hashlib.sha256(raw.encode()).hexdigest()[:24]
-
-
-def reference_logprobs(service_client: tinker.ServiceClient, base_model: str, rendered: Sequence[RenderedPair],
-                       cache_file: Path) -> np.ndarray:
-    """`[num_pairs, 2]` summed response logprobs (chosen, rejected) of the frozen base model, cached on disk.
-
-    On a miss, sequences that another cached dataset of the same folder already holds are reused, not recomputed:
-    the shipped datasets pick from the same candidate pools, so 387 of the suite's 640 sequences are distinct.
-    Each cache file has a `.seqs.json` beside it with the key of every (chosen, rejected) sequence: a hash of the
-    base model, the full token ids and the response weights, i.e. everything its summed logprob depends on."""
-    if cache_file.exists():
-        cached = np.load(cache_file)
-        if cached.shape == (len(rendered), 2):
-            return cached
-    keys = [[sequence_key(base_model, pair.chosen), sequence_key(base_model, pair.rejected)] for pair in rendered]
-    known = _cached_sequences(cache_file.parent)
-    missing: dict[str, tinker.Datum] = {}  # key -> datum: a sequence that occurs twice is computed once
-    for pair, row in zip(rendered, keys):
-        for datum, key in zip((pair.chosen, pair.rejected), row):
-            if key not in known:
-                missing.setdefault(key, datum)
-    if missing:
-        sampler = service_client.create_sampling_client(base_model=base_model).result()
-        known.update(zip(missing, summed_datum_logprobs(sampler, list(missing.values()))))
-    values = np.asarray([[known[c], known[r]] for c, r in keys], dtype=np.float64).reshape(len(rendered), 2)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    # The keys first: a reader pairs a `.seqs.json` with its `.npy` only when the shapes agree.
-    atomic_write_bytes(_sequences_file(cache_file), json.dumps(keys).encode())
-    atomic_write_bytes(cache_file, _npy_bytes(values))
-    return values
-
-
-def sequence_key(base_model: str, datum: tinker.Datum) -> str:
-    digest = hashlib.sha256(base_model.encode() + b"\0")
-    digest.update(np.asarray(_full_tokens(datum), dtype=np.int64).tobytes())
-    digest.update(np.asarray(datum.loss_fn_inputs["weights"].to_numpy(), dtype=np.float64).tobytes())
-    return digest.hexdigest()[:32]
-
-
-def _sequences_file(cache_file: Path) -> Path:
-    return cache_file.with_name(cache_file.stem + ".seqs.json")
-
-
-def _cached_sequences(folder: Path) -> dict[str, float]:
-    """Sequence key -> summed logprob, from every complete cache file in the folder (unreadable ones skipped)."""
-    known: dict[str, float] = {}
-    for seqs in folder.glob("*.seqs.json") if folder.is_dir() else ():
-        try:
-            keys = json.loads(seqs.read_text())
-            values = np.load(seqs.with_name(seqs.name.removesuffix(".seqs.json") + ".npy"))
-        except (OSError, ValueError):
-            continue
-        if values.shape != (len(keys), 2):
-            continue
-        for (chosen, rejected), (chosen_value, rejected_value) in zip(keys, values):
-            known[chosen], known[rejected] = float(chosen_value), float(rejected_value)
-    return known
-
-
-def summed_datum_logprobs(sampling_client: Any, datums: Sequence[tinker.Datum]) -> list[float]:
-    """Each datum's response logprob sum (its weights) under the sampling client's weights, all in flight at once."""
-    # The full sequence is input + last target; compute_logprobs returns [None, lp_1, ..., lp_n-1].
-    futures = [sampling_client.compute_logprobs(tinker.ModelInput.from_ints(_full_tokens(d))) for d in datums]
-    return [_weighted_sum(d, [0.0 if v is None else v for v in f.result()[1:]]) for d, f in zip(datums, futures)]
-
-
 # ----------------------------------------------------------------------------------------------
 # Held-out evaluation
 # ----------------------------------------------------------------------------------------------
@@ -163,12 +89,16 @@ def summed_datum_logprobs(sampling_client: Any, datums: Sequence[tinker.Datum]) 
 
 def held_out_metrics(policy: np.ndarray, reference: np.ndarray, beta: float) -> dict[str, Any]:
     """DPO loss, accuracy and margin of `[n, 2]` (chosen, rejected) summed logprobs, plus the per-pair margins
-    (so a report can put a CI on the accuracy). Accuracy counts a pair when chosen's reward is strictly higher,
-    as the training loss's metric does."""
+    (so a report can put a CI on the accuracy). Accuracy counts a pair won when chosen's reward is higher by
+    more than `TIE_TOLERANCE` nats, half when the margin is within it (a tie: `ties` counts them), as the training
+    loss's metric does: before training every margin is numeric noise, and noise is no win."""
     chosen_reward = beta * (policy[:, 0] - reference[:, 0])
     rejected_reward = beta * (policy[:, 1] - reference[:, 1])
     margins = chosen_reward - rejected_reward
-    return {"dpo_loss": float(np.mean(np.logaddexp(0.0, -margins))), "accuracy": float(np.mean(margins > 0)),
+    ties = np.abs(margins) <= TIE_TOLERANCE
+    wins = margins > TIE_TOLERANCE
+    return {"dpo_loss": float(np.mean(np.logaddexp(0.0, -margins))),
+            "accuracy": float(np.mean(wins + 0.5 * ties)), "ties": int(ties.sum()),
             "margin": float(np.mean(margins)), "chosen_reward": float(np.mean(chosen_reward)),
             "rejected_reward": float(np.mean(rejected_reward)), "num_pairs": int(len(margins)),
             "margins": [float(m) for m in margins]}
@@ -183,20 +113,12 @@ def evaluate_held_out(training_client: Any, held_out: Sequence[RenderedPair], re
     (a run killed for memory at 8 GB on a shared 2-vCPU machine showed the cost)."""
     datums = [d for pair in held_out for d in (pair.chosen, pair.rejected)]
     outputs = training_client.forward(datums, "cross_entropy").result().loss_fn_outputs
-    sums = [_weighted_sum(d, out["logprobs"].to_numpy()) for d, out in zip(datums, outputs)]
+    sums = [weighted_sum(d, out["logprobs"].to_numpy()) for d, out in zip(datums, outputs)]
     return held_out_metrics(np.asarray(sums, dtype=np.float64).reshape(len(held_out), 2), reference, beta)
 
 
 def _log_held_out(path: Path, name: str, step: int, metrics: dict[str, Any]) -> None:
     append_jsonl(path, {"name": name, "step": step, "split": "held_out", **metrics})
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +140,6 @@ def _check_schedule_continues(config: TrainConfig, run_dir: Path, n_batches: int
     """A resumed run whose `num_epochs` changed keeps its learning rates only on a constant schedule: a decaying
     one is laid over the total step count, so the steps already taken followed another curve (a finished linear
     run ended near 0 and would jump back up). Refuse that with the ways out rather than train on a broken curve."""
-    from dpo_core.config import ConfigError
-
     if not (run_dir / "config.json").exists():
         return
     before = RunConfig.read_train_config(run_dir).num_epochs
@@ -263,8 +183,12 @@ def train(
     dataset_hash: str,
     reference_dir: Path,
     metrics_sinks: Sequence[MetricsSink] = (),
+    service: ServiceIdentity | None = None,
 ) -> TrainOutcome:
-    """Train one experiment into `run_dir` (config.json, metrics.jsonl, checkpoints.jsonl); resumes if possible."""
+    """Train one experiment into `run_dir` (config.json, metrics.jsonl, checkpoints.jsonl); resumes if possible.
+
+    `service` is the identity of the service `service_client` talks to (`dpo_core.service.identify`, asked of
+    the client when not given): the reference cache is keyed on it and config.json records it."""
     metrics_file, checkpoints_file = run_dir / "metrics.jsonl", run_dir / "checkpoints.jsonl"
     renderer_name = config.renderer_name or rendering.renderer_name_for(config.model_name)
     renderer = rendering.get_renderer(config.model_name, renderer_name)
@@ -277,30 +201,34 @@ def train(
     n_batches = math.ceil(len(rendered) / config.batch_size)
     total_steps = planned_steps(config, len(rendered))
 
+    service = service or identify(service_client, config.model_name)
     records = [r for r in read_checkpoints(run_dir) if r.state_path]
     last = records[-1] if records else None
+    if last:
+        _check_same_service(run_dir, service)
     start_step = last.step if last else 0
     if last and start_step >= total_steps:
         return TrainOutcome(run_dir=str(run_dir), steps=start_step, already_finished=True, final=last)
     if last:
         _check_schedule_continues(config, run_dir, n_batches, start_step, total_steps)
+        _check_same_renderer(service_client, run_dir, last.state_path, renderer_name)
+        if last.expired():
+            raise ConfigError(last.expired_message(run_dir) + "; start a new run with resume=false")
 
-    ref_file = reference_dir / (reference_key(config.model_name, dataset_hash, renderer_name, config.max_length,
-                                              subset) + ".npy")
+    ref_id = reference_id(service)
+    ref_file = reference_dir / (reference_key(ref_id, dataset_hash, renderer_name, config.max_length, subset)
+                                + ".npy")
     # Over the whole dataset (the cache key is the dataset's), then split: the held-out rows are never trained on.
-    all_reference = reference_logprobs(service_client, config.model_name, all_rendered, ref_file)
+    all_reference = reference_logprobs(
+        lambda: service_client.create_sampling_client(base_model=config.model_name).result(), ref_id, all_rendered,
+        ref_file)
     reference, held_reference = all_reference[train_rows], all_reference[held_rows]
     held_out = [all_rendered[i] for i in held_rows]
     # The folder appears only once the inputs are known good: a refused dataset leaves nothing behind.
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_config(run_dir, config, dataset_path, dataset_hash, renderer_name, [pairs[i].row for i in held_rows],
-                  [pair.row for pair in pairs] if subset else None)
+                  [pair.row for pair in pairs] if subset else None, service)
     held_out_file = run_dir / "held_out.jsonl"
-    if held_out and not last:
-        # Before training the LoRA adapter is zero (B = 0 at init), so the policy IS the reference: its held-out
-        # logprobs are the reference's, computed above from the same base weights.
-        _rewrite_jsonl(held_out_file, [])
-        _log_held_out(held_out_file, "initial", 0, held_out_metrics(held_reference, held_reference, config.dpo_beta))
 
     if metrics_file.exists():
         # Steps logged after the last checkpoint (or before any) are redone: each step appears exactly once.
@@ -310,8 +238,16 @@ def train(
         training_client = service_client.create_training_client_from_state_with_optimizer(
             last.state_path).result()
     else:
+        # The renderer goes with the training run, as the cookbook stores it: a resume can check it there.
         training_client = service_client.create_lora_training_client(
-            base_model=config.model_name, rank=config.lora_rank, seed=config.seed).result()
+            base_model=config.model_name, rank=config.lora_rank, seed=config.seed,
+            user_metadata={RENDERER_METADATA_KEY: renderer_name}).result()
+        if held_out:
+            # Measured, not assumed: the untrained policy (adapter zero) against the cached reference, as at every
+            # later checkpoint. Equal to the reference up to numeric noise only if the reference is right.
+            _rewrite_jsonl(held_out_file, [])
+            _log_held_out(held_out_file, "initial", 0,
+                          evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
 
     step = start_step
     for step in range(start_step, total_steps):
@@ -331,6 +267,9 @@ def train(
         started = time.time()
         lr = learning_rate_at(config, step, total_steps)
         backward = training_client.forward_backward_custom(data, loss_fn)
+        if step == 0 and config.reference_check_tolerance:
+            # The adapter is still zero: check the reference before the first update touches the weights.
+            _check_reference_matches(backward.result().metrics, config, service, ref_file)
         optim = training_client.optim_step(tinker.AdamParams(
             learning_rate=lr, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps))
         loss_metrics = backward.result().metrics
@@ -338,9 +277,9 @@ def train(
         metrics = {
             # Measured on the batch just trained on (before its update): "train_batch", unlike held_out.jsonl.
             "step": step, "epoch": epoch, "split": "train_batch",
-            **{k: loss_metrics[k] for k in ("loss", "dpo_loss", "nll_loss", "margin_norm", "accuracy", "margin",
-                                             "chosen_reward", "rejected_reward", "logps/chosen", "logps/rejected")
-               if k in loss_metrics},
+            **{k: loss_metrics[k] for k in ("loss", "dpo_loss", "nll_loss", "margin_norm", "accuracy", "ties",
+                                             "margin", "chosen_reward", "rejected_reward", "logps/chosen",
+                                             "logps/rejected") if k in loss_metrics},
             "learning_rate": lr, "num_pairs": len(indices),
             "num_tokens": sum(rendered[i].num_tokens for i in indices),
             "progress": (step + 1) / total_steps, "time/step": time.time() - started,
@@ -353,7 +292,8 @@ def train(
         name = "final" if done == total_steps else f"{done:06d}"
         saved = done == total_steps or bool(config.save_every and done % config.save_every == 0)
         if saved:
-            _save_checkpoint(training_client, checkpoints_file, name, done, n_batches)
+            _save_checkpoint(training_client, checkpoints_file, name, done, n_batches,
+                             None if name == "final" else config.checkpoint_ttl)
         # eval_every = 0: at each saved checkpoint; else every eval_every steps and at the end, saved or not.
         if held_out and (done % config.eval_every == 0 or done == total_steps if config.eval_every else saved):
             _log_held_out(held_out_file, name, done,
@@ -362,27 +302,75 @@ def train(
                         final=read_checkpoints(run_dir)[-1])
 
 
-def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int) -> str:
+def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int,
+                     ttl_seconds: int | None) -> str:
     # Unique names per save: a rerun of a half-saved step writes new paths instead of colliding.
     suffix = f"{name}-{int(time.time() * 1000) % 10**9}"
-    state = training_client.save_state(suffix)
-    sampler = training_client.save_weights_for_sampler(suffix)
+    saved_at = time.time()
+    state = training_client.save_state(suffix, ttl_seconds=ttl_seconds)
+    sampler = training_client.save_weights_for_sampler(suffix, ttl_seconds=ttl_seconds)
     epoch, batch = divmod(done, n_batches)
     sampler_path = sampler.result().path
     append_jsonl(checkpoints_file, {
         "name": name, "epoch": epoch, "batch": batch, "step": done,
-        "state_path": state.result().path, "sampler_path": sampler_path,
+        "state_path": state.result().path, "sampler_path": sampler_path, "ttl_seconds": ttl_seconds,
+        # Counted from before the request: the service's own clock starts later, so this errs early.
+        "expires_at": None if ttl_seconds is None else saved_at + ttl_seconds,
     })
     return sampler_path
 
 
+def _check_reference_matches(metrics: dict[str, float], config: TrainConfig, service: ServiceIdentity,
+                             ref_file: Path) -> None:
+    """Step 0, adapter zero: the policy is the reference, so every margin is numeric noise and the loss ln 2
+    (loss ~ ln 2 - mean margin / 2). Anything further off means the reference logprobs came from other weights."""
+    loss, margin = metrics["dpo_loss"], metrics["margin"]
+    tolerance = config.reference_check_tolerance
+    if abs(loss - math.log(2)) <= tolerance and abs(margin) <= 2 * tolerance:
+        return
+    raise ReferenceMismatchError(
+        f"the reference does not match the policy's weights: at step 0, with the LoRA adapter still zero, the "
+        f"first batch's DPO loss is {loss:.5f} (ln 2 = {math.log(2):.5f}) and its mean margin {margin:.3g}, beyond "
+        f"reference_check_tolerance={tolerance:g}. The reference logprobs ({ref_file}) were computed on other "
+        f"weights than {service.describe()}. Delete that file to recompute them; if this service's numerics are "
+        "just that noisy (bf16 on long sequences), raise reference_check_tolerance (0 = no check)")
+
+
+def _check_same_renderer(service_client: Any, run_dir: Path, state_path: str, renderer_name: str) -> None:
+    """A resume renders with the renderer the run trained with: the one config.json records, and the one the
+    training run's metadata holds on the service (where the service keeps it)."""
+    recorded = {"config.json": RunConfig.read(run_dir).renderer_name if (run_dir / "config.json").exists() else None}
+    with warnings.catch_warnings():  # create_rest_client: deprecated in favour of tinker.RestClient(...), in 0.38
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            run = service_client.create_rest_client().get_training_run_by_tinker_path(state_path).result()
+            recorded["the training run's metadata"] = (run.user_metadata or {}).get(RENDERER_METADATA_KEY)
+        except (tinker.TinkerError, ValueError):
+            pass  # a service that does not say: config.json still does
+    for where, name in recorded.items():
+        if name is not None and name != renderer_name:
+            raise ConfigError(f"{run_dir} was trained with renderer {name!r} ({where}); this run renders with "
+                              f"{renderer_name!r}. Resume with renderer_name={name}, or start a new run "
+                              "(resume=false)")
+
+
+def _check_same_service(run_dir: Path, service: ServiceIdentity) -> None:
+    """A run's checkpoints live on the service that trained it: resuming or reporting them elsewhere is refused."""
+    recorded = RunConfig.read_service(run_dir)
+    if recorded is not None and recorded.key() != service.key():
+        raise ConfigError(
+            f"{run_dir} was trained on {recorded.describe()}; this service is {service.describe()}. Its checkpoints "
+            "and reference belong to the other service: rerun with resume=false (or another log_path) to train a "
+            "new run here, or point the backend back at the first service")
+
+
 def _write_config(run_dir: Path, config: TrainConfig, dataset_path: str, dataset_hash: str, renderer: str,
-                  held_out_rows: list[int], pair_rows: list[int] | None) -> None:
+                  held_out_rows: list[int], pair_rows: list[int] | None, service: ServiceIdentity) -> None:
     from importlib.metadata import version
 
     record = RunConfig(
         train_config=config, dataset_path=dataset_path, dataset_sha256=dataset_hash, renderer_name=renderer,
-        held_out_rows=held_out_rows, pair_rows=pair_rows,
+        held_out_rows=held_out_rows, pair_rows=pair_rows, service=service.record(),
         versions={p: version(p) for p in ("dpo-suite", "tinker", "tinker-cookbook", "torch", "transformers")},
     )
     atomic_write_bytes(run_dir / "config.json", record.model_dump_json(indent=2).encode())

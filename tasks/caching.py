@@ -60,16 +60,21 @@ def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
     return digest.hexdigest()
 
 
-def compute_identity(settings: Any) -> list[str]:
-    """Where a model computes: the backend, and on the local one the device and dtype the engine will pick
-    (bf16 on CUDA, fp32 on CPU, as in dpo_core/local/engine.py), so a GPU result never answers for a CPU run."""
+def compute_identity(settings: Any) -> list[Any]:
+    """Where a model computes and on which weights: the backend and its URL; on the local one the device and
+    dtype the engine will pick (bf16 on CUDA, fp32 on CPU, as in dpo_core/local/engine.py), so a GPU result never
+    answers for a CPU run, and the stand-in setting and the fingerprint of every served model's weights
+    (dpo_core/local/fingerprint.py), so a name mapped to other weights (DPO_LOCAL_MODELS) is another result."""
     backend = settings.resolved_backend()
     if backend == "tinker":
         return [backend, settings.tinker_base_url or "default"]
+    from dpo_core.local.fingerprint import served_fingerprints
+
     device = settings.local_device
     if device == "auto":
         device = "cuda" if _cuda_available() else "cpu"
-    return [backend, device, "bfloat16" if device == "cuda" else "float32"]
+    return [backend, device, "bfloat16" if device == "cuda" else "float32", settings.local_stand_in,
+            served_fingerprints(settings.cache_dir, settings.local_models, settings.local_stand_in)]
 
 
 def _cuda_available() -> bool:

@@ -119,8 +119,9 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
 
-    def read_meta(self, tinker_path: str) -> dict[str, Any]:
-        """A checkpoint's meta.json, with the fields every reader indexes checked (a user error if not)."""
+    def read_meta(self, tinker_path: str, allow_expired: bool = False) -> dict[str, Any]:
+        """A checkpoint's meta.json, with the fields every reader indexes checked (a user error if not, and for a
+        checkpoint past its time to live unless `allow_expired`)."""
         folder = self.resolve(tinker_path).folder
         try:
             meta = json.loads((folder / "meta.json").read_text())
@@ -132,6 +133,10 @@ class CheckpointStore:
         if not (isinstance(lora, dict) and isinstance(lora.get("rank"), int)
                 and isinstance(meta.get("base_model"), str)):
             raise UserError(f"checkpoint {tinker_path} is corrupt: meta.json lacks base_model or lora.rank")
+        expires_at = meta.get("expires_at")
+        if not allow_expired and isinstance(expires_at, (int, float)) and time.time() >= expires_at:
+            raise UserError(f"checkpoint {tinker_path} expired at {iso_time(expires_at)} (it was saved with a "
+                            "time to live): it can no longer be loaded or sampled")
         return meta
 
     def load_adapter(self, tinker_path: str, device: str) -> dict[str, torch.Tensor]:
@@ -171,6 +176,8 @@ class CheckpointStore:
                     "checkpoint_id": f"{kind}/{ckpt.name}", "checkpoint_type": checkpoint_type,
                     "time": meta.get("time", iso_time()), "tinker_path": f"tinker://{run_id}/{kind}/{ckpt.name}",
                     "size_bytes": size,
+                    "expires_at": iso_time(meta["expires_at"]) if isinstance(meta.get("expires_at"),
+                                                                              (int, float)) else None,
                 })
         return found
 

@@ -88,8 +88,9 @@ class Engine:
         return self.context_length(entry.base_model) if entry is not None else 1 << 62
 
     # ------------------------------------------------------------------ training models
-    def create_model(self, model_id: str, base_model: str, lora: dict[str, Any] | None) -> str:
-        return self.trainer.create(model_id, base_model, lora)
+    def create_model(self, model_id: str, base_model: str, lora: dict[str, Any] | None,
+                     user_metadata: dict[str, str] | None = None) -> str:
+        return self.trainer.create(model_id, base_model, lora, user_metadata)
 
     def create_from_checkpoint(self, model_id: str, tinker_path: str, optimizer: bool) -> str:
         return self.trainer.create_from_checkpoint(model_id, tinker_path, optimizer)
@@ -137,11 +138,13 @@ class Engine:
         return self.trainer.optim_step(model_id, adam)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_state(self, model_id: str, name: str, overwrite: bool = False) -> str:
-        return self.trainer.save(model_id, "weights", name, with_optimizer=True, overwrite=overwrite)
+    def save_state(self, model_id: str, name: str, overwrite: bool = False, ttl_seconds: int | None = None) -> str:
+        return self.trainer.save(model_id, "weights", name, with_optimizer=True, overwrite=overwrite,
+                                 ttl_seconds=ttl_seconds)
 
-    def save_sampler(self, model_id: str, name: str) -> str:
-        return self.trainer.save(model_id, "sampler_weights", name, with_optimizer=False, overwrite=True)
+    def save_sampler(self, model_id: str, name: str, ttl_seconds: int | None = None) -> str:
+        return self.trainer.save(model_id, "sampler_weights", name, with_optimizer=False, overwrite=True,
+                                 ttl_seconds=ttl_seconds)
 
     def save_external(self, model_id: str, name: str) -> str:
         return self.trainer.save(model_id, "external_weights", name, with_optimizer=False, overwrite=False)
@@ -178,10 +181,12 @@ class Engine:
         if entry is None:
             if not checkpoints:
                 raise UserError(f"training run not found: {run_id}")
-            meta = self.checkpoints.read_meta(checkpoints[-1]["tinker_path"])
+            meta = self.checkpoints.read_meta(checkpoints[-1]["tinker_path"], allow_expired=True)
             base, lora, last_request = meta["base_model"], meta["lora"], None
+            user_metadata = meta.get("user_metadata")
         else:
             base, lora, last_request = entry.base_model, entry.lora, entry.last_request
+            user_metadata = entry.user_metadata
         last = {"training": None, "sampler": None}
         for ckpt in sorted(checkpoints, key=lambda c: c["time"]):
             last[ckpt["checkpoint_type"]] = ckpt
@@ -189,6 +194,7 @@ class Engine:
             "training_run_id": run_id, "base_model": base, "model_owner": "local", "is_lora": True,
             "lora_rank": int(lora["rank"]), "last_request_time": iso_time(last_request),
             "last_checkpoint": last["training"], "last_sampler_checkpoint": last["sampler"],
+            "user_metadata": user_metadata,
         }
 
     def training_runs_page(self, limit: int, offset: int) -> dict[str, Any]:

@@ -198,11 +198,17 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
     @app.get("/api/v1/get_server_capabilities")
     async def capabilities():
         # The stand-in lists Tinker's whole lineup but marks what it cannot back as neither trainable nor sampleable.
-        return {"supported_models": [
-            {"model_name": spec.name, "max_context_length": spec.max_context_length,
-             "trainable": engine.can_load(spec), "sampleable": engine.can_load(spec)}
-            for spec in engine.served_models()
-        ]}
+        # Beyond Tinker's fields (the SDK ignores extra ones): each model's weights fingerprint and the server's
+        # identity, which the client keys every cache of a model-computed value on (dpo_core/service.py).
+        return await asyncio.to_thread(lambda: {
+            "supported_models": [
+                {"model_name": spec.name, "max_context_length": spec.max_context_length,
+                 "trainable": engine.can_load(spec), "sampleable": engine.can_load(spec),
+                 "weights_fingerprint": engine.store.weights_fingerprint(spec)}
+                for spec in engine.served_models()],
+            "server": {"kind": "dpo-suite-local", "stand_in": engine.store.stand_in,
+                       "compute": engine.store.compute},
+        })
 
     # ------------------------------------------------------------------ training
     @app.post("/api/v1/create_model")
@@ -212,7 +218,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         model_id = ids.training_model_id(payload.session_id, payload.model_seq_id)
         lora = payload.lora_config.model_dump() if payload.lora_config else None
         return submit(model_id, 0, _json(lambda: {"type": "create_model", "model_id": engine.create_model(
-            model_id, payload.base_model, lora)}))
+            model_id, payload.base_model, lora, payload.user_metadata)}))
 
     @app.post("/api/v1/get_info")
     async def get_info(request: Request):
@@ -248,7 +254,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         payload = await parsed(request, wire.SaveWeights)
         name = payload.path or f"step-{next(names)}"
         return submit(payload.model_id, payload.seq_id, _json(lambda: {"type": "save_weights", "path": (
-            engine.save_state(payload.model_id, name, payload.overwrite))}))
+            engine.save_state(payload.model_id, name, payload.overwrite, payload.ttl_seconds))}))
 
     @app.post("/api/v1/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request):
@@ -256,7 +262,7 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
         model_id = payload.model_id
         if payload.path:
             run = _json(lambda: {"type": "save_weights_for_sampler",
-                                 "path": engine.save_sampler(model_id, payload.path)})
+                                 "path": engine.save_sampler(model_id, payload.path, payload.ttl_seconds)})
         else:  # an ephemeral sampler over the current weights, owned by the model's session
             seq = payload.sampling_session_seq_id
             sampler_id = ids.sampler_id(ids.session_of(model_id), next(names) if seq is None else seq)

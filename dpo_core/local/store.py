@@ -98,6 +98,17 @@ class ModelStore:
                         self._tokenizers[name] = catalog.load_tokenizer(name, self.cache_dir, self.local_models)
             return self._tokenizers[name]
 
+    def weights_fingerprint(self, spec: ModelSpec) -> str | None:
+        """What the server reports as the weights behind `spec.name` (see dpo_core/local/fingerprint.py)."""
+        from dpo_core.local.fingerprint import weights_fingerprint
+
+        return weights_fingerprint(spec, self.cache_dir) if self.can_load(spec) else None
+
+    @property
+    def compute(self) -> str:
+        """Where and in which dtype the models compute, e.g. `cpu/float32`: a part of what the numbers depend on."""
+        return f"{self.device}/{str(self.dtype).removeprefix('torch.')}"
+
     def tokenizer_id(self, name: str) -> str:
         """What `get_info` reports: Tinker's models by HF repo id (the client loads them by name, as on
         Tinker), local ones as a folder that loads offline."""

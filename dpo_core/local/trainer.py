@@ -69,6 +69,7 @@ class TrainingModel:
     kept_graphs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     kept_version: int = -1
     probe_tokens: list[int] = field(default_factory=list)  # the start of the last datum trained on
+    user_metadata: dict[str, str] | None = None  # the training run's (create_model), kept in its checkpoints
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -108,7 +109,8 @@ class Trainer:
         self.store.use_threads_for(entry.base_model)
         return entry
 
-    def create(self, model_id: str, base_model: str, lora: dict[str, Any] | None) -> str:
+    def create(self, model_id: str, base_model: str, lora: dict[str, Any] | None,
+               user_metadata: dict[str, str] | None = None) -> str:
         from peft import LoraConfig, get_peft_model
 
         if model_id in self.models:  # replacing it would silently drop another client's weights
@@ -144,12 +146,13 @@ class Trainer:
             except NotImplementedError:  # no `layers` list to wrap: it trains as fast as before, with more memory
                 pass
         params = [p for p in module.parameters() if p.requires_grad]
-        self.models[model_id] = TrainingModel(model_id, base_model, lora, module, new_optimizer(params))
+        self.models[model_id] = TrainingModel(model_id, base_model, lora, module, new_optimizer(params),
+                                              user_metadata=user_metadata)
         return model_id
 
     def create_from_checkpoint(self, model_id: str, tinker_path: str, with_optimizer: bool) -> str:
         meta = self.checkpoints.read_meta(tinker_path)
-        self.create(model_id, meta["base_model"], meta["lora"])
+        self.create(model_id, meta["base_model"], meta["lora"], meta.get("user_metadata"))
         self.load(model_id, tinker_path, with_optimizer)
         return model_id
 
@@ -308,14 +311,17 @@ class Trainer:
         return {"grad_norm:mean": float(grad_norm)}
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, model_id: str, kind: str, name: str, with_optimizer: bool, overwrite: bool) -> str:
+    def save(self, model_id: str, kind: str, name: str, with_optimizer: bool, overwrite: bool,
+             ttl_seconds: int | None = None) -> str:
         """Write the model's LoRA weights (and optimizer state) to `tinker://<model_id>/<kind>/<name>`."""
         from peft import get_peft_model_state_dict
 
         entry = self.get(model_id)
         if not self.forward_is_finite(entry):  # a checkpoint that only produces NaN would poison every resume
             raise UserError(f"refusing to save {model_id}/{kind}/{name}: the model's forward gives NaN/inf")
-        meta = {"base_model": entry.base_model, "lora": entry.lora, "model_id": entry.model_id, "steps": entry.steps}
+        meta = {"base_model": entry.base_model, "lora": entry.lora, "model_id": entry.model_id, "steps": entry.steps,
+                "user_metadata": entry.user_metadata,
+                "expires_at": None if ttl_seconds is None else time.time() + ttl_seconds}
         extra = None
         if kind == "external_weights":  # a PEFT adapter_config.json beside the weights, as Tinker's export has
             config = entry.module.peft_config["default"]

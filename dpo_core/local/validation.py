@@ -168,6 +168,14 @@ class CreateModel(Wire):
     base_model: Id
     lora_config: LoraConfig | None = None
     optimizer_config: OptimizerConfig | None = None
+    user_metadata: dict[str, str] | None = None  # the training run's, as Tinker keeps it (e.g. its renderer)
+
+    @field_validator("user_metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is not None and len(json.dumps(value)) > MAX_USER_METADATA_BYTES:
+            raise ValueError(f"must be at most {MAX_USER_METADATA_BYTES} bytes as JSON")
+        return value
 
 
 class Heartbeat(Wire):
@@ -200,7 +208,7 @@ class SaveWeights(Wire):
     model_id: Id
     path: str | None = None
     seq_id: SeqId | None = None
-    ttl_seconds: int | None = Field(default=None, ge=0)
+    ttl_seconds: int | None = Field(default=None, ge=3600, le=10 * 366 * 24 * 3600)  # 1 hour to 10 years
     overwrite: bool = False
 
     @field_validator("path")

@@ -16,7 +16,8 @@ from dpo_core.data import PreferencePair
 from dpo_core.local.launcher import local_server
 from dpo_core.loss import dpo_loss
 from dpo_core.settings import Settings
-from dpo_core.train import RenderedPair, reference_logprobs, render_pairs
+from dpo_core.train import RenderedPair, render_pairs
+from tests.helpers.reference import base_reference
 
 TINY = "local/tiny"
 PROMPT = [{"role": "user", "content": "Name a colour."}]
@@ -64,7 +65,7 @@ def test_capabilities_list_served_models(service_client):
 def test_dpo_steps_reduce_loss_and_change_adapter(service_client, server, renderer, tmp_path):
     client = service_client.create_lora_training_client(base_model=TINY, rank=8, seed=3).result()
     data = _pairs(renderer)
-    reference = reference_logprobs(service_client, TINY, _rendered(renderer), tmp_path / "reference.npy")
+    reference = base_reference(service_client, TINY, _rendered(renderer), tmp_path / "reference.npy")
     reused_before = server.engine.counters["graph_reuse_microbatches"]
     losses = []
     for _ in range(6):

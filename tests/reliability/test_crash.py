@@ -15,7 +15,8 @@ import pytest
 
 from dpo_core import data
 from dpo_core.rendering import renderer_name_for
-from dpo_core.train import reference_key
+from dpo_core.reference import reference_id, reference_key
+from dpo_core.records import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,7 +59,8 @@ def test_kill_9_then_rerun_resumes_exactly(tmp_path, registered):
     done_at_crash = len(_steps(run_dir))
     assert 5 <= done_at_crash < 16, "the crash must land mid-run"
     reference = registered / "reference" / (reference_key(
-        "local/tiny", data.content_hash(dataset), renderer_name_for("local/tiny"), 128) + ".npy")
+        reference_id(RunConfig.read_service(run_dir)), data.content_hash(dataset), renderer_name_for("local/tiny"),
+        128) + ".npy")
     reference_bytes, reference_mtime = reference.read_bytes(), reference.stat().st_mtime_ns
 
     resumed = subprocess.run(command, env=env("crashed"), cwd=tmp_path, capture_output=True, text=True, timeout=600)

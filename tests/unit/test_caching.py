@@ -51,3 +51,27 @@ def test_code_fingerprint_covers_every_module(tmp_path):
     engine.write_text(engine.read_text() + "\n")
     code_fingerprint.cache_clear()
     assert code_fingerprint(tmp_path) != before
+
+
+def test_a_local_name_mapped_to_other_weights_is_another_cache_key(tmp_path):
+    """DPO_LOCAL_MODELS can serve other weights under one name: the local backend's part of every model task's
+    key carries each served model's weights fingerprint, so a cached result never answers for other weights."""
+    from dpo_core.settings import Settings
+    from tasks.caching import compute_identity
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder, content in ((first, b"one"), (second, b"two")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(content)
+
+    def identity(folder):
+        return compute_identity(Settings(backend="local", local_device="cpu", cache_dir=tmp_path / "cache",
+                                         local_models={"test/model": folder}))
+
+    assert identity(first) == identity(first)
+    assert identity(first) != identity(second)
+    (second / "model.safetensors").write_bytes(b"one")  # same bytes, same weights, wherever they live
+    fingerprints = {name: weights for name, weights in identity(second)[-1]}
+    assert fingerprints["test/model"] == {name: w for name, w in identity(first)[-1]}["test/model"]
+    (second / "model.safetensors").write_bytes(b"three")  # changed in place: the memo notices
+    assert {name: w for name, w in identity(second)[-1]}["test/model"] != fingerprints["test/model"]

@@ -111,3 +111,28 @@ def test_eval_every_is_not_part_of_the_experiments_identity_but_max_steps_is():
     assert identity(config) == identity(config.model_copy(update={"eval_every": 5}))
     assert identity(config) != identity(config.model_copy(update={"max_steps": 5}))
     assert identity(config) != identity(config.model_copy(update={"loss_type": "ipo"}))
+
+
+def test_a_folder_of_another_service_is_another_experiment(tmp_path, caplog):
+    """A run's checkpoints and reference belong to the service that trained it: a rerun elsewhere trains anew."""
+    from dpo_core.service import ServiceIdentity
+
+    stand_in = ServiceIdentity("tinker", "http://127.0.0.1:8765", "Qwen/Qwen3-8B",
+                               "dpo-suite-local (stand-in tinker)", "cpu/float32", "sha256:" + "a" * 64)
+    tinker = ServiceIdentity("tinker", "https://tinker.example", "Qwen/Qwen3-8B")
+    config = TrainConfig(model_name="Qwen/Qwen3-8B", dataset=1)
+    first = choose_run_dir(config, tmp_path, DAY, service=stand_in)
+    first.mkdir()
+    (first / "config.json").write_text(json.dumps({"train_config": config.model_dump(mode="json"),
+                                                   "service": stand_in.record()}))
+    assert choose_run_dir(config, tmp_path, DAY, service=stand_in) == first
+    with caplog.at_level("WARNING", logger="dpo_core"):
+        assert choose_run_dir(config, tmp_path, DAY, service=tinker).name == first.name + "_2"
+    assert "training a new run beside it" in caplog.text
+    with pytest.raises(ConfigError) as refused:
+        choose_run_dir(config.model_copy(update={"log_path": str(first)}), tmp_path, service=tinker)
+    assert "stand-in tinker" in str(refused.value) and "https://tinker.example" in str(refused.value)
+    # A folder that records no service (written before services were recorded) is not resumed by one that knows.
+    _write_config(tmp_path / "old", config)
+    with pytest.raises(ConfigError, match="a service it does not record"):
+        choose_run_dir(config.model_copy(update={"log_path": str(tmp_path / "old")}), tmp_path, service=tinker)

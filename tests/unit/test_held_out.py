@@ -74,7 +74,28 @@ def test_held_out_metrics_known_answers():
     assert held_out_metrics(reference, reference, 0.1)["dpo_loss"] == pytest.approx(math.log(2))
     policy = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # margins 0.1, 0.2, -0.1, 0 (beta 0.1)
     result = held_out_metrics(policy, reference, 0.1)
-    assert result["accuracy"] == 0.5 and result["margin"] == pytest.approx(0.05)
+    # Two wins, one loss, one tie (margin 0) counted half.
+    assert result["accuracy"] == 2.5 / 4 and result["ties"] == 1 and result["margin"] == pytest.approx(0.05)
     assert result["margins"] == pytest.approx([0.1, 0.2, -0.1, 0.0]) and result["num_pairs"] == 4
     expected = np.mean([math.log1p(math.exp(-m)) for m in (0.1, 0.2, -0.1, 0.0)])
     assert result["dpo_loss"] == pytest.approx(expected)
+
+
+def test_margins_within_numeric_noise_are_ties_not_wins():
+    """Before training every margin is floating-point noise: it counts half, never as a win."""
+    import torch
+
+    from dpo_core.loss import TIE_TOLERANCE, dpo_loss
+
+    reference = np.zeros((6, 2))
+    noise = np.array([[1.5e-6, 0.0], [-2e-7, 0.0], [3e-6, 0.0], [1e-6, 0.0], [-1e-6, 0.0], [2e-6, 0.0]])
+    result = held_out_metrics(noise, reference, 0.1)
+    assert result["accuracy"] == 0.5 and result["ties"] == 6
+    policy = torch.tensor(noise)
+    _, metrics = dpo_loss(policy[:, 0], policy[:, 1], torch.zeros(6, dtype=torch.float64),
+                          torch.zeros(6, dtype=torch.float64), 0.1)
+    assert metrics["accuracy"] == 0.5 and metrics["ties"] == 6
+    clear = torch.tensor([10 * TIE_TOLERANCE / 0.1] * 2 + [0.0] * 2, dtype=torch.float64)
+    _, metrics = dpo_loss(clear, torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
+                          torch.zeros(4, dtype=torch.float64), 0.1)
+    assert metrics["accuracy"] == 0.75 and metrics["ties"] == 2
