@@ -96,6 +96,12 @@ class TrainConfig(FrozenModel):
     exit without training.
     """
 
+    # --- starting point (tinker-cookbook's load_checkpoint_path) ---
+    load_checkpoint_path: str | None = None
+    """Start from this training checkpoint's weights (tinker://RUN/weights/NAME, e.g. an SFT run's state_path) instead
+    of the base model, and use it as the DPO reference; none = the base model. Its LoRA rank is lora_rank's.
+    """
+
     # --- loss (TRL's DPOTrainer names; dpo_core/loss.py has the formulas) ---
     loss_type: Literal["sigmoid", "ipo", "robust", "sigmoid_norm"] = "sigmoid"
     """DPO loss: sigmoid (the paper's), ipo (squared, on per-token mean log-ratios), robust (unbiased under label
@@ -147,6 +153,14 @@ class TrainConfig(FrozenModel):
             if number not in (1, 2, 3):
                 raise ValueError(f"dataset must be 1, 2, 3 or a path to a dataset file, got {number}")
             return number
+        return value
+
+    @field_validator("load_checkpoint_path")
+    @classmethod
+    def _training_checkpoint(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("tinker://") and "/weights/" in value):
+            raise ValueError("load_checkpoint_path must be a training checkpoint, tinker://RUN/weights/NAME (a run's "
+                             f"state_path in checkpoints.jsonl), got {value!r}")
         return value
 
     @field_validator("model_name")

@@ -215,13 +215,17 @@ def train(
         if last.expired():
             raise ConfigError(last.expired_message(run_dir) + "; start a new run with resume=false")
 
-    ref_id = reference_id(service)
+    # A run from a checkpoint (an SFT model) starts from its weights and uses them as the reference, as the cookbook.
+    start = config.load_checkpoint_path
+    start_client = _start_from_checkpoint(service_client, config, renderer_name) if start and not last else None
+    ref_id = reference_id(service, start)
     ref_file = reference_dir / (reference_key(ref_id, dataset_hash, renderer_name, config.max_length, subset)
                                 + ".npy")
+    reference_sampler = (lambda: (start_client or _start_from_checkpoint(service_client, config, renderer_name))
+                         .save_weights_and_get_sampling_client().result()) if start else (
+        lambda: service_client.create_sampling_client(base_model=config.model_name).result())
     # Over the whole dataset (the cache key is the dataset's), then split: the held-out rows are never trained on.
-    all_reference = reference_logprobs(
-        lambda: service_client.create_sampling_client(base_model=config.model_name).result(), ref_id, all_rendered,
-        ref_file)
+    all_reference = reference_logprobs(reference_sampler, ref_id, all_rendered, ref_file)
     reference, held_reference = all_reference[train_rows], all_reference[held_rows]
     held_out = [all_rendered[i] for i in held_rows]
     # The folder appears only once the inputs are known good: a refused dataset leaves nothing behind.
@@ -239,7 +243,7 @@ def train(
             last.state_path).result()
     else:
         # The renderer goes with the training run, as the cookbook stores it: a resume can check it there.
-        training_client = service_client.create_lora_training_client(
+        training_client = start_client or service_client.create_lora_training_client(
             base_model=config.model_name, rank=config.lora_rank, seed=config.seed,
             user_metadata={RENDERER_METADATA_KEY: renderer_name}).result()
         if held_out:
@@ -300,6 +304,23 @@ def train(
                           evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
     return TrainOutcome(run_dir=str(run_dir), steps=total_steps, already_finished=False,
                         final=read_checkpoints(run_dir)[-1])
+
+
+def _start_from_checkpoint(service_client: Any, config: TrainConfig, renderer_name: str) -> Any:
+    """A training client on `load_checkpoint_path`'s weights (fresh optimizer), after checking that the checkpoint
+    is of this run's base model and LoRA rank."""
+    import warnings
+
+    path = config.load_checkpoint_path
+    with warnings.catch_warnings():  # create_rest_client is deprecated in 0.38 for RestClient(base_url, api_key)
+        warnings.simplefilter("ignore", FutureWarning)
+        info = service_client.create_rest_client().get_weights_info_by_tinker_path(path).result()
+    if info.base_model != config.model_name or (info.lora_rank is not None and info.lora_rank != config.lora_rank):
+        raise ConfigError(f"load_checkpoint_path {path} is a rank-{info.lora_rank} adapter of {info.base_model}; this "
+                          f"run is model_name={config.model_name} lora_rank={config.lora_rank}: set both to the "
+                          "checkpoint's")
+    return service_client.create_training_client_from_state(
+        path, user_metadata={RENDERER_METADATA_KEY: renderer_name}).result()
 
 
 def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int,

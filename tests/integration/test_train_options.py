@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dpo_core import data, dataset_checks
@@ -88,3 +89,36 @@ def test_dry_run_counts_exactly_the_tokens_training_then_trains(service_client, 
     held = read_jsonl(tmp_path / "run" / "held_out.jsonl")
     assert plan["held_out_pairs"] == held[0]["num_pairs"] and plan["checkpoints"] == 1
     assert [r["step"] for r in held] == [0, 3, 6, 7]
+
+
+def test_load_checkpoint_path_starts_from_those_weights_and_uses_them_as_the_reference(service_client, tmp_path):
+    from dpo_core.config import ConfigError
+
+    path = data.resolve_dataset(1, DATA)
+    pairs = data.load_pairs(path)[:12]
+    common = dict(model_name="local/tiny", dataset=1, batch_size=4, max_length=96, lr_schedule="constant",
+                  held_out_fraction=0, lora_rank=4, dpo_beta=0.5)
+
+    def run(name, **overrides):
+        config = TrainConfig(**{**common, **overrides})
+        train(config, service_client, pairs, run_dir=tmp_path / name, dataset_path=str(path),
+              dataset_hash=data.content_hash(path), reference_dir=tmp_path / "ref")
+        return read_jsonl(tmp_path / name / "metrics.jsonl")
+
+    # An "SFT" starting point: a few large steps away from the base model.
+    first = run("sft", learning_rate=2e-2, num_epochs=2)
+    state_path = read_jsonl(tmp_path / "sft" / "checkpoints.jsonl")[-1]["state_path"]
+    assert abs(first[-1]["margin"]) > 0.05  # the start point has moved away from the base model
+    second = run("dpo", learning_rate=1e-3, load_checkpoint_path=state_path)
+    # Step 0: the policy (the checkpoint's weights) IS the reference, so the loss is ln 2 and the margin 0; against
+    # the base model's reference it would be the first run's trained margin instead.
+    assert second[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-3) and abs(second[0]["margin"]) < 1e-3
+    # Another reference-cache key: two cache files, the checkpoint's not the base model's.
+    caches = sorted((tmp_path / "ref").glob("*.npy"))
+    assert len(caches) == 2
+    values = [np.load(c) for c in caches]
+    assert not np.allclose(values[0], values[1])
+    saved = json.loads((tmp_path / "dpo" / "config.json").read_text())["train_config"]
+    assert saved["load_checkpoint_path"] == state_path
+    with pytest.raises(ConfigError, match="rank-4 adapter of local/tiny.*lora_rank=8"):
+        run("wrong-rank", load_checkpoint_path=state_path, lora_rank=8)

@@ -74,3 +74,13 @@ def test_public_set_loss_variant_dry_run_and_export_on_the_tinker_path(tinker_en
             tinker.ModelInput.from_ints(tokens)).result()[1:]
     # float32 on both sides (the stand-in computes on the CPU): see tests/integration/test_export.py.
     assert np.max(np.abs(np.asarray(served) - ours)) < 1e-5
+
+    # --- a second run from that checkpoint: its weights are the start and the reference (ln 2 at step 0) ---
+    state_path = json.loads((run_dir / "checkpoints.jsonl").read_text().splitlines()[-1])["state_path"]
+    follow = run_entry(["flows/train.py", f"model_name={QWEN3_8B}", f"dataset=helpsteer3:{source}",
+                        f"load_checkpoint_path={state_path}", "max_steps=2", *TRAIN[4:6], *TRAIN[10:]],
+                       tinker_env, ROOT)
+    assert follow.returncode == 0, follow.stdout[-3000:] + follow.stderr[-3000:]
+    [second] = [p for p in (tmp_path / "experiments").iterdir() if p != run_dir]
+    first_step = json.loads((second / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first_step["dpo_loss"] - np.log(2)) < 1e-3 and abs(metrics[-1]["margin"]) > 1e-3
