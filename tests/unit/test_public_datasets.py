@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -130,3 +131,48 @@ def test_a_set_that_is_not_cached_says_how_to_get_it(tmp_path):
 def test_public_specs_are_recognised_and_paths_win(tmp_path):
     assert is_public_spec("hh-rlhf") and is_public_spec("hf:org/set:test") and is_public_spec("helpsteer3:x.jsonl")
     assert not is_public_spec("data/d.parquet") and not is_public_spec(1) and not is_public_spec("hf")
+
+
+def _hf_datasets_cache(cache: Path, repo: str, config: str | None, rows: list[dict]) -> None:
+    """What `datasets.load_dataset(repo, config)` leaves in the HF datasets cache, built offline from `rows` (a json
+    dataset's cache folder, renamed as the cache loader looks it up): no download, the real loader reads it."""
+    import glob
+    import os
+    import shutil
+
+    import datasets
+    from datasets.naming import camelcase_to_snakecase
+
+    org, name = repo.split("/")
+    builder = camelcase_to_snakecase(name)
+    build = cache.parent / f"build-{builder}"
+    build.mkdir()
+    source = build / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datasets.load_dataset("json", data_files={"train": str(source)}, cache_dir=str(build))
+    [built] = [Path(p) for p in glob.glob(str(build / "json" / "*" / "*" / "*")) if os.path.isdir(p)]
+    target = cache / f"{org}___{builder}" / (config or "default") / built.parts[-2] / built.parts[-1]
+    shutil.copytree(built, target)
+    info = json.loads((target / "dataset_info.json").read_text())
+    (target / "dataset_info.json").write_text(json.dumps({**info, "config_name": config or "default",
+                                                          "builder_name": builder}))
+    for arrow in target.glob("json-*.arrow"):
+        arrow.rename(target / arrow.name.replace("json-", f"{builder}-"))
+
+
+def test_a_named_set_loads_from_the_hf_datasets_cache(tmp_path, monkeypatch):
+    from datasets import config as datasets_config
+
+    monkeypatch.setattr(datasets_config, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "hf").mkdir()
+    _hf_datasets_cache(tmp_path / "hf", "nvidia/HelpSteer3", "preference", HELPSTEER3)
+    path = data.resolve_dataset("helpsteer3", tmp_path / "data", tmp_path / "cache")
+    pairs = data.load_pairs(path)
+    assert [p.chosen[0]["content"] for p in pairs] == ["An old pond, a frog", "Goodbye!"]
+    summary = json.loads(path.with_suffix(".json").read_text())
+    assert summary["source"] == "nvidia/HelpSteer3 (preference, train)" and summary["dropped"] == {
+        "tie (overall_preference 0)": 1}
+    # hf:NAME for a set already in the conversational format (H4's UltraFeedback layout).
+    _hf_datasets_cache(tmp_path / "hf", "someone/prefs", None, ULTRA_H4[:1])
+    [pair] = data.load_pairs(data.resolve_dataset("hf:someone/prefs", tmp_path / "data", tmp_path / "cache"))
+    assert pair.prompt[0]["content"] == "Capital of France?" and pair.chosen[0]["content"] == "Paris."
