@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     from dpo_core.service import ServiceIdentity
@@ -155,6 +155,11 @@ class TrainConfig(FrozenModel):
             return number
         return value
 
+    @model_validator(mode="after")
+    def _smoothing_has_a_loss(self) -> TrainConfig:
+        check_label_smoothing([self.loss_type], self.label_smoothing)
+        return self
+
     @field_validator("load_checkpoint_path")
     @classmethod
     def _training_checkpoint(cls, value: str | None) -> str | None:
@@ -169,6 +174,14 @@ class TrainConfig(FrozenModel):
         if not value.strip():
             raise ValueError("model_name must not be empty")
         return value.strip()
+
+
+def check_label_smoothing(loss_types: list[str], label_smoothing: float) -> None:
+    """label_smoothing is read by the sigmoid and robust losses only: with ipo or sigmoid_norm it would do nothing."""
+    ignored = [t for t in loss_types if t in ("ipo", "sigmoid_norm")]
+    if label_smoothing and ignored:
+        raise ValueError(f"label_smoothing={label_smoothing:g} has no effect with loss_type={ignored[0]} (it applies "
+                         "to sigmoid and robust); drop it or choose one of those")
 
 
 def model_slug(model_name: str) -> str:

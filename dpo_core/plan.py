@@ -9,10 +9,10 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, create_model, field_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from dpo_core.config import (LOCAL_DEFAULT_MODEL, SEED_MODELS, ConfigError, EvalConfig, FrozenModel, TrainConfig,
-                             run_name)
+                             check_label_smoothing, run_name)
 from dpo_core.data import CONTROL_DATASET_FILE
 
 # TrainConfig fields the suite sweeps over: a list of values, one experiment per combination.
@@ -80,6 +80,11 @@ class _SuiteFields(FrozenModel):
     models: list[str] | None = None
     """Base models, comma-separated; none = the backend's default (on Tinker, the seed guide's three: a retired
     one is replaced by its documented successor, announced in the log and the report)."""
+
+    @model_validator(mode="after")
+    def _smoothing_has_a_loss(self):
+        check_label_smoothing(getattr(self, "loss_type", None) or [], getattr(self, "label_smoothing", 0.0))
+        return self
 
     @field_validator("datasets")
     @classmethod

@@ -136,3 +136,15 @@ def test_a_folder_of_another_service_is_another_experiment(tmp_path, caplog):
     _write_config(tmp_path / "old", config)
     with pytest.raises(ConfigError, match="a service it does not record"):
         choose_run_dir(config.model_copy(update={"log_path": str(tmp_path / "old")}), tmp_path, service=tinker)
+
+
+def test_label_smoothing_is_refused_with_a_loss_that_ignores_it():
+    from pydantic import ValidationError
+
+    from dpo_core.plan import SuiteConfig
+
+    TrainConfig(model_name="local/tiny", dataset=1, loss_type="robust", label_smoothing=0.1)
+    with pytest.raises(ValidationError, match="has no effect with loss_type=ipo"):
+        TrainConfig(model_name="local/tiny", dataset=1, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValidationError, match="has no effect with loss_type=sigmoid_norm"):
+        SuiteConfig(loss_type=["sigmoid", "sigmoid_norm"], label_smoothing=0.2)
