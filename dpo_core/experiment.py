@@ -37,10 +37,13 @@ def validate_dataset(dataset: int | str, settings: Settings) -> ValidatedDataset
     """Strict validation at the door; raises DatasetError / DatasetNotFoundError with file, row, column.
 
     Token lengths are checked by training itself, with the run's renderer and max_length."""
-    path = data.resolve_dataset(dataset, settings.data_dir)
+    from dpo_core.public_datasets import conversion_note
+
+    path = data.resolve_dataset(dataset, settings.data_dir, settings.cache_dir)
     _, report = dataset_checks.validate(path)
+    note = conversion_note(path)  # a public set's source and the rows its converter dropped (ties, ...)
     return ValidatedDataset(path=str(path), sha256=data.content_hash(path), rows=report.rows,
-                            report_markdown=report.to_markdown())
+                            report_markdown=report.to_markdown() + (f"\n\n{note}\n" if note else ""))
 
 
 def served_models(settings: Settings) -> dict[str, bool]:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import itertools
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, create_model, field_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from dpo_core.config import (LOCAL_DEFAULT_MODEL, PROMPT_BASELINE_INSTRUCTION, SEED_MODELS, ConfigError,
-                             EvalConfig, FrozenModel, TrainConfig, run_name)
+                             EvalConfig, FrozenModel, TrainConfig, check_label_smoothing, run_name)
 from dpo_core.data import CONTROL_DATASET_FILES
 
 # TrainConfig fields the suite sweeps over: a list of values, one experiment per combination.
-SWEPT = ("learning_rate", "dpo_beta")
+SWEPT = ("learning_rate", "dpo_beta", "loss_type")
 # Set per experiment by the plan itself. log_path names ONE run folder, which many experiments cannot share:
 # the suite's runs go to the experiments folder under their seed names.
 PER_EXPERIMENT = ("model_name", "dataset", "log_path")
@@ -83,6 +83,11 @@ class _SuiteFields(FrozenModel):
     models: list[str] | None = None
     """Base models, comma-separated; none = the backend's default (on Tinker, the seed guide's three: a retired
     one is replaced by its documented successor, announced in the log and the report)."""
+
+    @model_validator(mode="after")
+    def _smoothing_has_a_loss(self):
+        check_label_smoothing(getattr(self, "loss_type", None) or [], getattr(self, "label_smoothing", 0.0))
+        return self
 
     @field_validator("datasets")
     @classmethod
@@ -173,7 +178,7 @@ def resolve_models(config: SuiteConfig, backend: str, served: dict[str, bool]) -
 
 
 def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> tuple[list[TrainConfig], EvalConfig]:
-    """Every experiment (dataset x model x lr x beta, in that order) and the evaluation settings. `models`
+    """Every experiment (dataset x model x lr x beta x loss_type, in that order) and the evaluation settings. `models`
     (from `resolve_models`) replaces the configured or default models."""
     defaults = {**(TINKER_DEFAULTS if backend == "tinker" else LOCAL_DEFAULTS), **PRESETS[config.preset]}
     shared = {name: getattr(config, name) for name in TrainConfig.model_fields
@@ -190,8 +195,10 @@ def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> 
     first_seed = shared.pop("seed")
     seeds = [first_seed + i for i in range(config.seeds)]
     experiments = [
-        TrainConfig(model_name=model, dataset=dataset, learning_rate=lr, dpo_beta=beta, seed=seed, **shared)
-        for dataset, model, lr, beta in itertools.product(config.datasets, models, rates, config.dpo_beta)
+        TrainConfig(model_name=model, dataset=dataset, learning_rate=lr, dpo_beta=beta, loss_type=loss, seed=seed,
+                    **shared)
+        for dataset, model, lr, beta, loss in itertools.product(config.datasets, models, rates, config.dpo_beta,
+                                                                config.loss_type)
         for seed in seeds
     ]
     # By default only with the default datasets: a run narrowed to some datasets (datasets=1) asked for those.
@@ -199,7 +206,7 @@ def plan(config: SuiteConfig, backend: str, models: list[str] | None = None) -> 
         defaults["positive_control"] and "datasets" not in config.model_fields_set)
     if control and models:
         experiments += [TrainConfig(model_name=models[0], dataset=dataset, learning_rate=rates[0],
-                                    dpo_beta=config.dpo_beta[0], seed=seed, **shared)
+                                    dpo_beta=config.dpo_beta[0], loss_type=config.loss_type[0], seed=seed, **shared)
                         for dataset in CONTROL_DATASET_FILES for seed in seeds]
     eval_config = EvalConfig(
         eval_prompts=config.eval_prompts,
@@ -285,3 +292,20 @@ def check_runnable(config: SuiteConfig, settings: Any) -> None:
         raise ConfigError("; ".join([*too_few, *invalid]))
     if not any(e.dataset in validated for e in experiments):
         raise ConfigError("nothing to run: " + "; ".join([*invalid, *missing]))
+
+
+def dry_run_plan(config: SuiteConfig, settings: Any) -> str:
+    """The suite's dry-run printout: every planned experiment on a dataset that exists, and its evaluation."""
+    from dpo_core.dry_run import format_plan
+    from dpo_core.experiment import validate_dataset
+
+    experiments, eval_config = plan(config, settings.resolved_backend())
+    present = set()
+    for dataset in dict.fromkeys(e.dataset for e in experiments):
+        try:
+            validate_dataset(dataset, settings)
+            present.add(dataset)
+        except FileNotFoundError:  # skipped by the suite too, with a warning
+            continue
+    return format_plan([e for e in experiments if e.dataset in present], eval_config if config.evaluate else None,
+                       settings)

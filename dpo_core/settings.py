@@ -146,6 +146,12 @@ class Settings(BaseSettings):
     local_max_snapshots_per_session: int = Field(default=8, ge=1)
     """Snapshot samplers kept per client session; least recently used go first."""
 
+    # --- cost estimate (dry_run=true) ---
+    price_table: dict[str, dict[str, float]] = {}
+    """USD per million tokens by model, for the dry run's cost estimate, as JSON: {"Qwen/Qwen3-8B": {"prefill": 0.2,
+    "sample": 0.6, "train": 0.6}}; empty = no estimate (copy the prices from your provider's price page).
+    """
+
     # --- Weights & Biases ---
     wandb_project: str | None = None
     """Default W&B project of runs that name none (wandb_project=...)."""

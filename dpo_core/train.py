@@ -36,8 +36,6 @@ from dpo_core.records import RunConfig, TrainOutcome
 from dpo_core.reference import full_tokens, reference_id, reference_key, reference_logprobs, weighted_sum
 from dpo_core.service import ServiceIdentity, identify
 
-ADAM_BETAS = (0.9, 0.95)
-ADAM_EPS = 1e-8
 RENDERER_METADATA_KEY = "renderer_name"  # tinker_cookbook.checkpoint_utils.RENDERER_NAME_METADATA_KEY
 
 
@@ -157,6 +155,20 @@ def _check_schedule_continues(config: TrainConfig, run_dir: Path, n_batches: int
         "which can be extended")
 
 
+def planned_steps(config: TrainConfig, num_train_pairs: int) -> int:
+    """Optimizer steps of a run on this many trained pairs: batches x epochs, capped at max_steps."""
+    steps = math.ceil(num_train_pairs / config.batch_size) * config.num_epochs
+    return min(steps, config.max_steps or steps)
+
+
+def batch_indices(config: TrainConfig, num_train_pairs: int, step: int) -> list[int]:
+    """The trained pairs of one step: each epoch is a seeded shuffle cut into batches (the last may be partial)."""
+    epoch, batch = divmod(step, math.ceil(num_train_pairs / config.batch_size))
+    order = list(range(num_train_pairs))
+    random.Random(config.seed + epoch).shuffle(order)
+    return order[batch * config.batch_size:(batch + 1) * config.batch_size]
+
+
 def _rewrite_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
@@ -187,7 +199,7 @@ def train(
     train_rows, held_rows = held_out_split(pairs, config.held_out_fraction, config.held_out_min_pairs, config.seed)
     rendered = [all_rendered[i] for i in train_rows]
     n_batches = math.ceil(len(rendered) / config.batch_size)
-    total_steps = n_batches * config.num_epochs
+    total_steps = planned_steps(config, len(rendered))
 
     service = service or identify(service_client, config.model_name)
     records = [r for r in read_checkpoints(run_dir) if r.state_path]
@@ -203,13 +215,17 @@ def train(
         if last.expired():
             raise ConfigError(last.expired_message(run_dir) + "; start a new run with resume=false")
 
-    ref_id = reference_id(service)
+    # A run from a checkpoint (an SFT model) starts from its weights and uses them as the reference, as the cookbook.
+    start = config.load_checkpoint_path
+    start_client = _start_from_checkpoint(service_client, config, renderer_name) if start and not last else None
+    ref_id = reference_id(service, start)
     ref_file = reference_dir / (reference_key(ref_id, dataset_hash, renderer_name, config.max_length, subset)
                                 + ".npy")
+    reference_sampler = (lambda: (start_client or _start_from_checkpoint(service_client, config, renderer_name))
+                         .save_weights_and_get_sampling_client().result()) if start else (
+        lambda: service_client.create_sampling_client(base_model=config.model_name).result())
     # Over the whole dataset (the cache key is the dataset's), then split: the held-out rows are never trained on.
-    all_reference = reference_logprobs(
-        lambda: service_client.create_sampling_client(base_model=config.model_name).result(), ref_id, all_rendered,
-        ref_file)
+    all_reference = reference_logprobs(reference_sampler, ref_id, all_rendered, ref_file)
     reference, held_reference = all_reference[train_rows], all_reference[held_rows]
     held_out = [all_rendered[i] for i in held_rows]
     # The folder appears only once the inputs are known good: a refused dataset leaves nothing behind.
@@ -227,7 +243,7 @@ def train(
             last.state_path).result()
     else:
         # The renderer goes with the training run, as the cookbook stores it: a resume can check it there.
-        training_client = service_client.create_lora_training_client(
+        training_client = start_client or service_client.create_lora_training_client(
             base_model=config.model_name, rank=config.lora_rank, seed=config.seed,
             user_metadata={RENDERER_METADATA_KEY: renderer_name}).result()
         if held_out:
@@ -239,17 +255,18 @@ def train(
 
     step = start_step
     for step in range(start_step, total_steps):
-        epoch, batch = divmod(step, n_batches)
-        order = list(range(len(rendered)))
-        random.Random(config.seed + epoch).shuffle(order)
-        indices = order[batch * config.batch_size:(batch + 1) * config.batch_size]
+        epoch = step // n_batches
+        indices = batch_indices(config, len(rendered), step)
         data = [d for i in indices for d in (rendered[i].chosen, rendered[i].rejected)]
         ref = torch.tensor(reference[indices], dtype=torch.float64)
 
         def loss_fn(batch_data, logprobs_list, ref=ref):
             weights = [torch.tensor(d.loss_fn_inputs["weights"].to_numpy(), dtype=torch.float32) for d in batch_data]
             sums = torch.stack([(lp * w).sum() for lp, w in zip(logprobs_list, weights)])
-            return dpo_loss(sums[0::2], sums[1::2], ref[:, 0].to(sums.dtype), ref[:, 1].to(sums.dtype), config.dpo_beta)
+            tokens = torch.stack([w.sum() for w in weights])
+            return dpo_loss(sums[0::2], sums[1::2], ref[:, 0].to(sums.dtype), ref[:, 1].to(sums.dtype), config.dpo_beta,
+                            loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+                            nll_weight=config.nll_weight, tokens_chosen=tokens[0::2], tokens_rejected=tokens[1::2])
 
         started = time.time()
         lr = learning_rate_at(config, step, total_steps)
@@ -258,14 +275,15 @@ def train(
             # The adapter is still zero: check the reference before the first update touches the weights.
             _check_reference_matches(backward.result().metrics, config, service, ref_file)
         optim = training_client.optim_step(tinker.AdamParams(
-            learning_rate=lr, beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], eps=ADAM_EPS))
+            learning_rate=lr, beta1=config.adam_beta1, beta2=config.adam_beta2, eps=config.adam_eps))
         loss_metrics = backward.result().metrics
         optim.result()
         metrics = {
             # Measured on the batch just trained on (before its update): "train_batch", unlike held_out.jsonl.
             "step": step, "epoch": epoch, "split": "train_batch",
-            **{k: loss_metrics[k] for k in ("dpo_loss", "accuracy", "ties", "margin", "chosen_reward",
-                                             "rejected_reward", "logps/chosen", "logps/rejected") if k in loss_metrics},
+            **{k: loss_metrics[k] for k in ("loss", "dpo_loss", "nll_loss", "margin_norm", "accuracy", "ties",
+                                             "margin", "chosen_reward", "rejected_reward", "logps/chosen",
+                                             "logps/rejected") if k in loss_metrics},
             "learning_rate": lr, "num_pairs": len(indices),
             "num_tokens": sum(rendered[i].num_tokens for i in indices),
             "progress": (step + 1) / total_steps, "time/step": time.time() - started,
@@ -275,15 +293,34 @@ def train(
         for sink in metrics_sinks:
             sink.log(metrics, step)
         done = step + 1
-        if done == total_steps or (config.save_every and done % config.save_every == 0):
-            name = "final" if done == total_steps else f"{done:06d}"
+        name = "final" if done == total_steps else f"{done:06d}"
+        saved = done == total_steps or bool(config.save_every and done % config.save_every == 0)
+        if saved:
             _save_checkpoint(training_client, checkpoints_file, name, done, n_batches,
                              None if name == "final" else config.checkpoint_ttl)
-            if held_out:
-                _log_held_out(held_out_file, name, done,
-                              evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
+        # eval_every = 0: at each saved checkpoint; else every eval_every steps and at the end, saved or not.
+        if held_out and (done % config.eval_every == 0 or done == total_steps if config.eval_every else saved):
+            _log_held_out(held_out_file, name, done,
+                          evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
     return TrainOutcome(run_dir=str(run_dir), steps=total_steps, already_finished=False,
                         final=read_checkpoints(run_dir)[-1])
+
+
+def _start_from_checkpoint(service_client: Any, config: TrainConfig, renderer_name: str) -> Any:
+    """A training client on `load_checkpoint_path`'s weights (fresh optimizer), after checking that the checkpoint
+    is of this run's base model and LoRA rank."""
+    import warnings
+
+    path = config.load_checkpoint_path
+    with warnings.catch_warnings():  # create_rest_client is deprecated in 0.38 for RestClient(base_url, api_key)
+        warnings.simplefilter("ignore", FutureWarning)
+        info = service_client.create_rest_client().get_weights_info_by_tinker_path(path).result()
+    if info.base_model != config.model_name or (info.lora_rank is not None and info.lora_rank != config.lora_rank):
+        raise ConfigError(f"load_checkpoint_path {path} is a rank-{info.lora_rank} adapter of {info.base_model}; this "
+                          f"run is model_name={config.model_name} lora_rank={config.lora_rank}: set both to the "
+                          "checkpoint's")
+    return service_client.create_training_client_from_state(
+        path, user_metadata={RENDERER_METADATA_KEY: renderer_name}).result()
 
 
 def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, done: int, n_batches: int,

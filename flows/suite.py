@@ -30,7 +30,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from dpo_core.data import DatasetNotFoundError  # noqa: E402
-from dpo_core.plan import SuiteConfig, check_runnable, max_parallel_for, split_lists, step_count_problems  # noqa: E402
+from dpo_core.plan import SuiteConfig, check_runnable, dry_run_plan, max_parallel_for, split_lists, step_count_problems  # noqa: E402
 from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
 from flows.artifacts import publish_checkpoints, publish_validation  # noqa: E402
 from flows.cli import parse_config, preflight, print_error, quiet_user_tracebacks, take_debug_flag  # noqa: E402
@@ -115,6 +115,8 @@ def main(argv: list[str]) -> int:
     config = parse_config(SuiteConfig, take_debug_flag(argv), prepare=split_lists)
     if config is None or not preflight(lambda: check_runnable(config, Settings())):
         return 1
+    if config.dry_run:  # the plan, before any client exists (retired models are not looked up)
+        return 0 if preflight(lambda: print(dry_run_plan(config, Settings()))) else 1
     quiet_user_tracebacks()
     prefect_server.connect()
     state = dpo_suite(config, return_state=True)

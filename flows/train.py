@@ -26,6 +26,7 @@ from flows.bootstrap import with_shared_backend  # noqa: E402  (before Prefect i
 from prefect import flow  # noqa: E402
 
 from dpo_core.config import TrainConfig, check_step_count  # noqa: E402
+from dpo_core.dry_run import format_plan  # noqa: E402
 from dpo_core.experiment import validate_dataset as validated  # noqa: E402
 from dpo_core.records import TrainOutcome  # noqa: E402
 from dpo_core.settings import Settings, install_signal_handlers  # noqa: E402
@@ -64,6 +65,8 @@ def main(argv: list[str]) -> int:
     config = parse_config(TrainConfig, take_debug_flag(argv))
     if config is None or not preflight(lambda: check_before_training(config)):
         return 1
+    if config.dry_run:  # the plan, before any client exists
+        return 0 if preflight(lambda: print(format_plan([config], None, Settings()))) else 1
     quiet_user_tracebacks()
     return exit_code(dpo_train(config, return_state=True))
 

@@ -16,7 +16,8 @@ from tasks.setup import task_tags
 def _dataset_file(parameters: dict[str, Any]) -> list[str] | None:
     """The resolved file and its bytes: the result names the path, so both are part of the key."""
     try:
-        path = data.resolve_dataset(parameters["dataset"], Settings().data_dir)
+        settings = Settings()
+        path = data.resolve_dataset(parameters["dataset"], settings.data_dir, settings.cache_dir)
         return [str(path.resolve()), data.content_hash(path)]
     except (FileNotFoundError, ValueError):
         return None  # the task itself raises the clear error

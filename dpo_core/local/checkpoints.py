@@ -32,7 +32,9 @@ from dpo_core.local.validation import CHECKPOINT_NAME_RE, UserError, check_check
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
-KINDS = {"weights": "training", "sampler_weights": "sampler"}  # path segment -> the SDK's checkpoint_type
+# path segment -> the SDK's checkpoint_type; external weights are what save_weights_external exports for download
+KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+EXTERNAL_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what an external checkpoint's URLs serve
 
 
 class CheckpointRef(NamedTuple):
@@ -86,7 +88,7 @@ class CheckpointStore:
 
     def write(self, run_id: str, kind: str, name: str, *, meta: dict[str, Any],
               adapter_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None,
-              overwrite: bool) -> str:
+              overwrite: bool, extra_files: dict[str, bytes] | None = None) -> str:
         """Write one checkpoint atomically and return its `tinker://` path."""
         from safetensors.torch import save_file
 
@@ -105,6 +107,8 @@ class CheckpointStore:
                       str(tmp / "adapter_model.safetensors"))
             if optimizer_state is not None:
                 torch.save(optimizer_state, tmp / "optimizer.pt")
+            for file_name, content in (extra_files or {}).items():
+                (tmp / file_name).write_bytes(content)
             (tmp / "meta.json").write_text(json.dumps({**meta, "kind": kind, "name": name, "time": iso_time()}))
             _fsync_folder(tmp)
             if folder.exists():

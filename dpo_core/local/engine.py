@@ -146,6 +146,9 @@ class Engine:
         return self.trainer.save(model_id, "sampler_weights", name, with_optimizer=False, overwrite=True,
                                  ttl_seconds=ttl_seconds)
 
+    def save_external(self, model_id: str, name: str) -> str:
+        return self.trainer.save(model_id, "external_weights", name, with_optimizer=False, overwrite=False)
+
     def checkpoint_dir(self, tinker_path: str) -> CheckpointRef:
         """`(run_id, kind, name, folder)` of a `tinker://` path; a `UserError` for one outside storage."""
         return self.checkpoints.resolve(tinker_path)

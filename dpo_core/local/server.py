@@ -29,6 +29,7 @@ from dpo_core.local import validation as wire
 from dpo_core.local.budget import Budget
 from dpo_core.local.edge import EdgeGuard, user_error_reply
 from dpo_core.local.engine import Engine
+from dpo_core.local.exports import add_export_routes
 from dpo_core.local.sampler import SampleRequest, SamplerSource
 from dpo_core.local.validation import UnknownSession, UserError, W, check_context, parse
 from dpo_core.local.worker import Batch, Reply, Worker
@@ -379,6 +380,9 @@ def create_app(engine: Engine, api_key: str, fault_rate: float = 0.0, limits: Se
     @app.delete("/api/v1/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
     async def delete_checkpoint(run_id: str, checkpoint_id: str):
         return rest(lambda: engine.delete_checkpoint(run_id, checkpoint_id) or {})
+
+    add_export_routes(app, engine, api_key, lambda model_id, seq_id, run: submit(model_id, seq_id, run), parsed,
+                      rest, names)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE"])
     async def unknown(path: str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -321,9 +322,17 @@ class Trainer:
         meta = {"base_model": entry.base_model, "lora": entry.lora, "model_id": entry.model_id, "steps": entry.steps,
                 "user_metadata": entry.user_metadata,
                 "expires_at": None if ttl_seconds is None else time.time() + ttl_seconds}
+        extra = None
+        if kind == "external_weights":  # a PEFT adapter_config.json beside the weights, as Tinker's export has
+            config = entry.module.peft_config["default"]
+            extra = {"adapter_config.json": json.dumps({
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": entry.base_model,
+                "r": int(config.r), "lora_alpha": config.lora_alpha, "lora_dropout": 0.0, "bias": "none",
+                "target_modules": sorted(config.target_modules)}, indent=2).encode()}
         return self.checkpoints.write(
             entry.model_id, kind, name, meta=meta, adapter_state=get_peft_model_state_dict(entry.module),
-            optimizer_state=entry.optimizer.state_dict() if with_optimizer else None, overwrite=overwrite)
+            optimizer_state=entry.optimizer.state_dict() if with_optimizer else None, overwrite=overwrite,
+            extra_files=extra)
 
     @torch.no_grad()
     def forward_is_finite(self, entry: TrainingModel) -> bool:

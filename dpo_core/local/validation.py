@@ -212,6 +212,10 @@ class SaveWeights(Wire):
         return None if value is None else _checked_name(value)
 
 
+class SaveWeightsExternal(SaveWeights):
+    age_encryption_recipients: list[str] | None = None
+
+
 class SaveWeightsForSampler(SaveWeights):
     sampling_session_seq_id: SeqId | None = None
 

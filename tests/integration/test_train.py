@@ -19,8 +19,9 @@ from tests.helpers.reference import base_reference
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 TINY = "local/tiny"
-METRIC_KEYS = {"step", "epoch", "split", "dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
-               "logps/chosen", "logps/rejected", "ties", "learning_rate", "num_pairs", "num_tokens", "progress", "time/step",
+METRIC_KEYS = {"step", "epoch", "split", "loss", "dpo_loss", "accuracy", "margin", "chosen_reward", "rejected_reward",
+               "logps/chosen", "logps/rejected", "ties", "learning_rate", "num_pairs", "num_tokens", "progress",
+               "time/step",
                "time/start"}
 
 

@@ -94,6 +94,25 @@ def test_explicit_log_path_with_other_experiment_is_refused(tmp_path):
         choose_run_dir(config, tmp_path)
 
 
+def test_max_steps_caps_the_plan_and_is_checked_against_the_minimum():
+    from dpo_core.config import ConfigError, check_step_count
+
+    config = TrainConfig(model_name="local/tiny", dataset=1, batch_size=2, held_out_fraction=0, max_steps=12)
+    check_step_count(config, 100, "d.parquet")  # 50 steps capped at 12: fine
+    with pytest.raises(ConfigError, match="max_steps=5 is fewer than 10"):
+        check_step_count(config.model_copy(update={"max_steps": 5}), 100, "d.parquet")
+    check_step_count(config.model_copy(update={"max_steps": 5, "allow_few_steps": True}), 100, "d.parquet")
+
+
+def test_eval_every_is_not_part_of_the_experiments_identity_but_max_steps_is():
+    from dpo_core.config import identity
+
+    config = TrainConfig(model_name="local/tiny", dataset=1)
+    assert identity(config) == identity(config.model_copy(update={"eval_every": 5}))
+    assert identity(config) != identity(config.model_copy(update={"max_steps": 5}))
+    assert identity(config) != identity(config.model_copy(update={"loss_type": "ipo"}))
+
+
 def test_a_folder_of_another_service_is_another_experiment(tmp_path, caplog):
     """A run's checkpoints and reference belong to the service that trained it: a rerun elsewhere trains anew."""
     from dpo_core.service import ServiceIdentity
@@ -117,3 +136,15 @@ def test_a_folder_of_another_service_is_another_experiment(tmp_path, caplog):
     _write_config(tmp_path / "old", config)
     with pytest.raises(ConfigError, match="a service it does not record"):
         choose_run_dir(config.model_copy(update={"log_path": str(tmp_path / "old")}), tmp_path, service=tinker)
+
+
+def test_label_smoothing_is_refused_with_a_loss_that_ignores_it():
+    from pydantic import ValidationError
+
+    from dpo_core.plan import SuiteConfig
+
+    TrainConfig(model_name="local/tiny", dataset=1, loss_type="robust", label_smoothing=0.1)
+    with pytest.raises(ValidationError, match="has no effect with loss_type=ipo"):
+        TrainConfig(model_name="local/tiny", dataset=1, loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValidationError, match="has no effect with loss_type=sigmoid_norm"):
+        SuiteConfig(loss_type=["sigmoid", "sigmoid_norm"], label_smoothing=0.2)

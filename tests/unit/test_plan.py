@@ -99,3 +99,29 @@ def test_seeds_replicate_every_condition_with_consecutive_training_seeds_and_the
                                                            ("control_diversity.parquet", 1),
                                                            ("control_quality.parquet", 0),
                                                            ("control_quality.parquet", 1)]
+
+
+def test_the_suite_sweeps_loss_type_like_dpo_beta_and_names_each_run_apart():
+    config = SuiteConfig.model_validate(split_lists({"datasets": "1", "dpo_beta": "0.1,0.2",
+                                                     "loss_type": "sigmoid,sigmoid_norm,ipo"}))
+    suite = plan_suite(config, "local")
+    assert [(e.dpo_beta, e.loss_type) for e in suite.experiments] == [
+        (0.1, "sigmoid"), (0.1, "sigmoid_norm"), (0.1, "ipo"), (0.2, "sigmoid"), (0.2, "sigmoid_norm"), (0.2, "ipo")]
+    names = [name.rsplit("_", 1)[0] for name in suite.run_names]
+    assert names[:3] == ["dataset1_smollm2135m_lr0.001_beta0.1", "dataset1_smollm2135m_lr0.001_beta0.1_sigmoid_norm",
+                         "dataset1_smollm2135m_lr0.001_beta0.1_ipo"]
+    assert len(set(names)) == 6
+    with pytest.raises(ValidationError):
+        SuiteConfig(loss_type=["hinge"])
+
+
+def test_loss_and_run_control_keys_reach_each_experiment():
+    config = SuiteConfig(datasets=[1], label_smoothing=0.1, nll_weight=0.5, max_steps=12, adam_beta1=0.8,
+                         adam_beta2=0.99, adam_eps=1e-6, eval_every=4, loss_type=["robust"])
+    [experiment], _ = plan(config, "local")
+    assert (experiment.loss_type, experiment.label_smoothing, experiment.nll_weight) == ("robust", 0.1, 0.5)
+    assert (experiment.max_steps, experiment.adam_beta1, experiment.adam_beta2, experiment.adam_eps,
+            experiment.eval_every) == (12, 0.8, 0.99, 1e-6, 4)
+    from dpo_core.config import run_name
+
+    assert "_robust0.1_rpo0.5_" in run_name(experiment)
