@@ -34,8 +34,9 @@ LIST_FIELDS = ("datasets", "models", *SWEPT)
 # The positive controls (data/control_diversity.parquet: chosen = most diverse candidate, rejected = least, no
 # quality filter, the "degeneration control"; data/control_quality.parquet: DivPO's quality-preserving pairs) run
 # with the first model and hyper-parameters, so the report can say whether its instrument sees a built-in effect.
-# eval_max_tokens 128: SmolLM2 ends 19% / 33% / 54% of its samples on its own at 64 / 128 / 256 tokens; the
-# quality-aware metrics count a cut sample as invalid and the report shows each model's completion rate.
+# eval_max_tokens 128: SmolLM2 ends 27% / 52% / 62% of its eval samples on its own at 64 / 128 / 256 tokens
+# (bench/completion_rate.json); the quality-aware metrics count a cut sample as invalid and the report shows each
+# model's completion rate.
 LOCAL_DEFAULTS = {"models": [LOCAL_DEFAULT_MODEL], "learning_rate": [1e-3], "lr_schedule": "constant",
                   "batch_size": 6, "num_epochs": 1, "held_out_fraction": 0.2, "max_length": 256,
                   "eval_num_samples": 4, "eval_max_prompts": 24, "eval_max_tokens": 128, "positive_control": True}

@@ -115,8 +115,13 @@ def dataset_names(entries: Sequence[ReportEntry]) -> dict[str, str]:
 def _completion_lines(entries: Sequence[ReportEntry], scores: dict[str, pd.DataFrame],
                       config: dict[str, Any]) -> list[str]:
     """How many samples ended on their own (the rest were cut at max_tokens and count as invalid)."""
-    rates = [f"{e.label} {np.nanmean(scores[e.label]['completion_rate']):.0%}" for e in entries
-             if "completion_rate" in scores[e.label]]
+    several_models = len({e.model_name for e in entries}) > 1
+    by_condition: dict[str, list[float]] = {}  # a condition's seeds together
+    for entry in entries:
+        if "completion_rate" in scores[entry.label]:
+            name = display_label({"dataset": entry.dataset or "base", "model": entry.model_name}, several_models)
+            by_condition.setdefault(name, []).append(float(np.nanmean(scores[entry.label]["completion_rate"])))
+    rates = [f"{name} {np.mean(values):.0%}" for name, values in by_condition.items()]
     if not rates:
         return []
     return [f"Samples that ended on their own before max_tokens {config.get('max_tokens', '?')} (the rest are "
@@ -195,7 +200,8 @@ def findings_section(entries: Sequence[ReportEntry], out: Path) -> tuple[str, li
         plots.append("model_size.png")
         lines += ["### Model size", "", "The same dataset trained on each base model: does its effect differ? "
                   "(difference of paired differences, larger − smaller model, 95% CI over prompts and seeds)", "",
-                  *(f"- {sentence}" for sentence in findings.size_sentences(sizes, criteria)), ""]
+                  *(f"- {sentence}" for sentence in findings.size_sentences(sizes, {
+                      k: v.split(":")[0] for k, v in dataset_names(entries).items()})), ""]
     lines += _held_out_lines(held_out_rows(entries, seed), out)
     lines += _length_lines(scores, table)
     return "\n".join(lines), plots

@@ -240,6 +240,7 @@ def test_two_models_two_seeds_report_seed_level_findings_the_baseline_and_model_
     assert set(trained["num_seeds"]) == {2} and set(paired.loc[paired["dataset"] == "prompt", "num_seeds"]) == {1}
     assert {"utility_k", "distinct_k", "effective_vendi", "valid_rate"} <= set(paired["metric"])
     sizes = pd.read_csv(project_env / "report" / "model_size.csv")
-    assert set(sizes["dataset"].astype(str)) == {"1", "2"} and set(sizes["num_seeds"]) == {2}
+    assert set(sizes["dataset"].astype(str)) == {"1", "2", "prompt"}  # the prompting baseline by model too
+    assert set(sizes.loc[sizes["dataset"].astype(str) != "prompt", "num_seeds"]) == {2}
     assert set(sizes["smaller"]) == {"local/tiny"} and set(sizes["larger"]) == {second_tiny_model}
     assert (project_env / "report" / "model_size.png").exists()
