@@ -5,6 +5,7 @@ concurrently, with the metrics of a sequential run; a wrong key is refused."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -98,12 +99,23 @@ def test_experiments_train_concurrently_with_sequential_results(prefect_harness,
                  for m in (_metrics(run) for run in runs["sequential"]))
     assert all(a[1] <= b[0] for a, b in zip(seq, seq[1:]))
 
-    # Identical training: every metric of every step except the timings.
+    # The same training: every metric of every step except the timings. Counts are exact; float metrics agree to
+    # fp32 summation-order noise. Requests of concurrent experiments may share the engine's padded micro-batches,
+    # so their matmuls reduce in another order (~1e-7 relative per sum of ~1e3 token logprobs); 1e-5 relative is
+    # that noise x ~30 and far below what one different step (another batch, lr or seed) changes.
     for parallel_run, sequential_run in zip(runs["parallel"], runs["sequential"]):
         assert _undated(parallel_run) == _undated(sequential_run)
         untimed = [[{k: v for k, v in m.items() if not k.startswith("time/")} for m in _metrics(run)]
                    for run in (parallel_run, sequential_run)]
-        assert untimed[0] == untimed[1]
+        assert len(untimed[0]) == len(untimed[1])
+        for step_parallel, step_sequential in zip(*untimed):
+            assert step_parallel.keys() == step_sequential.keys()
+            for key, value in step_parallel.items():
+                other = step_sequential[key]
+                if isinstance(value, float) or isinstance(other, float):
+                    assert math.isclose(value, other, rel_tol=1e-5, abs_tol=1e-6), (key, value, other)
+                else:
+                    assert value == other, (key, value, other)
 
 
 def test_a_failed_experiment_stays_its_own_while_others_train_at_once(prefect_harness, remote_env, monkeypatch):
