@@ -126,6 +126,8 @@ class EdgeGuard:
         too_large = f"request body over {cap} bytes ({setting})"
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > cap:
+            if int(length) <= self.max_body_bytes:  # over the JSON cap only: drain it, so the client reads the 413
+                await self._drain(receive, self.max_body_bytes)
             raise BodyTooLarge(too_large)
         if length is not None and length.isdigit() and int(length) > LARGE_BODY_BYTES:
             await self._enter_gate(gate)
@@ -137,6 +139,8 @@ class EdgeGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > cap:
+                if cap < self.max_body_bytes and message.get("more_body"):
+                    await self._drain(receive, self.max_body_bytes - size)
                 raise BodyTooLarge(too_large)
             if size > LARGE_BODY_BYTES and not gate:  # a chunked upload has no length to tell beforehand
                 await self._enter_gate(gate)
@@ -151,6 +155,21 @@ class EdgeGuard:
                 await self._enter_gate(gate)
             body = protocol.decompress_capped(body, encoding, cap)
         return body
+
+    @staticmethod
+    async def _drain(receive: Callable, limit: int) -> None:
+        """Read and discard up to `limit` more bytes of a body that is refused for the JSON cap (a parse-memory
+        bound, not a transfer bound): a reply sent while the client is still uploading is often lost to a
+        connection reset, and the client would see a dropped connection instead of the 413 naming the setting.
+        Nothing is kept, so memory stays flat; past the overall body cap the refusal is immediate as before."""
+        size = 0
+        while size <= limit:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
 
     async def _enter_gate(self, gate: list[asyncio.Semaphore]) -> None:
         try:

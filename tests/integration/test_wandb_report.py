@@ -49,8 +49,16 @@ def test_findings_table_and_plots_are_logged_offline(tmp_path, monkeypatch):
     assert table_files and any("plots/diversity_vs_creativity" in m and m.endswith(".png") for m in media), media
     table = json.loads((Path(wandb_dir) / table_files[0]).read_text())
     assert table["columns"] == ["label", "distinct_2/overall"] and table["data"][1] == ["dataset2_tiny", 0.47]
+    # W&B's offline writer is its own process: finish() returns once it has the records, and on a loaded machine
+    # the .wandb file can still hold only its header for a moment. Wait for the records, not for a time.
+    import time
+
+    deadline = time.monotonic() + 120
     log = next(Path(wandb_dir).rglob("*.wandb")).read_bytes()
-    assert b"cs329x-dpo" in log and b"report-report" in log
+    while not (b"cs329x-dpo" in log and b"report-report" in log) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        log = next(Path(wandb_dir).rglob("*.wandb")).read_bytes()
+    assert b"cs329x-dpo" in log and b"report-report" in log, log[:200]
 
 
 def test_no_project_logs_nothing(tmp_path, monkeypatch):
