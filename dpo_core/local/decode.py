@@ -34,7 +34,7 @@ import torch
 from dpo_core.local.budget import Budget, JobInterrupted
 from dpo_core.local.decode_layout import NEVER, BatchLayout
 from dpo_core.local.draws import counter_uniforms, row_seed, sample_tokens, stop_hits, stop_string_end
-from dpo_core.local.kv_cache import GraphSteps, SlotCache, attention_mask
+from dpo_core.local.kv_cache import GraphSteps, SlotCache, attention_mask, decode_step_attention
 from dpo_core.local.prefill import Chunk, Prefiller
 from dpo_core.local.validation import UserError
 
@@ -254,9 +254,10 @@ class Decoder(BatchLayout):
         else:  # read only the columns some row uses
             self.cache.start = self.first_column
             visible = self.valid[:, self.first_column:column + 1]
-        out = self.decoder(input_ids=self.next_tokens[:, None], position_ids=self.positions[:, None],
-                           attention_mask=attention_mask(visible[:, None, :], self.implementation, self.dtype),
-                           past_key_values=self.cache, use_cache=True)
+        with decode_step_attention(self.module.config, self.implementation):
+            out = self.decoder(input_ids=self.next_tokens[:, None], position_ids=self.positions[:, None],
+                               attention_mask=attention_mask(visible[:, None, :], self.implementation, self.dtype),
+                               past_key_values=self.cache, use_cache=True)
         self.logits = self.head(out.last_hidden_state[:, -1]).float()
         self.positions += 1
         self.column += 1

@@ -7,6 +7,8 @@ own request. Driven on the real engine (local/tiny), as the server's worker driv
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -202,3 +204,71 @@ def test_prompts_that_share_a_prefix_prefill_it_once_and_sample_as_alone(engine)
         np.testing.assert_allclose(_logprobs(batched), _logprobs(single), rtol=0, atol=1e-4)
     np.testing.assert_allclose(together[4]["prompt_logprobs"], scored_alone["prompt_logprobs"], rtol=0, atol=1e-4)
     np.testing.assert_array_equal(together[4]["topk_prompt"][0], scored_alone["topk_prompt"][0])
+
+
+def test_the_decode_attention_equals_sdpa_on_grouped_heads():
+    """The decode step's attention (grouped-query heads read in place) computes sdpa's attention: same layout,
+    values equal to float rounding; prefill shapes (several queries) go to sdpa itself."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from dpo_core.local.kv_cache import decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, columns, dim = 6, 9, 3, 37, 64
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    query = torch.randn(rows, heads, 1, dim, generator=generator)
+    key = torch.randn(rows, kv_heads, columns + 5, dim, generator=generator)[:, :, 5:]  # a view, as the cache gives
+    value = torch.randn(rows, kv_heads, columns + 5, dim, generator=generator)[:, :, 5:]
+    mask = torch.rand(rows, 1, 1, columns, generator=generator) > 0.3
+    mask[..., -1] = True  # the current column, always visible
+    ours, _ = decode_attention(module, query, key, value, mask, scaling=dim ** -0.5)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=dim ** -0.5)
+    assert ours.shape == theirs.shape == (rows, 1, heads, dim)
+    # a softmax-weighted mean of at most `columns` values: rounding of order columns x eps x max|value|
+    bound = 4 * columns * torch.finfo(torch.float32).eps * float(value.abs().max())
+    assert float((ours - theirs).abs().max()) <= bound
+    # a masked column has no weight at all: changing its value changes nothing
+    changed = value.clone()
+    changed[~mask.reshape(rows, 1, columns, 1).expand_as(changed)] = 1e6
+    again, _ = decode_attention(module, query, key, changed, mask, scaling=dim ** -0.5)
+    assert torch.equal(again, ours)
+
+    several = torch.randn(rows, heads, 4, dim, generator=generator)
+    causal = torch.ones(rows, 1, 4, columns, dtype=torch.bool)
+    ours, _ = decode_attention(module, several, key, value, causal, scaling=dim ** -0.5)
+    theirs, _ = sdpa_attention_forward(module, several, key, value, causal, scaling=dim ** -0.5)
+    assert torch.equal(ours, theirs)
+
+
+def test_decode_steps_use_the_decode_attention_and_leave_the_model_on_sdpa(engine, monkeypatch):
+    """Every decode step's layers call the decode attention; the switch is scoped to the step, so the module
+    (shared with the trainer) is on sdpa before and after, and the tokens are those of sdpa's step."""
+    from transformers import AttentionInterface
+
+    from dpo_core.local import decode, kv_cache
+
+    source = engine.sampler_source(None, TINY, None)
+    module = engine.sampler._module(source)
+    calls = []
+
+    def counting(module_, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return kv_cache.decode_attention(module_, query, *args, **kwargs)
+
+    AttentionInterface.register(kv_cache.DECODE_ATTENTION, counting)
+    try:
+        result = engine.sample_batch(source, [_request(SHORT, 3, max_tokens=6)])[0]
+    finally:
+        AttentionInterface.register(kv_cache.DECODE_ATTENTION, kv_cache.decode_attention)
+    # the first token comes from the prefill, each of the other 5 from a decode step: one call per layer each,
+    # with one query per row
+    assert calls == [1] * (5 * module.config.num_hidden_layers)
+    assert module.config._attn_implementation == "sdpa"
+
+    # the same request with the switch off: sdpa's own decode step
+    monkeypatch.setattr(decode, "decode_step_attention", lambda config, implementation: contextlib.nullcontext())
+    plain = engine.sample_batch(source, [_request(SHORT, 3, max_tokens=6)])[0]
+    assert _tokens(plain) == _tokens(result)
+    np.testing.assert_allclose(_logprobs(plain), _logprobs(result), rtol=0, atol=1e-4)
