@@ -398,20 +398,32 @@ def _row(rows: pd.DataFrame, metric: str) -> pd.Series | None:
     return None if match.empty else match.iloc[0]
 
 
+def _quality_aware_gain(headline: pd.Series | None) -> bool:
+    return headline is not None and bool(headline["counts"]) and headline["difference"] > 0
+
+
 def reading(rows: pd.DataFrame, higher_is_more_diverse: Mapping[str, bool] = HIGHER_IS_MORE_DIVERSE) -> str:
-    """What one comparison shows, in words: a quality-aware gain or loss, diversity through degeneration (a raw
-    diversity metric counts as more diverse while validity or fluency counts as lower), or no change."""
+    """What one comparison shows, in words: a quality-aware gain or loss, diversity through degeneration, or no
+    change.
+
+    Degeneration = a raw diversity metric counts as more diverse, validity or fluency counts as lower, and the
+    quality-aware headline did not rise. A utility_k gain is counted over valid samples only (fluent and ended on
+    their own), so a rise there with a lower mean fluency is more diversity among acceptable answers that the
+    base model finds less likely, not breakage: it reads "at lower fluency" instead.
+    """
     raw_up = [m for m in RAW_DIVERSITY_FOR_DEGENERATION if (r := _row(rows, m)) is not None and r["counts"]
               and _more_diverse(m, r["difference"], higher_is_more_diverse)]
     quality_down = [m for m in QUALITY_FOR_DEGENERATION if (r := _row(rows, m)) is not None and r["counts"]
                     and r["difference"] < 0]
     headline = _row(rows, HEADLINE_METRIC)
-    if raw_up and quality_down:
+    if raw_up and quality_down and not _quality_aware_gain(headline):
         return DEGENERATION
     if headline is None or pd.isna(headline["difference"]):
         return "not measured"
+    if _quality_aware_gain(headline):
+        return "more quality-aware diversity" + (f", lower {' and '.join(quality_down)}" if quality_down else "")
     if headline["counts"]:
-        return "more quality-aware diversity" if headline["difference"] > 0 else "less quality-aware diversity"
+        return "less quality-aware diversity"
     return "no change that counts"
 
 
@@ -451,6 +463,12 @@ def headline_sentence(rows: pd.DataFrame, name: str,
                        and r["difference"] < 0)
         sentence += (f"; its raw {raw['metric']} rose ({_ci(raw)}) while {quality['metric']} fell "
                      f"({_ci(quality)}): {DEGENERATION}")
+    elif _quality_aware_gain(headline):
+        lower = [r for m in QUALITY_FOR_DEGENERATION if (r := _row(rows, m)) is not None and r["counts"]
+                 and r["difference"] < 0]
+        if lower:
+            sentence += (f"; its {lower[0]['metric']} fell ({_ci(lower[0])}), but the gain is among valid samples "
+                         "only, so it is not degeneration")
     return sentence + "."
 
 
@@ -492,7 +510,9 @@ def headline_markdown(table: pd.DataFrame, names: Mapping[str, str] | None = Non
               "prompts), the rule a finding counts by. utility_k, distinct_k, effective_vendi: diversity among "
               "valid samples only (NoveltyBench; effective Vendi); valid_rate: share of samples that are fluent "
               "and ended on their own; embedding_distance, distinct_2: raw diversity, which noise also raises; "
-              f"\"{DEGENERATION}\" = a raw diversity metric up while valid_rate or fluency is down.", ""]
+              f"\"{DEGENERATION}\" = a raw diversity metric up while valid_rate or fluency is down and {HEADLINE_METRIC} "
+              "did not rise (a utility_k gain counts valid samples only, so a lower fluency beside it is read as "
+              "\"lower fluency\", not degeneration).", ""]
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".spl
 
 
 def _eval_folder(folder: Path, shift: float, rng: np.random.Generator, config: EvalConfig,
-                 quality_shift: float = 0.0) -> str:
+                 quality_shift: float = 0.0, fluency_shift: float = 0.0) -> str:
     """Per-prompt scores with embedding_distance shifted by `shift`, and 4 samples per prompt."""
     creativity = np.linspace(0.0, 0.99, NUM_PROMPTS)
     base = np.random.default_rng(7)  # the same per-prompt baseline for every model: a paired design
@@ -27,7 +27,7 @@ def _eval_folder(folder: Path, shift: float, rng: np.random.Generator, config: E
         "embedding_distance": base.uniform(0.3, 0.6, NUM_PROMPTS) + shift + rng.normal(0, 0.005, NUM_PROMPTS),
         "vendi": base.uniform(1.5, 3.0, NUM_PROMPTS) + rng.normal(0, 0.01, NUM_PROMPTS),
         "quality_judge": base.uniform(4, 7, NUM_PROMPTS) + rng.normal(0, 0.05, NUM_PROMPTS),
-        "quality_logprob": base.uniform(-3, -2, NUM_PROMPTS) + rng.normal(0, 0.01, NUM_PROMPTS),
+        "quality_logprob": base.uniform(-3, -2, NUM_PROMPTS) + fluency_shift + rng.normal(0, 0.01, NUM_PROMPTS),
         "mean_words": np.full(NUM_PROMPTS, 6.0), "mean_tokens": np.full(NUM_PROMPTS, 9.0),
         # the quality-aware metrics move with `quality_shift` (a quality-preserving gain when positive)
         "utility_k": np.clip(base.uniform(0.4, 0.6, NUM_PROMPTS) + quality_shift, 0, 1),
@@ -127,3 +127,20 @@ def test_findings_lead_with_quality_aware_sentences_a_compact_table_and_name_deg
     controls = text[text.index("### Positive controls"):]
     assert "Quality-preserving control `run4`" in controls and "it detected more diversity" in controls
     assert "Degeneration control `run3`" in controls and "reading: diversity through degeneration" in controls
+
+
+def test_a_quality_aware_gain_at_lower_fluency_is_not_called_degeneration(tmp_path):
+    """Raw diversity up and mean fluency down, but utility_k (valid samples only) and valid_rate up: more
+    diversity among acceptable answers that the base model finds less likely, e.g. a diversity-eliciting prompt."""
+    config, rng = EvalConfig(), np.random.default_rng(0)
+    entries = [ReportEntry(label="m (base)", model_name="m", eval_dir=_eval_folder(tmp_path / "base", 0.0, rng, config)),
+               ReportEntry(label="run1", dataset="1", model_name="m", learning_rate=1e-4, dpo_beta=0.1,
+                           run_dir=_run_folder(tmp_path / "run1", [0.2] * 8),
+                           eval_dir=_eval_folder(tmp_path / "eval1", 0.08, rng, config, quality_shift=0.1,
+                                                 fluency_shift=-0.5))]
+    text = write_report(entries, tmp_path / "report").read_text()
+    headline = text[text.index("## Findings"):text.index("### Details")]
+    assert "Dataset 1 (embedding diversity) raised quality-aware diversity vs the base model: utility_k +0.1" in headline
+    assert "its quality_logprob fell" in headline and "not degeneration" in headline
+    row = next(line for line in headline.splitlines() if line.startswith("| Dataset 1 (embedding diversity) vs base"))
+    assert row.endswith("| more quality-aware diversity, lower quality_logprob |"), row
