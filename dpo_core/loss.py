@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -12,6 +13,12 @@ LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "robust", "sigmoid_norm")
 # Nats of reward margin within which a pair is a tie (counted half in accuracy): before training every margin is
 # floating-point noise (~1e-6 in fp32), which counted as wins reported accuracy 0.83 for an untrained policy.
 TIE_TOLERANCE = 1e-3
+
+
+def zero_margin_loss(loss_type: str, beta: float) -> float:
+    """The preference loss when every log-ratio is 0 (the policy is the reference): ln 2 for the sigmoid family
+    (with or without label smoothing), (1/(2β))² for ipo."""
+    return (1 / (2 * beta)) ** 2 if loss_type == "ipo" else math.log(2)
 
 
 def dpo_loss(

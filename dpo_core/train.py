@@ -31,7 +31,7 @@ from dpo_core.checkpoints import append_jsonl, read_checkpoints, read_jsonl
 from dpo_core.config import ConfigError, TrainConfig
 from dpo_core.data import DatasetError, PreferencePair, held_out_split, pair_subset
 from dpo_core.fsutil import atomic_write_bytes
-from dpo_core.loss import TIE_TOLERANCE, dpo_loss
+from dpo_core.loss import TIE_TOLERANCE, dpo_loss, zero_margin_loss
 from dpo_core.records import RunConfig, TrainOutcome
 from dpo_core.reference import full_tokens, reference_id, reference_key, reference_logprobs, weighted_sum
 from dpo_core.service import ServiceIdentity, identify
@@ -87,25 +87,34 @@ def render_pairs(pairs: Sequence[PreferencePair], renderer: Any, max_length: int
 # ----------------------------------------------------------------------------------------------
 
 
-def held_out_metrics(policy: np.ndarray, reference: np.ndarray, beta: float) -> dict[str, Any]:
-    """DPO loss, accuracy and margin of `[n, 2]` (chosen, rejected) summed logprobs, plus the per-pair margins
-    (so a report can put a CI on the accuracy). Accuracy counts a pair won when chosen's reward is higher by
-    more than `TIE_TOLERANCE` nats, half when the margin is within it (a tie: `ties` counts them), as the training
-    loss's metric does: before training every margin is numeric noise, and noise is no win."""
+def held_out_metrics(policy: np.ndarray, reference: np.ndarray, beta: float, loss_type: str = "sigmoid",
+                     label_smoothing: float = 0.0, tokens: np.ndarray | None = None) -> dict[str, Any]:
+    """Preference loss, accuracy and margin of `[n, 2]` (chosen, rejected) summed logprobs, plus the per-pair
+    margins (so a report can put a CI on the accuracy). `dpo_loss` is the preference term of `loss_type`, as in
+    the training metrics (`tokens` [n, 2]: response lengths, which ipo and sigmoid_norm need). Accuracy counts a
+    pair won when chosen's reward is higher by more than `TIE_TOLERANCE` nats, half when the margin is within it
+    (a tie: `ties` counts them), as the training loss's metric does: before training every margin is numeric
+    noise, and noise is no win."""
     chosen_reward = beta * (policy[:, 0] - reference[:, 0])
     rejected_reward = beta * (policy[:, 1] - reference[:, 1])
     margins = chosen_reward - rejected_reward
     ties = np.abs(margins) <= TIE_TOLERANCE
     wins = margins > TIE_TOLERANCE
-    return {"dpo_loss": float(np.mean(np.logaddexp(0.0, -margins))),
+    as_tensor = lambda values: torch.as_tensor(np.asarray(values, dtype=np.float64))  # noqa: E731
+    _, loss_metrics = dpo_loss(
+        as_tensor(policy[:, 0]), as_tensor(policy[:, 1]), as_tensor(reference[:, 0]), as_tensor(reference[:, 1]),
+        beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        tokens_chosen=None if tokens is None else as_tensor(tokens[:, 0]),
+        tokens_rejected=None if tokens is None else as_tensor(tokens[:, 1]))
+    return {"dpo_loss": loss_metrics["dpo_loss"], "loss_type": loss_type,
             "accuracy": float(np.mean(wins + 0.5 * ties)), "ties": int(ties.sum()),
             "margin": float(np.mean(margins)), "chosen_reward": float(np.mean(chosen_reward)),
             "rejected_reward": float(np.mean(rejected_reward)), "num_pairs": int(len(margins)),
             "margins": [float(m) for m in margins]}
 
 
-def evaluate_held_out(training_client: Any, held_out: Sequence[RenderedPair], reference: np.ndarray, beta: float
-                      ) -> dict[str, Any]:
+def evaluate_held_out(training_client: Any, held_out: Sequence[RenderedPair], reference: np.ndarray,
+                      config: TrainConfig) -> dict[str, Any]:
     """Held-out DPO metrics of the training client's current weights (called right after they are saved).
 
     A forward pass without gradients on the training client, not a sampling client of the saved path: the
@@ -114,7 +123,10 @@ def evaluate_held_out(training_client: Any, held_out: Sequence[RenderedPair], re
     datums = [d for pair in held_out for d in (pair.chosen, pair.rejected)]
     outputs = training_client.forward(datums, "cross_entropy").result().loss_fn_outputs
     sums = [weighted_sum(d, out["logprobs"].to_numpy()) for d, out in zip(datums, outputs)]
-    return held_out_metrics(np.asarray(sums, dtype=np.float64).reshape(len(held_out), 2), reference, beta)
+    tokens = [float(d.loss_fn_inputs["weights"].to_numpy().sum()) for d in datums]
+    return held_out_metrics(np.asarray(sums, dtype=np.float64).reshape(len(held_out), 2), reference,
+                            config.dpo_beta, config.loss_type, config.label_smoothing,
+                            np.asarray(tokens, dtype=np.float64).reshape(len(held_out), 2))
 
 
 def _log_held_out(path: Path, name: str, step: int, metrics: dict[str, Any]) -> None:
@@ -251,7 +263,7 @@ def train(
             # later checkpoint. Equal to the reference up to numeric noise only if the reference is right.
             _rewrite_jsonl(held_out_file, [])
             _log_held_out(held_out_file, "initial", 0,
-                          evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
+                          evaluate_held_out(training_client, held_out, held_reference, config))
 
     step = start_step
     for step in range(start_step, total_steps):
@@ -301,7 +313,7 @@ def train(
         # eval_every = 0: at each saved checkpoint; else every eval_every steps and at the end, saved or not.
         if held_out and (done % config.eval_every == 0 or done == total_steps if config.eval_every else saved):
             _log_held_out(held_out_file, name, done,
-                          evaluate_held_out(training_client, held_out, held_reference, config.dpo_beta))
+                          evaluate_held_out(training_client, held_out, held_reference, config))
     return TrainOutcome(run_dir=str(run_dir), steps=total_steps, already_finished=False,
                         final=read_checkpoints(run_dir)[-1])
 
@@ -343,18 +355,25 @@ def _save_checkpoint(training_client: Any, checkpoints_file: Path, name: str, do
 
 def _check_reference_matches(metrics: dict[str, float], config: TrainConfig, service: ServiceIdentity,
                              ref_file: Path) -> None:
-    """Step 0, adapter zero: the policy is the reference, so every margin is numeric noise and the loss ln 2
-    (loss ~ ln 2 - mean margin / 2). Anything further off means the reference logprobs came from other weights."""
+    """Step 0, adapter zero: the policy is the reference, so every log-ratio is numeric noise, the mean margin ~0
+    and the preference loss its zero-margin value (ln 2; (1/2β)² for ipo). Anything further off means the
+    reference logprobs came from other weights.
+
+    The loss tolerance is `reference_check_tolerance` in margin units: the sigmoid losses move by about half the
+    mean margin, ipo's by 2·(1/2β)/β times the mean length-normalised margin."""
     loss, margin = metrics["dpo_loss"], metrics["margin"]
     tolerance = config.reference_check_tolerance
-    if abs(loss - math.log(2)) <= tolerance and abs(margin) <= 2 * tolerance:
+    expected = zero_margin_loss(config.loss_type, config.dpo_beta)
+    loss_tolerance = tolerance / config.dpo_beta ** 2 if config.loss_type == "ipo" else tolerance
+    if abs(loss - expected) <= loss_tolerance and abs(margin) <= 2 * tolerance:
         return
     raise ReferenceMismatchError(
         f"the reference does not match the policy's weights: at step 0, with the LoRA adapter still zero, the "
-        f"first batch's DPO loss is {loss:.5f} (ln 2 = {math.log(2):.5f}) and its mean margin {margin:.3g}, beyond "
-        f"reference_check_tolerance={tolerance:g}. The reference logprobs ({ref_file}) were computed on other "
-        f"weights than {service.describe()}. Delete that file to recompute them; if this service's numerics are "
-        "just that noisy (bf16 on long sequences), raise reference_check_tolerance (0 = no check)")
+        f"first batch's {config.loss_type} DPO loss is {loss:.5f} (at zero margin it is {expected:.5f}) and its mean "
+        f"margin {margin:.3g}, beyond reference_check_tolerance={tolerance:g}. The reference logprobs ({ref_file}) "
+        f"were computed on other weights than {service.describe()}. Delete that file to recompute them; if this "
+        "service's numerics are just that noisy (bf16 on long sequences), raise reference_check_tolerance (0 = no "
+        "check)")
 
 
 def _check_same_renderer(service_client: Any, run_dir: Path, state_path: str, renderer_name: str) -> None:

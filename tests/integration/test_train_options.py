@@ -72,6 +72,23 @@ def test_loss_type_adam_max_steps_and_eval_every_reach_the_run(service_client, t
             saved["adam_eps"], saved["eval_every"]) == ("sigmoid_norm", 0.2, 5, 0.8, 0.99, 1e-6, 2)
 
 
+def test_ipo_trains_past_the_step_0_reference_check_and_its_held_out_loss_is_ipo(service_client, tmp_path):
+    """ipo's loss at zero margin is (1/2β)², not ln 2: the step-0 check must not mistake it for a wrong
+    reference, and held_out.jsonl reports the run's own loss (as metrics.jsonl does), named."""
+    path = data.resolve_dataset(1, DATA)
+    pairs = data.load_pairs(path)[:16]
+    config = TrainConfig(model_name="local/tiny", dataset=1, batch_size=4, max_length=96, learning_rate=1e-3,
+                         dpo_beta=0.5, loss_type="ipo", max_steps=2, save_every=0, held_out_fraction=0.25,
+                         held_out_min_pairs=4)
+    train(config, service_client, pairs, run_dir=tmp_path / "run", dataset_path=str(path),
+          dataset_hash=data.content_hash(path), reference_dir=tmp_path / "ref")
+    first = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert first["dpo_loss"] == pytest.approx(1.0, abs=1e-3)  # (1 / (2 x 0.5))^2
+    held = read_jsonl(tmp_path / "run" / "held_out.jsonl")
+    assert [r["loss_type"] for r in held] == ["ipo", "ipo"]
+    assert held[0]["dpo_loss"] == pytest.approx(1.0, abs=1e-3) and held[0]["accuracy"] == 0.5
+
+
 def test_dry_run_counts_exactly_the_tokens_training_then_trains(service_client, registered, tmp_path):
     from dpo_core.dry_run import experiment_plan
     from dpo_core.settings import Settings

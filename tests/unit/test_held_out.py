@@ -99,3 +99,44 @@ def test_margins_within_numeric_noise_are_ties_not_wins():
     _, metrics = dpo_loss(clear, torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64),
                           torch.zeros(4, dtype=torch.float64), 0.1)
     assert metrics["accuracy"] == 0.75 and metrics["ties"] == 2
+
+
+def test_held_out_loss_is_the_loss_type_preference_term():
+    """held_out.jsonl's dpo_loss is the run's loss, as in metrics.jsonl: ipo's is (h̄ - 1/2β)² with h̄ from
+    per-token means; sigmoid_norm's -log σ(β h̄)."""
+    reference = np.zeros((2, 2))
+    policy = np.array([[2.0, 0.0], [0.0, 4.0]])
+    tokens = np.array([[4.0, 2.0], [2.0, 8.0]])
+    h_norm = np.array([2.0 / 4 - 0.0, 0.0 - 4.0 / 8])  # chosen/len - rejected/len per pair
+    ipo = held_out_metrics(policy, reference, 0.5, "ipo", tokens=tokens)
+    assert ipo["loss_type"] == "ipo" and ipo["dpo_loss"] == pytest.approx(np.mean((h_norm - 1.0) ** 2))
+    norm = held_out_metrics(policy, reference, 0.5, "sigmoid_norm", tokens=tokens)
+    assert norm["dpo_loss"] == pytest.approx(np.mean(np.logaddexp(0, -0.5 * h_norm)))
+    # accuracy and margins are beta x the summed log-ratios whatever the loss
+    assert ipo["margins"] == norm["margins"] == pytest.approx([1.0, -2.0])
+
+
+def test_the_step_0_check_knows_each_loss_type_at_zero_margin(tmp_path):
+    """At zero margin ipo's loss is (1/2β)², the sigmoid family's ln 2: a right reference passes for every type,
+    a shifted one is refused."""
+    import torch
+
+    from dpo_core.config import TrainConfig
+    from dpo_core.loss import dpo_loss
+    from dpo_core.service import ServiceIdentity
+    from dpo_core.train import ReferenceMismatchError, _check_reference_matches
+
+    service = ServiceIdentity(backend="local", endpoint="local", model_name="m")
+    noise = torch.tensor([1e-6, -2e-6, 5e-7, 0.0], dtype=torch.float64)
+    zeros, tokens = torch.zeros(4, dtype=torch.float64), torch.full((4,), 20.0, dtype=torch.float64)
+    for loss_type in ("sigmoid", "robust", "sigmoid_norm", "ipo"):
+        config = TrainConfig(model_name="m", dataset=1, loss_type=loss_type, dpo_beta=0.1,
+                             label_smoothing=0.1 if loss_type == "robust" else 0.0)
+        _, right = dpo_loss(noise, -noise, zeros, zeros, 0.1, loss_type=loss_type,
+                            label_smoothing=config.label_smoothing, tokens_chosen=tokens, tokens_rejected=tokens)
+        _check_reference_matches(right, config, service, tmp_path / "ref.npy")
+        shifted = torch.full((4,), 0.5, dtype=torch.float64)  # the reference came from other weights
+        _, wrong = dpo_loss(noise + shifted, -noise, zeros, zeros, 0.1, loss_type=loss_type,
+                            label_smoothing=config.label_smoothing, tokens_chosen=tokens, tokens_rejected=tokens)
+        with pytest.raises(ReferenceMismatchError, match=f"{loss_type} DPO loss"):
+            _check_reference_matches(wrong, config, service, tmp_path / "ref.npy")
