@@ -231,7 +231,8 @@ def report_entries(requests: Sequence[EvalRequest], eval_dirs: Sequence[str]) ->
         if request.run_dir:
             config = RunConfig.read(request.run_dir).train_config
             row |= {"dataset": str(config.dataset), "learning_rate": config.learning_rate,
-                    "dpo_beta": config.dpo_beta, "run_dir": request.run_dir, "seed": config.seed}
+                    "dpo_beta": config.dpo_beta, "loss_type": config.loss_type, "run_dir": request.run_dir,
+                    "seed": config.seed}
         entries.append(ReportEntry(**row))
     return entries
 

@@ -57,15 +57,23 @@ class Comparison:
     model_runs: tuple[str, ...] = ()
     reference_runs: tuple[str, ...] = ()
     model_name: str | None = None  # the base model both sides share
+    # the training settings that tell this condition from others of the same dataset and model ("lr 0.001 ·
+    # loss ipo"); empty when the report's runs differ in nothing but dataset, model and seed
+    setting: str = ""
 
     def runs(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         return self.model_runs or (self.model,), self.reference_runs or (self.reference,)
 
 
+# The training settings a suite sweeps (plan.SWEPT), with their short names in a condition's setting.
+HYPERPARAMETERS = {"learning_rate": "lr", "dpo_beta": "β", "loss_type": "loss"}
+
+
 def plan_comparisons(entries: Sequence[Any], quality_dataset: str = QUALITY_DATASET,
-                     hyperparameters: Sequence[str] = ("learning_rate", "dpo_beta")) -> list[Comparison]:
+                     hyperparameters: Sequence[str] = tuple(HYPERPARAMETERS)) -> list[Comparison]:
     """Each trained condition vs its base model and vs the quality-dataset condition with the same model and
-    hyper-params. A condition is every run that shares model, dataset and hyper-parameters (its training seeds).
+    hyper-params. A condition is every run that shares model, dataset and hyper-parameters (its training seeds):
+    runs that differ in a hyper-parameter (a loss_type sweep) are separate conditions, never pooled as seeds.
 
     Entries need `label`, `model_name`, `dataset` (None for a base model) and the hyper-parameter attributes,
     and may have `seed`, as `report.ReportEntry` has.
@@ -73,12 +81,21 @@ def plan_comparisons(entries: Sequence[Any], quality_dataset: str = QUALITY_DATA
     def setting(entry: Any) -> tuple:
         return (entry.model_name, *(getattr(entry, name, None) for name in hyperparameters))
 
+    trained = [entry for entry in entries if entry.dataset not in (None, "", "base")]
+    varying = [name for name in hyperparameters if len({getattr(e, name, None) for e in trained}) > 1]
+
+    def described(entry: Any) -> str:
+        return " · ".join(f"{HYPERPARAMETERS.get(name, name)} {getattr(entry, name, None):g}"
+                          if isinstance(getattr(entry, name, None), float)
+                          else f"{HYPERPARAMETERS.get(name, name)} {getattr(entry, name, None)}" for name in varying)
+
     conditions: dict[tuple, list[Any]] = {}
     for entry in entries:
         if entry.dataset not in (None, "", "base"):
             conditions.setdefault((str(entry.dataset), *setting(entry)), []).append(entry)
     runs = {key: tuple(e.label for e in sorted(group, key=lambda e: getattr(e, "seed", None) or 0))
             for key, group in conditions.items()}
+    settings = {key: described(group[0]) for key, group in conditions.items()}
     bases = {entry.model_name: entry for entry in entries if entry.dataset in (None, "", "base")}
     quality = {key[1:]: key for key in conditions if key[0] == str(quality_dataset)}
     comparisons = []
@@ -87,14 +104,20 @@ def plan_comparisons(entries: Sequence[Any], quality_dataset: str = QUALITY_DATA
         several = len(labels) > 1
         if model_name in bases:
             comparisons.append(Comparison(labels[0], bases[model_name].label, VERSUS_BASE, dataset,
-                                          labels if several else (), model_name=model_name))
+                                          labels if several else (), model_name=model_name, setting=settings[key]))
         partner = quality.get(key[1:])
         if partner is not None and partner != key:
             partner_runs = runs[partner]
             comparisons.append(Comparison(labels[0], partner_runs[0], f"dataset {quality_dataset}", dataset,
                                           labels if several else (),
-                                          partner_runs if len(partner_runs) > 1 else (), model_name=model_name))
+                                          partner_runs if len(partner_runs) > 1 else (), model_name=model_name,
+                                          setting=settings[key]))
     return comparisons
+
+
+def with_setting(name: str, setting: Any) -> str:
+    """A condition's name with its setting when it has one: "Dataset 1 (embedding diversity) [loss ipo]"."""
+    return f"{name} [{setting}]" if isinstance(setting, str) and setting else name
 
 
 def assign_buckets(creativity: Sequence[float] | np.ndarray, edges: Sequence[float] = DEFAULT_BUCKET_EDGES,
@@ -154,7 +177,7 @@ def paired_table(scores: Mapping[str, pd.DataFrame], comparisons: Sequence[Compa
                                    permutation_rounds, seed)
                     family_rows.append({"model": comparison.model, "reference": comparison.reference,
                                         "versus": comparison.versus, "dataset": comparison.dataset,
-                                        "model_name": comparison.model_name,
+                                        "model_name": comparison.model_name, "setting": comparison.setting,
                                         "family": family, "metric": metric, "scope": scope, **row})
             adjusted = stats.holm([row["p_value"] for row in family_rows])
             for row, p_holm in zip(family_rows, adjusted):
@@ -162,8 +185,8 @@ def paired_table(scores: Mapping[str, pd.DataFrame], comparisons: Sequence[Compa
                 row["significant"] = bool(p_holm < alpha)  # NaN (nothing to test) compares False
                 row["counts"] = bool(row["ci_low"] > 0 or row["ci_high"] < 0)
             rows.extend(family_rows)
-    columns = ["model", "reference", "versus", "dataset", "model_name", "family", "metric", "scope", "num_pairs",
-               "num_seeds",
+    columns = ["model", "reference", "versus", "dataset", "model_name", "setting", "family", "metric", "scope",
+               "num_pairs", "num_seeds",
                "mean_model", "mean_reference", "difference", "ci_low", "ci_high", "p_value", "p_seed", "seed_sd",
                "p_holm", "significant", "counts"]
     return pd.DataFrame(rows, columns=columns)
@@ -352,7 +375,8 @@ def plot_paired_differences(table: pd.DataFrame, path: Path, versus: str = VERSU
         for index, model in enumerate(models):
             series = rows[(rows["metric"] == metric) & (rows["model"] == model)].set_index("scope")
             dataset = series["dataset"].iloc[0] if len(series) else None
-            label = (names or {}).get(str(dataset), f"dataset {dataset}") if dataset is not None else model
+            label = (with_setting((names or {}).get(str(dataset), f"dataset {dataset}"), series["setting"].iloc[0])
+                     if dataset is not None else model)
             for position, scope in enumerate(scopes):
                 if scope not in series.index:
                     continue
@@ -485,7 +509,7 @@ def headline_markdown(table: pd.DataFrame, names: Mapping[str, str] | None = Non
 
     def name_of(rows: pd.DataFrame) -> str:
         dataset = rows.iloc[0]["dataset"]
-        name = names.get(str(dataset), f"dataset {dataset}")
+        name = with_setting(names.get(str(dataset), f"dataset {dataset}"), rows.iloc[0].get("setting"))
         return f"{name} on {str(rows.iloc[0]['model_name']).split('/')[-1]}" if several_models else name
 
     def order(item: tuple) -> tuple:
@@ -555,8 +579,8 @@ def size_table(scores: Mapping[str, pd.DataFrame], comparisons: Sequence[Compari
     groups: dict[tuple, list[Comparison]] = {}
     for comparison in comparisons:
         if comparison.model_name is not None:
-            groups.setdefault((comparison.dataset, comparison.versus), []).append(comparison)
-    for (dataset, versus), group in groups.items():
+            groups.setdefault((comparison.dataset, comparison.setting, comparison.versus), []).append(comparison)
+    for (dataset, setting, versus), group in groups.items():
         group = sorted(group, key=lambda c: (parameter_count(c.model_name or ""), c.model_name or ""))
         for smaller, larger in zip(group, group[1:]):
             labels = [*smaller.runs()[0], *smaller.runs()[1], *larger.runs()[0], *larger.runs()[1]]
@@ -570,13 +594,13 @@ def size_table(scores: Mapping[str, pd.DataFrame], comparisons: Sequence[Compari
                 small_SP, large_SP = np.nanmean(small_SP, 0, keepdims=True), np.nanmean(large_SP, 0, keepdims=True)
             difference_SP = large_SP - small_SP
             ci_low, ci_high = stats.two_level_bootstrap_ci(difference_SP, bootstrap_rounds, seed=seed)
-            rows.append({"dataset": dataset, "versus": versus, "metric": metric,
+            rows.append({"dataset": dataset, "setting": setting, "versus": versus, "metric": metric,
                          "smaller": smaller.model_name, "larger": larger.model_name,
                          "effect_smaller": float(np.nanmean(small_SP)), "effect_larger": float(np.nanmean(large_SP)),
                          "difference": float(np.nanmean(difference_SP)), "ci_low": ci_low, "ci_high": ci_high,
                          "counts": bool(ci_low > 0 or ci_high < 0), "num_seeds": int(difference_SP.shape[0]),
                          "num_pairs": len(prompts)})
-    return pd.DataFrame(rows, columns=["dataset", "versus", "metric", "smaller", "larger", "effect_smaller",
+    return pd.DataFrame(rows, columns=["dataset", "setting", "versus", "metric", "smaller", "larger", "effect_smaller",
                                        "effect_larger", "difference", "ci_low", "ci_high", "counts", "num_seeds",
                                        "num_pairs"])
 
@@ -586,7 +610,7 @@ def size_sentences(table: pd.DataFrame, names: Mapping[str, str] | None = None) 
     names = {str(k): v for k, v in (names or {}).items()}
     sentences = []
     for row in table.itertuples():
-        name = names.get(str(row.dataset), f"dataset {row.dataset}")
+        name = with_setting(names.get(str(row.dataset), f"dataset {row.dataset}"), row.setting)
         small, large = str(row.smaller).split("/")[-1], str(row.larger).split("/")[-1]
         verdict = "differs" if row.counts else "does not differ measurably"
         sentences.append(
@@ -613,12 +637,12 @@ def plot_size(table: pd.DataFrame, path: Path, names: Mapping[str, str] | None =
             if model not in models:
                 models.append(model)
     models.sort(key=lambda m: (parameter_count(m), m))
-    for index, (dataset, part) in enumerate(rows.groupby("dataset", sort=False)):
+    for index, ((dataset, setting), part) in enumerate(rows.groupby(["dataset", "setting"], sort=False)):
         effects = {r.smaller: r.effect_smaller for r in part.itertuples()} | {
             r.larger: r.effect_larger for r in part.itertuples()}
         xs = [models.index(m) for m in effects]
         axis.plot(xs, list(effects.values()), marker="o", color=f"C{index}",
-                  label=names.get(str(dataset), f"dataset {dataset}"))
+                  label=with_setting(names.get(str(dataset), f"dataset {dataset}"), setting))
     axis.axhline(0.0, color="grey", linewidth=0.8)
     axis.set_xticks(range(len(models)), [m.split("/")[-1] for m in models], fontsize=8)
     axis.set_xlabel("base model (by parameter count)")

@@ -39,6 +39,7 @@ class ReportEntry(FrozenModel):
     dataset: str | None = None
     learning_rate: float | None = None
     dpo_beta: float | None = None
+    loss_type: str | None = None
     run_dir: str | None = None
     seed: int | None = None  # the training seed (the suite's seeds=N replicates share everything else)
 
@@ -55,7 +56,8 @@ def build_table(entries: Sequence[ReportEntry]) -> pd.DataFrame:
     for entry in entries:
         summary = json.loads((Path(entry.eval_dir) / "summary.json").read_text())
         row: dict[str, Any] = {"label": entry.label, "model": entry.model_name, "dataset": entry.dataset or "base",
-                               "learning_rate": entry.learning_rate, "dpo_beta": entry.dpo_beta, "seed": entry.seed}
+                               "learning_rate": entry.learning_rate, "dpo_beta": entry.dpo_beta, "loss_type": entry.loss_type,
+                               "seed": entry.seed}
         for scope, stats in [("all", summary["overall"])] + [(b, summary["buckets"].get(b, {})) for b in BUCKETS]:
             for metric, stat in stats.items():
                 if isinstance(stat, dict):
@@ -284,12 +286,13 @@ def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[s
         findings_md, "",
         "## Overall", "",
     ]
-    header = ["model", "dataset", "lr", "β", *QUALITY_AWARE_COLUMNS, *DIVERSITY, "quality_judge", "quality_logprob",
+    header = ["model", "dataset", "lr", "β", "loss", *QUALITY_AWARE_COLUMNS, *DIVERSITY, "quality_judge", "quality_logprob",
               "mean_tokens", "train-batch DPO acc", "train-batch DPO margin"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for _, row in table.iterrows():
-        cells = [row["model"], str(row["dataset"]), _num(row["learning_rate"], "g"), _num(row["dpo_beta"], "g")]
+        cells = [row["model"], str(row["dataset"]), _num(row["learning_rate"], "g"), _num(row["dpo_beta"], "g"),
+                 row["loss_type"] if isinstance(row["loss_type"], str) else "-"]
         cells += [_fmt(_stat(row, m, "all"), 2) for m in QUALITY_AWARE_COLUMNS]
         cells += [_fmt(_stat(row, m, "all")) for m in DIVERSITY]
         cells += [_fmt(_stat(row, "quality_judge", "all")), _fmt(_stat(row, "quality_logprob", "all")),
@@ -298,9 +301,11 @@ def _markdown(entries: Sequence[ReportEntry], table: pd.DataFrame, plots: list[s
         lines.append("| " + " | ".join(cells) + " |")
     for metric in DIVERSITY:
         lines += ["", f"## {metric} by creativity bucket", "",
-                  "| model | dataset | lr | β | " + " | ".join(BUCKETS) + " |", "|---|---|---|---|" + "---|" * len(BUCKETS)]
+                  "| model | dataset | lr | β | loss | " + " | ".join(BUCKETS) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(BUCKETS)]
         for _, row in table.iterrows():
-            cells = [row["model"], str(row["dataset"]), _num(row["learning_rate"], "g"), _num(row["dpo_beta"], "g")]
+            cells = [row["model"], str(row["dataset"]), _num(row["learning_rate"], "g"), _num(row["dpo_beta"], "g"),
+                     row["loss_type"] if isinstance(row["loss_type"], str) else "-"]
             cells += [_fmt(_stat(row, metric, b)) for b in BUCKETS]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]

@@ -23,6 +23,8 @@ class Entry:
     dataset: str | None = None
     learning_rate: float | None = None
     dpo_beta: float | None = None
+    loss_type: str | None = None
+    seed: int | None = None
 
 
 def base_scores(seed: int = 0) -> pd.DataFrame:
@@ -64,6 +66,23 @@ def test_plan_pairs_each_trained_model_with_its_base_and_its_quality_twin():
                        ("d3-a", "base-a", "base", "3"), ("d3-a", "d2-a", "dataset 2", "3"),
                        ("d1-a-beta", "base-a", "base", "1"),  # no dataset-2 model at beta 0.2
                        ("d1-b", "base-b", "base", "1")}
+
+
+def test_runs_that_differ_in_loss_type_are_separate_conditions_never_pooled_seeds():
+    """A loss_type sweep with two seeds each: four runs of dataset 1, two conditions of two seeds, each named by
+    the setting that tells them apart; the dataset-2 twin is the one with the same loss."""
+    entries = [Entry("base", "A"),
+               *(Entry(f"d1-{loss}-s{seed}", "A", "1", 1e-3, 0.1, loss, seed)
+                 for loss in ("sigmoid", "ipo") for seed in (0, 1)),
+               *(Entry(f"d2-{loss}", "A", "2", 1e-3, 0.1, loss, 0) for loss in ("sigmoid", "ipo"))]
+    planned = {(c.model_runs or (c.model,), c.reference_runs or (c.reference,), c.setting)
+               for c in plan_comparisons(entries) if c.dataset == "1"}
+    assert planned == {(("d1-sigmoid-s0", "d1-sigmoid-s1"), ("base",), "loss sigmoid"),
+                       (("d1-ipo-s0", "d1-ipo-s1"), ("base",), "loss ipo"),
+                       (("d1-sigmoid-s0", "d1-sigmoid-s1"), ("d2-sigmoid",), "loss sigmoid"),
+                       (("d1-ipo-s0", "d1-ipo-s1"), ("d2-ipo",), "loss ipo")}
+    # nothing varies but dataset and seed: no setting in any name
+    assert {c.setting for c in plan_comparisons([e for e in entries if e.loss_type != "ipo"])} == {""}
 
 
 def test_planted_shift_is_found_where_it_was_planted_and_nowhere_else(planted):

@@ -144,3 +144,21 @@ def test_a_quality_aware_gain_at_lower_fluency_is_not_called_degeneration(tmp_pa
     assert "its quality_logprob fell" in headline and "not degeneration" in headline
     row = next(line for line in headline.splitlines() if line.startswith("| Dataset 1 (embedding diversity) vs base"))
     assert row.endswith("| more quality-aware diversity, lower quality_logprob |"), row
+
+
+def test_a_loss_type_sweep_reports_each_loss_as_its_own_condition(tmp_path):
+    """Two runs of dataset 1 that differ only in loss_type: two headline claims, each named with its loss, and
+    the overall table shows the loss of each run."""
+    config, rng = EvalConfig(), np.random.default_rng(0)
+    entries = [ReportEntry(label="m (base)", model_name="m", eval_dir=_eval_folder(tmp_path / "base", 0.0, rng, config))]
+    for loss, quality_shift in (("sigmoid", 0.0), ("ipo", 0.1)):
+        entries.append(ReportEntry(label=f"run-{loss}", dataset="1", model_name="m", learning_rate=1e-4,
+                                   dpo_beta=0.1, loss_type=loss, seed=0,
+                                   run_dir=_run_folder(tmp_path / f"run-{loss}", [0.2] * 8),
+                                   eval_dir=_eval_folder(tmp_path / f"eval-{loss}", 0.0, rng, config, quality_shift)))
+    text = write_report(entries, tmp_path / "report").read_text()
+    headline = text[text.index("## Findings"):text.index("### Details")]
+    assert "Dataset 1 (embedding diversity) [loss ipo] raised quality-aware diversity" in headline
+    assert "Dataset 1 (embedding diversity) [loss sigmoid] did not change quality-aware diversity" in headline
+    overall = text[text.index("## Overall"):]
+    assert "| m | 1 | 0.0001 | 0.1 | ipo |" in overall and "| m | 1 | 0.0001 | 0.1 | sigmoid |" in overall
