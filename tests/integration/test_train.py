@@ -15,6 +15,7 @@ from dpo_core.config import TrainConfig
 from dpo_core.sampling import Sampler
 from dpo_core.loss import TIE_TOLERANCE
 from dpo_core.train import train
+from tests.helpers.recording import RecordingService
 from tests.helpers.reference import base_reference
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -213,33 +214,6 @@ def test_concurrent_runs_of_one_experiment_get_separate_folders(tmp_path, regist
     assert third == first  # released: the same experiment resumes its folder
     other.close()
     again.close()
-
-
-class RecordingService:
-    """The real ServiceClient, recording every datum its training clients are asked to train on."""
-
-    def __init__(self, inner):
-        self._inner, self.trained_tokens = inner, []
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def create_lora_training_client(self, *args, **kwargs):
-        service = self
-
-        class Recording:
-            def __init__(self, inner):
-                self._inner = inner
-
-            def __getattr__(self, name):
-                return getattr(self._inner, name)
-
-            def forward_backward_custom(self, data, loss_fn):
-                service.trained_tokens += [tuple(d.model_input.to_ints()) for d in data]
-                return self._inner.forward_backward_custom(data, loss_fn)
-
-        return type("Future", (), {"result": lambda _self: Recording(
-            self._inner.create_lora_training_client(*args, **kwargs).result())})()
 
 
 def test_held_out_pairs_are_never_trained_on_and_scored_at_every_save(service_client, tmp_path):

@@ -13,31 +13,9 @@ from dpo_core import data, dataset_checks
 from dpo_core.checkpoints import read_jsonl
 from dpo_core.config import TrainConfig
 from dpo_core.train import train
+from tests.helpers.recording import RecordingService
 
 DATA = Path(__file__).resolve().parents[2] / "data"
-
-
-class RecordingService:
-    """The real ServiceClient; its training clients record the Adam parameters of every optimizer step."""
-
-    def __init__(self, inner):
-        self._inner, self.adam_params = inner, []
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def create_lora_training_client(self, *args, **kwargs):
-        service, inner = self, self._inner.create_lora_training_client(*args, **kwargs).result()
-
-        class Recording:
-            def __getattr__(self, name):
-                return getattr(inner, name)
-
-            def optim_step(self, adam_params):
-                service.adam_params.append(adam_params)
-                return inner.optim_step(adam_params)
-
-        return type("Future", (), {"result": lambda _self: Recording()})()
 
 
 def test_loss_type_adam_max_steps_and_eval_every_reach_the_run(service_client, tmp_path):
