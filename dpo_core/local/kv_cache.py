@@ -13,10 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dpo_core.local.validation import UserError
 
@@ -140,8 +137,17 @@ def decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     return out.reshape(rows, 1, heads, dim), None  # sdpa's layout: [rows, query, heads, dim]
 
 
-AttentionInterface.register(DECODE_ATTENTION, decode_attention)
-AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+try:  # the hooks this needs; a transformers without them decodes with sdpa itself (same numbers, slower)
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    _DECODE_ATTENTION_REGISTERED = True
+except ImportError as missing:  # pragma: no cover - depends on the installed transformers
+    log.info("decode attention not registered (%s): decode steps use sdpa", missing)
+    _DECODE_ATTENTION_REGISTERED = False
 
 
 @contextmanager
@@ -152,7 +158,7 @@ def decode_step_attention(config: Any, implementation: str) -> Iterator[None]:
     sdpa's own mask handling (its causal fast path). The engine runs one job at a time on one thread, so no
     other forward sees the switch.
     """
-    if implementation != "sdpa":
+    if implementation != "sdpa" or not _DECODE_ATTENTION_REGISTERED:
         yield
         return
     config._attn_implementation = DECODE_ATTENTION
