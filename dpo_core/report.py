@@ -118,10 +118,12 @@ def _completion_lines(entries: Sequence[ReportEntry], scores: dict[str, pd.DataF
                       config: dict[str, Any]) -> list[str]:
     """How many samples ended on their own (the rest were cut at max_tokens and count as invalid)."""
     several_models = len({e.model_name for e in entries}) > 1
+    varying = varying_settings(entries)
     by_condition: dict[str, list[float]] = {}  # a condition's seeds together
     for entry in entries:
         if "completion_rate" in scores[entry.label]:
-            name = display_label({"dataset": entry.dataset or "base", "model": entry.model_name}, several_models)
+            name = display_label({"dataset": entry.dataset or "base", "model": entry.model_name,
+                                  **{k: getattr(entry, k) for k in varying}}, several_models, varying)
             by_condition.setdefault(name, []).append(float(np.nanmean(scores[entry.label]["completion_rate"])))
     rates = [f"{name} {np.mean(values):.0%}" for name, values in by_condition.items()]
     if not rates:
@@ -324,14 +326,27 @@ def _num(value: Any, spec: str) -> str:
     return "-" if value is None or pd.isna(value) else format(value, spec)
 
 
-def display_label(row: Any, several_models: bool = False) -> str:
+def varying_settings(entries: Sequence[ReportEntry]) -> list[str]:
+    """The swept hyper-parameters whose values differ between the trained entries (`findings.HYPERPARAMETERS`)."""
+    trained = [entry for entry in entries if entry.run_dir]
+    return [name for name in findings.HYPERPARAMETERS if len({getattr(e, name) for e in trained}) > 1]
+
+
+def display_label(row: Any, several_models: bool = False, varying: Sequence[str] = ()) -> str:
     """A plot's name for an evaluated model: by dataset ('dataset 1', 'base', 'prompt baseline', the control
-    kind), with its seed when it has one and its model when the suite trained several."""
-    dataset = str(row["dataset"] if isinstance(row, (dict, pd.Series)) else row.dataset)
-    seed = row.get("seed") if isinstance(row, (dict, pd.Series)) else getattr(row, "seed", None)
-    model = row.get("model") if isinstance(row, (dict, pd.Series)) else getattr(row, "model_name", "")
+    kind), with the `varying` settings of a trained run, its seed when it has one and its model when the suite
+    trained several."""
+    get = row.get if isinstance(row, (dict, pd.Series)) else lambda key, default=None: getattr(row, key, default)
+    dataset = str(get("dataset"))
+    seed = get("seed")
+    model = get("model") if isinstance(row, (dict, pd.Series)) else getattr(row, "model_name", "")
     name = {"base": "base", PROMPT_BASELINE: "prompt baseline", CONTROL_QUALITY_FILE: "quality control",
             CONTROL_DATASET_FILES[0]: "degeneration control"}.get(Path(dataset).name, f"dataset {dataset}")
+    for setting in varying:
+        value = get(setting)
+        if dataset not in ("base", PROMPT_BASELINE) and value is not None and not pd.isna(value):
+            name += f" · {findings.HYPERPARAMETERS[setting]} {value:g}" if isinstance(value, float) else \
+                f" · {findings.HYPERPARAMETERS[setting]} {value}"
     if seed is not None and not pd.isna(seed) and dataset not in ("base", PROMPT_BASELINE):
         name += f" · seed {int(seed)}"
     return f"{name} · {str(model).split('/')[-1]}" if several_models else name
@@ -345,6 +360,7 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
 
     written = []
     several_models = table["model"].nunique() > 1
+    varying = varying_settings(entries)
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.8), squeeze=False)
     for axis, metric in zip(axes[0], PLOTTED):
         for _, row in table.iterrows():
@@ -354,7 +370,7 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
             errors = [[stats[i]["mean"] - stats[i]["ci_low"] for i in xs], [stats[i]["ci_high"] - stats[i]["mean"] for i in xs]]
             style = "--" if row["dataset"] == "base" else "-"
             axis.errorbar(xs, means, yerr=errors, linestyle=style, marker="o", capsize=3,
-                          label=display_label(row, several_models))
+                          label=display_label(row, several_models, varying))
         axis.set_xticks(range(len(BUCKETS)), BUCKETS)
         axis.set_xlabel("prompt creativity")
         direction = "higher" if HIGHER_IS_MORE_DIVERSE.get(metric, True) else "lower"
@@ -373,7 +389,7 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
             metrics = read_jsonl(Path(entry.run_dir) / "metrics.jsonl")
             steps = [m["step"] for m in metrics]
             for axis, key in zip(axes, ("dpo_loss", "accuracy", "margin")):
-                axis.plot(steps, [m[key] for m in metrics], marker=".", label=display_label(entry, several_models))
+                axis.plot(steps, [m[key] for m in metrics], marker=".", label=display_label(entry, several_models, varying))
                 axis.set_title(key)
                 axis.set_xlabel("step")
         handles, labels = axes[0].get_legend_handles_labels()

@@ -160,5 +160,7 @@ def test_a_loss_type_sweep_reports_each_loss_as_its_own_condition(tmp_path):
     headline = text[text.index("## Findings"):text.index("### Details")]
     assert "Dataset 1 (embedding diversity) [loss ipo] raised quality-aware diversity" in headline
     assert "Dataset 1 (embedding diversity) [loss sigmoid] did not change quality-aware diversity" in headline
+    # completion rates per condition, not pooled over the two losses
+    assert "dataset 1 · loss sigmoid 50%; dataset 1 · loss ipo 50%" in headline
     overall = text[text.index("## Overall"):]
     assert "| m | 1 | 0.0001 | 0.1 | ipo |" in overall and "| m | 1 | 0.0001 | 0.1 | sigmoid |" in overall
