@@ -76,6 +76,20 @@ def export_command(run: str, out: str, step: str, fmt: str, base: str | None = N
     return 0
 
 
+def report_command(report_dir: str, out: str | None) -> int:
+    """`report`: rebuild a report from the evaluations it was written from (its entries.json), with this code."""
+    from dpo_core.report import ReportInputError, read_entries, write_report
+
+    try:
+        entries, notes = read_entries(Path(report_dir))
+    except ReportInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    written = write_report(entries, Path(out or report_dir), notes=notes)
+    print(f"report: {written} ({len(entries)} evaluated models, nothing sampled)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[1:] and argv[-1] == "help":  # `prime-hf-cache help` as `prime-hf-cache --help`
@@ -100,7 +114,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="peft: the adapter alone (default); merged: the base model with the adapter merged in")
     export.add_argument("--base", default=None, help="a local folder of the base model (config.json, safetensors); "
                         "default: the local server's copy, or the HF cache's for a hub model")
+    report = sub.add_parser("report", help="rebuild a report from its evaluations with this version's findings, "
+                            "tables and plots (no sampling)")
+    report.add_argument("report_dir", help="a report folder written by the suite (it holds entries.json)")
+    report.add_argument("--out", default=None, help="where to write it (default: replace REPORT_DIR)")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return report_command(args.report_dir, args.out)
     if args.command == "export":
         return export_command(args.run, args.out, args.step, args.format, args.base)
     if args.command == "help":

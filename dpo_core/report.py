@@ -79,12 +79,43 @@ def _stat(row: pd.Series, metric: str, scope: str) -> dict[str, float] | None:
     return {"mean": row[key], "ci_low": row[f"{key}/ci_low"], "ci_high": row[f"{key}/ci_high"]}
 
 
+ENTRIES_FILE = "entries.json"
+
+
+class ReportInputError(ValueError):
+    """A report folder whose entries cannot be read back, or whose evaluations are gone."""
+
+
+def read_entries(report_dir: Path) -> tuple[list[ReportEntry], list[str]]:
+    """The evaluated models (and notes) a report was written from: its `entries.json`, each eval folder checked."""
+    path = Path(report_dir) / ENTRIES_FILE
+    if not path.exists():
+        raise ReportInputError(f"{path}: not found; only reports written since entries.json was added can be "
+                               "rebuilt (run the suite again to write one)")
+    try:
+        saved = json.loads(path.read_text())
+        entries = [ReportEntry(**row) for row in saved["entries"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ReportInputError(f"{path}: not a dpo-suite report's entries ({exc})") from exc
+    for index, entry in enumerate(entries):
+        missing = [name for name in ("summary.json", "scores.parquet", "samples.jsonl")
+                   if not (Path(entry.eval_dir) / name).exists()]
+        if missing:
+            raise ReportInputError(f"{path}: entry {index} ({entry.label}): eval folder {entry.eval_dir} lacks "
+                                   f"{', '.join(missing)}; run from the folder the suite ran in (its paths are "
+                                   "relative to it), or evaluate that model again")
+    return entries, list(saved.get("notes") or [])
+
+
 def write_report(entries: Sequence[ReportEntry], out_dir: Path, title: str = "dpo-suite: output diversity",
                  notes: Sequence[str] | None = None) -> Path:
     """Write the report folder (atomically: built in a temp folder, then renamed). Returns report.md's path.
     `notes` (e.g. the suite's model replacements) are listed under the title."""
     out_dir = Path(out_dir)
     with atomic_folder(out_dir) as tmp:
+        # What the report was made of, so `python -m dpo_core report DIR` can rebuild it with later code.
+        (tmp / ENTRIES_FILE).write_text(json.dumps(
+            {"entries": [entry.model_dump(mode="json") for entry in entries], "notes": list(notes or [])}, indent=1))
         table = build_table(entries)
         table.to_csv(tmp / "table.csv", index=False)
         section, finding_plots = findings_section(entries, tmp)

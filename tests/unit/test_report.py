@@ -164,3 +164,20 @@ def test_a_loss_type_sweep_reports_each_loss_as_its_own_condition(tmp_path):
     assert "dataset 1 · loss sigmoid 50%; dataset 1 · loss ipo 50%" in headline
     overall = text[text.index("## Overall"):]
     assert "| m | 1 | 0.0001 | 0.1 | ipo |" in overall and "| m | 1 | 0.0001 | 0.1 | sigmoid |" in overall
+
+
+def test_a_report_can_be_rebuilt_from_its_entries_without_sampling(tmp_path, capsys):
+    """The report folder records what it was made of (entries.json); `python -m dpo_core report` rebuilds the same
+    report from it, and names the entry whose evaluation is gone."""
+    from dpo_core.__main__ import main
+
+    first = write_report(_entries(tmp_path), tmp_path / "report")
+    assert main(["report", str(tmp_path / "report"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.md").read_text() == first.read_text()
+    assert "nothing sampled" in capsys.readouterr().out
+
+    (tmp_path / "evalrun2" / "scores.parquet").unlink()
+    assert main(["report", str(tmp_path / "report")]) == 1
+    error = capsys.readouterr().err
+    assert "entries.json: entry 2 (run2): eval folder" in error and "lacks scores.parquet" in error
+    assert (tmp_path / "report" / "report.md").read_text() == first.read_text()  # nothing half-written
