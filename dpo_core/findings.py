@@ -82,12 +82,14 @@ def plan_comparisons(entries: Sequence[Any], quality_dataset: str = QUALITY_DATA
         return (entry.model_name, *(getattr(entry, name, None) for name in hyperparameters))
 
     trained = [entry for entry in entries if entry.dataset not in (None, "", "base")]
-    varying = [name for name in hyperparameters if len({getattr(e, name, None) for e in trained}) > 1]
+    # None = not a training setting of this entry (the prompting baseline trains nothing)
+    varying = [name for name in hyperparameters
+               if len({value for e in trained if (value := getattr(e, name, None)) is not None}) > 1]
 
     def described(entry: Any) -> str:
-        return " · ".join(f"{HYPERPARAMETERS.get(name, name)} {getattr(entry, name, None):g}"
-                          if isinstance(getattr(entry, name, None), float)
-                          else f"{HYPERPARAMETERS.get(name, name)} {getattr(entry, name, None)}" for name in varying)
+        values = [(HYPERPARAMETERS.get(name, name), getattr(entry, name, None)) for name in varying]
+        return " · ".join(f"{short} {value:g}" if isinstance(value, float) else f"{short} {value}"
+                          for short, value in values if value is not None)
 
     conditions: dict[tuple, list[Any]] = {}
     for entry in entries:

@@ -360,7 +360,8 @@ def _num(value: Any, spec: str) -> str:
 def varying_settings(entries: Sequence[ReportEntry]) -> list[str]:
     """The swept hyper-parameters whose values differ between the trained entries (`findings.HYPERPARAMETERS`)."""
     trained = [entry for entry in entries if entry.run_dir]
-    return [name for name in findings.HYPERPARAMETERS if len({getattr(e, name) for e in trained}) > 1]
+    return [name for name in findings.HYPERPARAMETERS
+            if len({value for e in trained if (value := getattr(e, name)) is not None}) > 1]
 
 
 def display_label(row: Any, several_models: bool = False, varying: Sequence[str] = ()) -> str:

@@ -81,8 +81,10 @@ def test_runs_that_differ_in_loss_type_are_separate_conditions_never_pooled_seed
                        (("d1-ipo-s0", "d1-ipo-s1"), ("base",), "loss ipo"),
                        (("d1-sigmoid-s0", "d1-sigmoid-s1"), ("d2-sigmoid",), "loss sigmoid"),
                        (("d1-ipo-s0", "d1-ipo-s1"), ("d2-ipo",), "loss ipo")}
-    # nothing varies but dataset and seed: no setting in any name
-    assert {c.setting for c in plan_comparisons([e for e in entries if e.loss_type != "ipo"])} == {""}
+    # nothing varies but dataset and seed: no setting in any name (the prompting baseline trains nothing: its
+    # settings are None, not a different value)
+    baseline = Entry("prompted", "A", "prompt_baseline")
+    assert {c.setting for c in plan_comparisons([e for e in entries if e.loss_type != "ipo"] + [baseline])} == {""}
 
 
 def test_planted_shift_is_found_where_it_was_planted_and_nowhere_else(planted):
