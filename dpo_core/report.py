@@ -100,6 +100,12 @@ def read_entries(report_dir: Path) -> tuple[list[ReportEntry], list[str]]:
     for index, entry in enumerate(entries):
         missing = [name for name in ("summary.json", "scores.parquet", "samples.jsonl")
                    if not (Path(entry.eval_dir) / name).exists()]
+        missing_run = [name for name in ("metrics.jsonl",)
+                       if entry.run_dir and not (Path(entry.run_dir) / name).exists()]
+        if missing_run:
+            raise ReportInputError(f"{path}: entry {index} ({entry.label}): run folder {entry.run_dir} lacks "
+                                   f"{', '.join(missing_run)}; run from the folder the suite ran in (its paths "
+                                   "are relative to it)")
         if missing:
             raise ReportInputError(f"{path}: entry {index} ({entry.label}): eval folder {entry.eval_dir} lacks "
                                    f"{', '.join(missing)}; run from the folder the suite ran in (its paths are "

@@ -181,3 +181,6 @@ def test_a_report_can_be_rebuilt_from_its_entries_without_sampling(tmp_path, cap
     error = capsys.readouterr().err
     assert "entries.json: entry 2 (run2): eval folder" in error and "lacks scores.parquet" in error
     assert (tmp_path / "report" / "report.md").read_text() == first.read_text()  # nothing half-written
+    (tmp_path / "run1" / "metrics.jsonl").unlink()
+    assert main(["report", str(tmp_path / "report")]) == 1
+    assert "entry 1 (run1): run folder" in capsys.readouterr().err
