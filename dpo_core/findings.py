@@ -69,6 +69,24 @@ class Comparison:
 HYPERPARAMETERS = {"learning_rate": "lr", "dpo_beta": "β", "loss_type": "loss"}
 
 
+def _trained(entry: Any) -> bool:
+    return entry.dataset not in (None, "", "base")
+
+
+def varying_settings(entries: Sequence[Any], hyperparameters: Sequence[str] = tuple(HYPERPARAMETERS)) -> list[str]:
+    """The hyper-parameters whose values differ between the trained entries. None is no value: the prompting
+    baseline trains nothing, which is not another setting."""
+    return [name for name in hyperparameters
+            if len({value for e in entries if _trained(e) and (value := getattr(e, name, None)) is not None}) > 1]
+
+
+def describe_setting(entry: Any, varying: Sequence[str]) -> str:
+    """`entry`'s values of the `varying` settings, e.g. "lr 0.001 · loss ipo" (settings it lacks left out)."""
+    values = [(HYPERPARAMETERS.get(name, name), getattr(entry, name, None)) for name in varying]
+    return " · ".join(f"{short} {value:g}" if isinstance(value, float) else f"{short} {value}"
+                      for short, value in values if value is not None and not pd.isna(value))
+
+
 def plan_comparisons(entries: Sequence[Any], quality_dataset: str = QUALITY_DATASET,
                      hyperparameters: Sequence[str] = tuple(HYPERPARAMETERS)) -> list[Comparison]:
     """Each trained condition vs its base model and vs the quality-dataset condition with the same model and
@@ -81,24 +99,15 @@ def plan_comparisons(entries: Sequence[Any], quality_dataset: str = QUALITY_DATA
     def setting(entry: Any) -> tuple:
         return (entry.model_name, *(getattr(entry, name, None) for name in hyperparameters))
 
-    trained = [entry for entry in entries if entry.dataset not in (None, "", "base")]
-    # None = not a training setting of this entry (the prompting baseline trains nothing)
-    varying = [name for name in hyperparameters
-               if len({value for e in trained if (value := getattr(e, name, None)) is not None}) > 1]
-
-    def described(entry: Any) -> str:
-        values = [(HYPERPARAMETERS.get(name, name), getattr(entry, name, None)) for name in varying]
-        return " · ".join(f"{short} {value:g}" if isinstance(value, float) else f"{short} {value}"
-                          for short, value in values if value is not None)
-
+    varying = varying_settings(entries, hyperparameters)
     conditions: dict[tuple, list[Any]] = {}
     for entry in entries:
-        if entry.dataset not in (None, "", "base"):
+        if _trained(entry):
             conditions.setdefault((str(entry.dataset), *setting(entry)), []).append(entry)
     runs = {key: tuple(e.label for e in sorted(group, key=lambda e: getattr(e, "seed", None) or 0))
             for key, group in conditions.items()}
-    settings = {key: described(group[0]) for key, group in conditions.items()}
-    bases = {entry.model_name: entry for entry in entries if entry.dataset in (None, "", "base")}
+    settings = {key: describe_setting(group[0], varying) for key, group in conditions.items()}
+    bases = {entry.model_name: entry for entry in entries if not _trained(entry)}
     quality = {key[1:]: key for key in conditions if key[0] == str(quality_dataset)}
     comparisons = []
     for key, labels in runs.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -155,7 +156,7 @@ def _completion_lines(entries: Sequence[ReportEntry], scores: dict[str, pd.DataF
                       config: dict[str, Any]) -> list[str]:
     """How many samples ended on their own (the rest were cut at max_tokens and count as invalid)."""
     several_models = len({e.model_name for e in entries}) > 1
-    varying = varying_settings(entries)
+    varying = findings.varying_settings(entries)
     by_condition: dict[str, list[float]] = {}  # a condition's seeds together
     for entry in entries:
         if "completion_rate" in scores[entry.label]:
@@ -363,13 +364,6 @@ def _num(value: Any, spec: str) -> str:
     return "-" if value is None or pd.isna(value) else format(value, spec)
 
 
-def varying_settings(entries: Sequence[ReportEntry]) -> list[str]:
-    """The swept hyper-parameters whose values differ between the trained entries (`findings.HYPERPARAMETERS`)."""
-    trained = [entry for entry in entries if entry.run_dir]
-    return [name for name in findings.HYPERPARAMETERS
-            if len({value for e in trained if (value := getattr(e, name)) is not None}) > 1]
-
-
 def display_label(row: Any, several_models: bool = False, varying: Sequence[str] = ()) -> str:
     """A plot's name for an evaluated model: by dataset ('dataset 1', 'base', 'prompt baseline', the control
     kind), with the `varying` settings of a trained run, its seed when it has one and its model when the suite
@@ -380,11 +374,9 @@ def display_label(row: Any, several_models: bool = False, varying: Sequence[str]
     model = get("model") if isinstance(row, (dict, pd.Series)) else getattr(row, "model_name", "")
     name = {"base": "base", PROMPT_BASELINE: "prompt baseline", CONTROL_QUALITY_FILE: "quality control",
             CONTROL_DATASET_FILES[0]: "degeneration control"}.get(Path(dataset).name, f"dataset {dataset}")
-    for setting in varying:
-        value = get(setting)
-        if dataset not in ("base", PROMPT_BASELINE) and value is not None and not pd.isna(value):
-            name += f" · {findings.HYPERPARAMETERS[setting]} {value:g}" if isinstance(value, float) else \
-                f" · {findings.HYPERPARAMETERS[setting]} {value}"
+    setting = findings.describe_setting(SimpleNamespace(**{k: get(k) for k in varying}), varying)
+    if setting and dataset not in ("base", PROMPT_BASELINE):
+        name += f" · {setting}"
     if seed is not None and not pd.isna(seed) and dataset not in ("base", PROMPT_BASELINE):
         name += f" · seed {int(seed)}"
     return f"{name} · {str(model).split('/')[-1]}" if several_models else name
@@ -398,7 +390,7 @@ def _plots(entries: Sequence[ReportEntry], table: pd.DataFrame, out: Path) -> li
 
     written = []
     several_models = table["model"].nunique() > 1
-    varying = varying_settings(entries)
+    varying = findings.varying_settings(entries)
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.8), squeeze=False)
     for axis, metric in zip(axes[0], PLOTTED):
         for _, row in table.iterrows():
