@@ -145,11 +145,35 @@ def sample_and_score(
         rows.append({"prompt_id": prompt.prompt_id, "creativity_score": prompt.creativity_score,
                      "bucket": bucket_of(prompt.creativity_score, config.bucket_edges), **scores})
     table = pd.DataFrame(rows)
-    summary = {"label": target.label, "model_name": target.model_name, "model_path": target.model_path,
-               "instruction": target.instruction,
-               "num_prompts": len(prompts), "num_samples": config.num_samples,
-               "eval_config": config.model_dump(mode="json"), **aggregate(table, config)}
+    summary = {**_provenance(target, config), "num_prompts": len(prompts), "num_samples": config.num_samples,
+               **aggregate(table, config)}
     _write_outputs(out_dir, samples, table, summary)
+    return summary
+
+
+def _provenance(target: EvalTarget, config: EvalConfig) -> dict[str, Any]:
+    """What an evaluation folder's summary records about how it was computed (the folder's name adds the
+    service, the weights and the prompts)."""
+    from dpo_core.code_version import code_fingerprint
+
+    return {"label": target.label, "model_name": target.model_name, "model_path": target.model_path,
+            "instruction": target.instruction, "renderer_name": target.renderer_name,
+            "eval_config": config.model_dump(mode="json"), "code": code_fingerprint()}
+
+
+def finished_evaluation(out_dir: Path, target: EvalTarget, config: EvalConfig) -> dict[str, Any] | None:
+    """The summary of a complete evaluation in `out_dir` that this code would compute again for `target`, or
+    None: a folder written by other code, for another checkpoint or label, or under other settings is redone."""
+    out_dir = Path(out_dir)
+    if not all((out_dir / name).is_file() for name in ("samples.jsonl", "scores.parquet", "summary.json")):
+        return None
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    expected = _provenance(target, config)
+    if not isinstance(summary, dict) or any(summary.get(key) != value for key, value in expected.items()):
+        return None
     return summary
 
 

@@ -5,11 +5,12 @@ steps without Prefect."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -260,8 +261,32 @@ def evaluate_model(request: EvalRequest, eval_config: EvalConfig, settings: Sett
         out_dir = _eval_dir(request, settings, eval_fingerprint(eval_config, settings, service.key()))
         target = evaluate.EvalTarget(request.label, request.model_name, request.model_path, request.renderer_name,
                                      request.instruction)
-        evaluate.sample_and_score(client, target, prompts, eval_config, embedder, out_dir)
+        # Two suites evaluating one base model would otherwise both sample it, and the later one would swap the
+        # folder out while the earlier one's report reads it: one evaluates, the other waits and reuses it.
+        with _evaluation_lock(out_dir, settings):
+            if evaluate.finished_evaluation(out_dir, target, eval_config) is None:
+                evaluate.sample_and_score(client, target, prompts, eval_config, embedder, out_dir)
+            else:
+                print(f"{request.label}: reusing the evaluation in {out_dir} (same model, weights, prompts, "
+                      "settings and code)", flush=True)
     return str(out_dir)
+
+
+@contextlib.contextmanager
+def _evaluation_lock(out_dir: Path, settings: Settings) -> Iterator[None]:
+    """An exclusive lock on one evaluation folder (kept under the cache folder, outside the experiments)."""
+    import fcntl
+
+    lock_dir = Path(settings.cache_dir) / "eval-locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:24]
+    with open(lock_dir / f"{name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process evaluating into {out_dir}", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock (the kernel releases it too if this process dies)
 
 
 def _eval_dir(request: EvalRequest, settings: Settings, fingerprint: str) -> Path:

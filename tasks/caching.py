@@ -1,29 +1,23 @@
 """Cache keys on *content*: dataset bytes, configs, checkpoint registries, ALL project code, pinned libraries.
 
 Prefect's INPUTS policy would hash a path string, so an edited dataset file would hit a stale cache; these
-keys hash the file's bytes instead. The code part of every key is the source of the whole `dpo_core` package
-(the local engine included) and of `tasks/`, plus the versions of the libraries that shape numbers: a hand-kept
-list of "the modules this task uses" went stale the first time a task started using a module nobody listed.
+keys hash the file's bytes instead. The code part of every key is dpo_core.code_version.code_fingerprint: the
+source of the whole `dpo_core` package (the local engine included) and of `tasks/`, plus the versions of the
+libraries that shape numbers (a hand-kept list of "the modules this task uses" went stale the first time a task
+started using a module nobody listed).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Every folder of code a task runs: the library (server included) and the tasks themselves. Flows only
-# compose tasks, so they shape no result.
-CODE_FOLDERS = ("dpo_core", "tasks")
-# Libraries whose upgrade can change a number (tokenization, rendering, the SDK's loss plumbing, kernels).
-PINNED_LIBRARIES = ("tinker", "tinker-cookbook", "torch", "transformers")
+from dpo_core.code_version import code_fingerprint
 
 
 def _canonical(value: Any) -> Any:
@@ -42,21 +36,6 @@ def _digest(*parts: Any) -> str:
         digest.update(part if isinstance(part, bytes) else json.dumps(_canonical(part), sort_keys=True,
                                                                           default=str).encode())
         digest.update(b"\x00")
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
-def code_fingerprint(root: Path = PROJECT_ROOT) -> str:
-    """sha256 over every `.py` file under `CODE_FOLDERS` (path and bytes) and the pinned library versions.
-
-    Computed once per process: that is the code this process has loaded, even if the files change under it.
-    """
-    digest = hashlib.sha256()
-    for folder in CODE_FOLDERS:
-        for path in sorted((root / folder).rglob("*.py")):
-            digest.update(str(path.relative_to(root)).encode() + b"\x00" + path.read_bytes() + b"\x00")
-    for library in PINNED_LIBRARIES:
-        digest.update(f"{library}=={version(library)}\x00".encode())
     return digest.hexdigest()
 
 

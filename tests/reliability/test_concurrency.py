@@ -54,6 +54,11 @@ def test_two_suites_at_once_get_separate_complete_runs(tmp_path, registered):
         assert list((run_dir / "eval").glob("final_*/summary.json")), "each run is evaluated"
         sampler_paths.add(records[-1]["sampler_path"])
     assert len(sampler_paths) == 2  # two checkpoints, neither overwrote the other
+    # The base model is evaluated once: the other suite waits for that evaluation and reuses its folder (before,
+    # it sampled again and swapped the folder out while the first suite's report was reading it).
+    assert sum(output.count("(base): reusing the evaluation") for output in outputs) == 1, outputs
+    base_evaluations = (tmp_path / "experiments" / "base_models").glob("*/eval_*")
+    assert len([p for p in base_evaluations if "_prompted-" not in p.name]) == 1
     for path in sampler_paths:  # both checkpoints' files are in the shared storage
         run_id, kind, name = path.removeprefix("tinker://").split("/")
         assert (tmp_path / "storage" / "runs" / run_id / kind / name / "adapter_model.safetensors").exists()
