@@ -151,6 +151,10 @@ def sample_and_score(
     return summary
 
 
+# What a complete evaluation folder holds (written together by _write_outputs).
+EVAL_FILES = ("summary.json", "scores.parquet", "samples.jsonl")
+
+
 def _provenance(target: EvalTarget, config: EvalConfig) -> dict[str, Any]:
     """What an evaluation folder's summary records about how it was computed (the folder's name adds the
     service, the weights and the prompts)."""
@@ -165,7 +169,7 @@ def finished_evaluation(out_dir: Path, target: EvalTarget, config: EvalConfig) -
     """The summary of a complete evaluation in `out_dir` that this code would compute again for `target`, or
     None: a folder written by other code, for another checkpoint or label, or under other settings is redone."""
     out_dir = Path(out_dir)
-    if not all((out_dir / name).is_file() for name in ("samples.jsonl", "scores.parquet", "summary.json")):
+    if not all((out_dir / name).is_file() for name in EVAL_FILES):
         return None
     try:
         summary = json.loads((out_dir / "summary.json").read_text())

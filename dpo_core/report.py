@@ -24,7 +24,7 @@ from dpo_core.config import EvalConfig, FrozenModel
 from dpo_core.data import CONTROL_DATASET_FILES, CONTROL_NAMES, CONTROL_QUALITY_FILE, DATASET_CRITERIA, PROMPT_BASELINE
 from dpo_core.diversity import HIGHER_IS_MORE_DIVERSE
 from dpo_core.fsutil import atomic_folder
-from dpo_core.evaluate import BUCKETS
+from dpo_core.evaluate import BUCKETS, EVAL_FILES
 
 DIVERSITY = ("embedding_distance", "vendi", "distinct_1", "distinct_2", "self_bleu", "compression_ratio")
 PLOTTED = ("utility_k", "effective_vendi", "embedding_distance", "distinct_2")
@@ -99,8 +99,7 @@ def read_entries(report_dir: Path) -> tuple[list[ReportEntry], list[str]]:
     except (ValueError, KeyError, TypeError) as exc:
         raise ReportInputError(f"{path}: not a dpo-suite report's entries ({exc})") from exc
     for index, entry in enumerate(entries):
-        missing = [name for name in ("summary.json", "scores.parquet", "samples.jsonl")
-                   if not (Path(entry.eval_dir) / name).exists()]
+        missing = [name for name in EVAL_FILES if not (Path(entry.eval_dir) / name).exists()]
         missing_run = [name for name in ("metrics.jsonl",)
                        if entry.run_dir and not (Path(entry.run_dir) / name).exists()]
         if missing_run:
